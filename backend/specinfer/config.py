@@ -1,0 +1,113 @@
+"""User-facing settings, each validated in one place (its ``__post_init__``)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+DRAFT_SAMPLING = ("with_replacement", "without_replacement")
+VERIFIERS = ("mss", "naive")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; identical meaning for speculative and incremental decoding.
+
+    ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    Generation stops after ``max_tokens`` tokens or on a stop token (the tokenizer's EOS unless
+    ``ignore_eos``, ``end_id``, or any of ``stop_token_ids``); the stop token is part of the output.
+    """
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    end_id: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """Shape of the speculated token tree and how stochastic decoding drafts and verifies it.
+
+    ``expansion[i]`` children are added under every leaf at speculation step ``i`` (SpecInfer's
+    expansion configuration); with several SSMs each builds such a tree and they are merged.
+    ``max_tree_tokens`` bounds the merged tree, root included.
+    """
+
+    expansion: tuple[int, ...] = (1, 1, 3, 1, 1, 1, 1, 1)
+    max_tree_tokens: int = 128
+    draft_sampling: str = "with_replacement"
+    verifier: str = "mss"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "expansion", tuple(self.expansion))
+        if not self.expansion:
+            raise ValueError("expansion must name at least one speculation step, e.g. (1, 1, 3, 1)")
+        for i, k in enumerate(self.expansion):
+            if not isinstance(k, int) or k < 1:
+                raise ValueError(f"expansion width at step {i} must be an integer >= 1, got {k!r}")
+        if self.draft_sampling not in DRAFT_SAMPLING:
+            raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING}, got {self.draft_sampling!r}")
+        if self.verifier not in VERIFIERS:
+            raise ValueError(f"verifier must be one of {VERIFIERS}, got {self.verifier!r}")
+        self.check_size(1)
+
+    @property
+    def depth(self) -> int:
+        return len(self.expansion)
+
+    def nodes_per_ssm(self) -> int:
+        """Draft nodes one SSM proposes at most (root excluded)."""
+        total, width = 0, 1
+        for k in self.expansion:
+            width *= k
+            total += width
+        return total
+
+    def check_size(self, num_ssms: int) -> None:
+        size = 1 + num_ssms * self.nodes_per_ssm()
+        if size > self.max_tree_tokens:
+            raise ValueError(
+                f"expansion {self.expansion} with {num_ssms} SSM(s) builds up to {size} tree tokens, "
+                f"more than max_tree_tokens={self.max_tree_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Capacity of one engine: concurrent requests and per-request context (KV-cache rows)."""
+
+    max_batch_size: int = 16
+    max_context: int | None = None  # default: the LLM's max_position_embeddings
+    device: str = "cpu"
+    dtype: str = "float32"
+    tree: TreeConfig = field(default_factory=TreeConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError(f"max_context must be >= 2, got {self.max_context}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")

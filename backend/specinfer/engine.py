@@ -1,0 +1,208 @@
+"""SpecInferEngine: speculate with the SSMs, verify every tree in one LLM forward, commit.
+
+One iteration (``step``) is a short sequence of named steps over all running requests:
+admit + prefill newcomers, ``speculate`` (SSM trees, merged), ``score`` (one LLM forward),
+``verify`` (per request), ``commit`` (tokens out, accepted K/V moved, finished requests leave).
+With ``speculate=False`` every tree is a lone root: plain incremental decoding, same batching.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig, SamplingParams, TreeConfig
+from .draft import draft_trees, ssm_accepted
+from .model import Transformer
+from .runner import ModelRunner, NodeBatch, chain_batch
+from .sampling import make_generator, sample, target_probs
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .tokenizer import TextTokenizer
+from .tree import Tree, TreeBatch, merge_trees, pad_trees, root_only
+from .verify import Verdict, greedy_verify, mss_verify, naive_verify
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str | None
+    llm_steps: int
+    draft_tokens: int
+    accepted_draft_tokens: int
+    finish_reason: str
+
+    @property
+    def tokens_per_step(self) -> float:
+        return len(self.token_ids) / self.llm_steps
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+
+class SpecInferEngine:
+    def __init__(
+        self, llm: Transformer, ssms: Seq[Transformer] = (), config: EngineConfig = EngineConfig(),
+        tokenizer: TextTokenizer | None = None,
+    ) -> None:
+        vocab = llm.args.vocab_size
+        for i, ssm in enumerate(ssms):
+            if ssm.args.vocab_size != vocab:
+                raise ValueError(
+                    f"SSM {i} has a vocabulary of {ssm.args.vocab_size} tokens, the LLM {vocab}: they must match"
+                )
+        tree = config.tree
+        tree.check_size(max(1, len(ssms)))
+        if max(tree.expansion) > vocab:
+            raise ValueError(f"expansion width {max(tree.expansion)} exceeds the vocabulary ({vocab})")
+        self.config, self.tree, self.tokenizer = config, tree, tokenizer
+        self.vocab = vocab
+        self.max_context = config.max_context or llm.args.max_position_embeddings
+        slots = self.max_context + tree.max_tree_tokens + 1
+        self.llm = ModelRunner(llm, config.max_batch_size, slots)
+        self.ssms = [ModelRunner(m, config.max_batch_size, slots) for m in ssms]
+        self.eos_ids = frozenset(llm.args.eos_token_ids)
+        self.scheduler = Scheduler(config.max_batch_size)
+        self._ids = count()
+
+    @classmethod
+    def from_pretrained(
+        cls, llm: str | Path, ssms: Seq[str | Path] = (), tree: TreeConfig = TreeConfig(),
+        device: str = "cpu", dtype: str = "float32", max_batch_size: int = 16, max_context: int | None = None,
+    ) -> "SpecInferEngine":
+        config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree)
+        load = lambda folder: Transformer.from_pretrained(folder, device=device, dtype=DTYPES[dtype])  # noqa: E731
+        return cls(load(llm), [load(s) for s in ssms], config, TextTokenizer.from_folder(llm))
+
+    # ----- requests -------------------------------------------------------------------------
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        """Token ids of a prompt, validated against the LLM's vocabulary."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is a string but the LLM folder has no tokenizer.json: pass token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        for tok in ids:
+            if not isinstance(tok, int) or not 0 <= tok < self.vocab:
+                raise ValueError(f"prompt token id {tok!r} is outside the vocabulary [0, {self.vocab})")
+        return ids
+
+    def new_sequence(self, prompt: str | Seq[int], params: SamplingParams) -> Sequence:
+        ids = self.encode(prompt)
+        if len(ids) + params.max_tokens > self.max_context:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the context "
+                f"of {self.max_context} tokens"
+            )
+        stop = set(params.stop_token_ids) | ({params.end_id} if params.end_id is not None else set())
+        if not params.ignore_eos:
+            stop |= self.eos_ids
+        return Sequence(next(self._ids), ids, params, frozenset(stop), make_generator(params.seed), len(self.ssms))
+
+    def add(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    def generate(
+        self, prompts: Seq[str | Seq[int]], sampling: SamplingParams | Seq[SamplingParams] = SamplingParams(),
+        speculate: bool = True,
+    ) -> list[GenerationResult]:
+        """Run ``prompts`` to completion, batched and continuously scheduled; results in order."""
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        seqs = [self.new_sequence(p, sp) for p, sp in zip(prompts, params)]  # all validated first
+        for seq in seqs:
+            self.add(seq)
+        while not all(s.finished for s in seqs):
+            self.step(speculate)
+        return [self.result(s) for s in seqs]
+
+    def result(self, seq: Sequence) -> GenerationResult:
+        text = self.tokenizer.decode(seq.output) if self.tokenizer else None
+        return GenerationResult(
+            list(seq.output), text, seq.llm_steps, seq.draft_tokens, seq.accepted_draft_tokens, seq.finish_reason or ""
+        )
+
+    # ----- one iteration --------------------------------------------------------------------
+    def step(self, speculate: bool = True) -> list[Sequence]:
+        """One scheduling iteration; returns the requests that received tokens."""
+        new = self.scheduler.admit()
+        if new:
+            self.prefill(new)
+        active = [s for s in self.scheduler.running if not s.finished and s not in new]
+        if active:
+            use_ssms = speculate and bool(self.ssms)
+            trees = self.speculate(active) if use_ssms else [root_only(s.tokens[-1], len(self.ssms)) for s in active]
+            batch = pad_trees(trees)
+            logits = self.score(active, batch)
+            verdicts = self.verify(active, trees, batch, logits)
+            self.commit(active, trees, verdicts, use_ssms)
+        self.scheduler.retire()
+        return new + active
+
+    def prefill(self, seqs: list[Sequence]) -> None:
+        """The prompt through the LLM in one chunk per request; its last logits give the first token."""
+        logits = self.llm.forward(
+            [s.row for s in seqs], [0] * len(seqs), chain_batch([s.prompt for s in seqs]),
+            output_index=torch.tensor([len(s.prompt) - 1 for s in seqs]),
+        )
+        for seq, row in zip(seqs, logits):
+            seq.llm_len = len(seq.prompt)
+            seq.ssm_lens = [0] * len(self.ssms)
+            seq.llm_steps += 1
+            seq.append([self.pick(row, seq)])
+
+    def pick(self, logits: torch.Tensor, seq: Sequence) -> int:
+        if seq.params.greedy:
+            return int(torch.argmax(logits))
+        return sample(target_probs(logits, seq.params).cpu(), seq.generator)
+
+    def speculate(self, seqs: list[Sequence]) -> list[Tree]:
+        per_ssm = [draft_trees(runner, seqs, i, self.tree) for i, runner in enumerate(self.ssms)]
+        return [merge_trees(list(trees)) for trees in zip(*per_ssm)]
+
+    def score(self, seqs: list[Sequence], batch: TreeBatch) -> torch.Tensor:
+        """One LLM forward over every request's tree: logits ``[B, N, V]`` at every node."""
+        b, n = batch.tokens.shape
+        nodes = NodeBatch(batch.tokens, torch.arange(n).expand(b, n), batch.depths, batch.ancestors, batch.valid)
+        return self.llm.forward([s.row for s in seqs], [s.llm_len for s in seqs], nodes)
+
+    def verify(self, seqs: list[Sequence], trees: list[Tree], batch: TreeBatch, logits: torch.Tensor) -> list[Verdict]:
+        greedy = greedy_verify(batch, logits.argmax(dim=-1).cpu()) if any(s.params.greedy for s in seqs) else []
+        without = self.tree.draft_sampling == "without_replacement"
+        verdicts = []
+        for b, (seq, tree) in enumerate(zip(seqs, trees)):
+            if seq.params.greedy:
+                verdicts.append(greedy[b])
+                continue
+            p = target_probs(logits[b, : tree.size], seq.params).cpu()
+            if self.tree.verifier == "naive":
+                verdicts.append(naive_verify(tree, p, seq.generator))
+            else:
+                verdicts.append(mss_verify(tree, p, seq.generator, without_replacement=without))
+        return verdicts
+
+    def commit(self, seqs: list[Sequence], trees: list[Tree], verdicts: list[Verdict], use_ssms: bool) -> None:
+        """Emit accepted tokens + bonus, then move accepted K/V into every model's committed cache."""
+        rows = [s.row for s in seqs]
+        self.llm.commit(rows, [s.llm_len for s in seqs], [[0] + path for path, _ in verdicts])
+        for i, runner in enumerate(self.ssms if use_ssms else []):
+            own = [ssm_accepted(t, path, i, self.tree.depth) for t, (path, _) in zip(trees, verdicts)]
+            runner.commit(rows, [s.ssm_lens[i] for s in seqs], own)
+            for seq, nodes in zip(seqs, own):
+                seq.ssm_lens[i] += len(nodes)
+        for seq, tree, (path, bonus) in zip(seqs, trees, verdicts):
+            seq.llm_len += len(path) + 1
+            kept = seq.append(tree.tokens[path].tolist() + [bonus])
+            seq.llm_steps += 1
+            seq.draft_tokens += tree.size - 1
+            seq.accepted_draft_tokens += min(len(path), kept)

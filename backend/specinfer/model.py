@@ -1,0 +1,179 @@
+"""Llama-family transformer whose forward takes tokens, positions, cache slots and a mask.
+
+One code path serves prefill (a causal chunk), one-token decoding and tree verification (a
+topology-aware mask): the caller decides which cache slots each token sees. Parameter names mirror
+Hugging Face's ``LlamaForCausalLM`` so checkpoints load without renaming.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import ModelArgs, read_model_args, read_state_dict
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Rotary inverse frequencies, with ``linear`` or ``llama3`` scaling applied."""
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / factor).float()
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled).float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, args.hidden_size, bias=bias)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+        rows: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache.write(self.layer, rows, slots, k, v)
+        keys, values = cache.read(self.layer, rows, mask.shape[-1])
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask[:, None], enable_gqa=self.heads != self.kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        h, i, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, rows, slots, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, slots, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = LlamaBody(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "Transformer":
+        args = read_model_args(folder)
+        with torch.device("meta"):
+            model = cls(args)
+        state = {k: v for k, v in read_state_dict(folder).items() if not k.endswith("rotary_emb.inv_freq")}
+        expected = set(model.state_dict())
+        if args.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+            expected.discard("lm_head.weight")
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {str(folder)!r} does not match a Llama model of its config: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        model.load_state_dict(state, assign=True, strict=False)
+        if args.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(args)  # replaces the meta buffer
+        model = model.to(device=device, dtype=dtype).eval()
+        model.inv_freq = rope_inv_freq(args).to(device)  # stays float32 whatever the weights' dtype
+        return model
+
+    def new_cache(self, rows: int, slots: int) -> KVCache:
+        a = self.args
+        p = self.lm_head.weight
+        return KVCache(a.num_hidden_layers, rows, slots, a.num_key_value_heads, a.head_dim, p.dtype, p.device)
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
+        slots: torch.Tensor, mask: torch.Tensor, output_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for ``tokens [B, T]`` at ``positions``, written to ``slots`` of ``rows``.
+
+        ``mask [B, T, S]`` says which of the first ``S`` cache slots each token attends to (its own
+        slot included). With ``output_index [B]`` only that token of each row reaches the LM head
+        and the result is ``[B, V]``.
+        """
+        freqs = positions[..., None].float() * self.inv_freq
+        cos = torch.cat((freqs, freqs), dim=-1).cos()[:, :, None].to(self.lm_head.weight.dtype)
+        sin = torch.cat((freqs, freqs), dim=-1).sin()[:, :, None].to(self.lm_head.weight.dtype)
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, rows, slots, mask)
+        if output_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), output_index]
+        return self.lm_head(self.model.norm(x)).float()

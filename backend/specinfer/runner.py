@@ -1,0 +1,94 @@
+"""One model with its KV cache, run on ragged batches of nodes over committed prefixes.
+
+Everything a model is asked to compute is "these nodes of a tree over this committed prefix":
+a prompt or catch-up chunk is a chain, incremental decoding is a lone root, verification is the
+whole speculated tree and SSM expansion is one level of it. ``layout`` turns that into cache slots
+and the topology-aware mask; ``ModelRunner.forward`` runs it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import Transformer
+
+
+@dataclass
+class NodeBatch:
+    """Nodes to feed, per request row ``b``: token, node id in the tree region, depth, and which
+    nodes of the region (``attend [B, T, N]``, self included) it sees. ``valid`` marks padding."""
+
+    tokens: torch.Tensor  # [B, T]
+    node_ids: torch.Tensor  # [B, T]
+    depths: torch.Tensor  # [B, T]
+    attend: torch.Tensor  # [B, T, N]
+    valid: torch.Tensor  # [B, T]
+
+
+def chain_batch(chunks: list[list[int]]) -> NodeBatch:
+    """Causal chunks of different lengths (prompts, SSM catch-up) as chains."""
+    t = max(len(c) for c in chunks)
+    tokens = torch.zeros(len(chunks), t, dtype=torch.long)
+    valid = torch.zeros(len(chunks), t, dtype=torch.bool)
+    for b, chunk in enumerate(chunks):
+        tokens[b, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+        valid[b, : len(chunk)] = True
+    steps = torch.arange(t).expand(len(chunks), t)
+    causal = torch.tril(torch.ones(t, t, dtype=torch.bool)).expand(len(chunks), t, t)
+    return NodeBatch(tokens, steps, steps, causal, valid)
+
+
+def layout(lengths: torch.Tensor, nodes: NodeBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions, cache slots and attention mask for ``nodes`` over prefixes of ``lengths [B]``.
+
+    Node ``i`` of row ``b`` lives in slot ``lengths[b] + i`` at position ``lengths[b] + depth``;
+    it sees the committed slots ``[0, lengths[b])`` and the region slots its ``attend`` row names.
+    Padding writes to and sees only the slot just past the region, which no real node uses.
+    """
+    b, t, n = nodes.attend.shape
+    width = int(lengths.max()) + n + 1
+    scratch = (lengths + n)[:, None].expand(b, t)
+    slots = torch.where(nodes.valid, lengths[:, None] + nodes.node_ids, scratch)
+    positions = lengths[:, None] + nodes.depths
+    cols = torch.arange(width)
+    mask = (cols < lengths[:, None])[:, None, :].expand(b, t, width).clone()
+    region = (lengths[:, None] + torch.arange(n))[:, None, :].expand(b, t, n)
+    mask.scatter_(2, region, nodes.attend & nodes.valid[:, :, None])
+    mask &= nodes.valid[:, :, None]
+    mask[torch.arange(b)[:, None], torch.arange(t)[None, :], scratch] |= ~nodes.valid
+    return positions, slots, mask
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, rows: int, slots: int) -> None:
+        self.model = model
+        self.cache = model.new_cache(rows, slots)
+        self.device = model.lm_head.weight.device
+
+    def forward(
+        self, rows: list[int], lengths: list[int], nodes: NodeBatch, output_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits at every fed node (``[B, T, V]``), or at ``output_index [B]`` only (``[B, V]``)."""
+        lens = torch.tensor(lengths, dtype=torch.long)
+        positions, slots, mask = layout(lens, nodes)
+        if mask.shape[-1] > self.cache.slots:
+            raise ValueError(f"batch needs {mask.shape[-1]} cache slots, the cache has {self.cache.slots}")
+        dev = self.device
+        return self.model(
+            nodes.tokens.to(dev), positions.to(dev), self.cache, torch.tensor(rows, device=dev),
+            slots.to(dev), mask.to(dev), None if output_index is None else output_index.to(dev),
+        )
+
+    def commit(self, rows: list[int], lengths: list[int], accepted: list[list[int]]) -> None:
+        """Move each row's accepted region nodes (root first) to the slots right after its prefix."""
+        width = max(len(a) for a in accepted)
+        src = torch.zeros(len(rows), width, dtype=torch.long)
+        dst = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, (length, nodes) in enumerate(zip(lengths, accepted)):
+            src[b] = length  # padding copies the root slot onto itself
+            dst[b] = length
+            src[b, : len(nodes)] += torch.tensor(nodes, dtype=torch.long)
+            dst[b, : len(nodes)] += torch.arange(len(nodes))
+        dev = self.device
+        self.cache.move(torch.tensor(rows, device=dev), src.to(dev), dst.to(dev))

@@ -1,0 +1,51 @@
+"""Per-request state: tokens, where each model's cache stands, counters, stop conditions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SamplingParams
+
+
+@dataclass
+class Sequence:
+    request_id: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    generator: torch.Generator
+    num_ssms: int = 0
+    row: int = -1  # cache row while running
+    output: list[int] = field(default_factory=list)
+    llm_len: int = 0  # committed slots in the LLM cache; the last token is never among them
+    ssm_lens: list[int] = field(default_factory=list)
+    llm_steps: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    finish_reason: str | None = None  # "length", "stop" or "cancelled" once finished
+
+    def __post_init__(self) -> None:
+        self.ssm_lens = [0] * self.num_ssms
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, new: list[int]) -> int:
+        """Add newly generated tokens up to ``max_tokens`` or a stop token; returns how many were kept."""
+        kept = 0
+        for tok in new:
+            self.output.append(tok)
+            kept += 1
+            if tok in self.stop_ids:
+                self.finish_reason = "stop"
+                break
+            if len(self.output) >= self.params.max_tokens:
+                self.finish_reason = "length"
+                break
+        return kept

@@ -1,0 +1,168 @@
+"""Token trees: a trie of candidate continuations, laid out parents-before-children.
+
+Node 0 is the root (the last committed token, not yet seen by the LLM). Every other node is a
+distinct token sequence and remembers its proposals: how many times each SSM drew it and, on its
+parent, that SSM's draft distribution, which the stochastic verifier needs. Merging trees of several
+SSMs is a prefix-trie union of their nodes with the proposals added up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Tree:
+    tokens: torch.Tensor  # [N] token ids; tokens[0] is the root
+    parents: torch.Tensor  # [N] parent index, -1 for the root; parents[i] < i
+    depths: torch.Tensor  # [N] 0 for the root
+    proposals: torch.Tensor  # [N, S] times SSM s proposed node i (0 for the root)
+    ssm_nodes: torch.Tensor  # [N, S] index of node i in SSM s's own tree, -1 where it has none
+    draft_probs: torch.Tensor | None  # [S, N, V] SSM s's distribution at node u (stochastic only)
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def children(self) -> list[list[int]]:
+        kids: list[list[int]] = [[] for _ in range(self.size)]
+        for i, p in enumerate(self.parents.tolist()[1:], start=1):
+            kids[p].append(i)
+        return kids
+
+
+class TreeBuilder:
+    """Grows one trie; ``add`` of an existing (parent, token) adds a proposal to that node."""
+
+    def __init__(self, root_token: int, num_ssms: int = 1) -> None:
+        self.num_ssms = num_ssms
+        self.tokens, self.parents, self.depths = [root_token], [-1], [0]
+        self.proposals = [[0] * num_ssms]
+        self.ssm_nodes = [[0] * num_ssms]
+        self.index: dict[tuple[int, int], int] = {}
+        self.draft_probs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add(self, parent: int, token: int, ssm: int = 0, count: int = 1, ssm_node: int = -1) -> int:
+        node = self.index.get((parent, token))
+        if node is None:
+            node = len(self.tokens)
+            self.index[(parent, token)] = node
+            self.tokens.append(token)
+            self.parents.append(parent)
+            self.depths.append(self.depths[parent] + 1)
+            self.proposals.append([0] * self.num_ssms)
+            self.ssm_nodes.append([-1] * self.num_ssms)
+        self.proposals[node][ssm] += count
+        if ssm_node >= 0:
+            self.ssm_nodes[node][ssm] = ssm_node
+        return node
+
+    def set_draft_probs(self, node: int, probs: torch.Tensor, ssm: int = 0) -> None:
+        self.draft_probs[(ssm, node)] = probs
+
+    def build(self) -> Tree:
+        n = len(self.tokens)
+        draft = None
+        if self.draft_probs:
+            vocab = next(iter(self.draft_probs.values())).shape[-1]
+            draft = torch.zeros(self.num_ssms, n, vocab)
+            for (s, u), q in self.draft_probs.items():
+                draft[s, u] = q
+        return Tree(
+            tokens=torch.tensor(self.tokens, dtype=torch.long),
+            parents=torch.tensor(self.parents, dtype=torch.long),
+            depths=torch.tensor(self.depths, dtype=torch.long),
+            proposals=torch.tensor(self.proposals, dtype=torch.long),
+            ssm_nodes=torch.tensor(self.ssm_nodes, dtype=torch.long),
+            draft_probs=draft,
+        )
+
+
+def merge_trees(trees: list[Tree]) -> Tree:
+    """Prefix-trie union of single-SSM trees (SSM ``s`` built ``trees[s]``), sharing one root."""
+    root = int(trees[0].tokens[0])
+    builder = TreeBuilder(root, num_ssms=len(trees))
+    for s, tree in enumerate(trees):
+        if int(tree.tokens[0]) != root:
+            raise ValueError("trees to merge must share their root token")
+        remap = [0] * tree.size
+        counts = tree.proposals.sum(dim=1).tolist()
+        for i, (tok, par) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
+            if i > 0:
+                remap[i] = builder.add(remap[par], tok, ssm=s, count=counts[i], ssm_node=i)
+        if tree.draft_probs is not None:
+            expanded = tree.draft_probs[0].sum(dim=-1) > 0
+            for u in torch.nonzero(expanded).flatten().tolist():
+                builder.set_draft_probs(remap[u], tree.draft_probs[0, u], ssm=s)
+    return builder.build()
+
+
+def root_only(token: int, num_ssms: int = 0) -> Tree:
+    """The tree of plain incremental decoding: the LLM scores just the pending token."""
+    return TreeBuilder(token, num_ssms).build()
+
+
+def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
+    """``[..., N, N]`` with ``[i, j]`` true iff node ``j`` is node ``i`` or one of its ancestors.
+
+    Works batched; padding nodes (parent -1 beyond the root) see only themselves.
+    """
+    n = parents.shape[-1]
+    step = torch.zeros(*parents.shape, n + 1, dtype=torch.float32)
+    step.scatter_(-1, (parents % (n + 1)).unsqueeze(-1), 1.0)  # parent -1 lands in the dropped column n
+    step = step[..., :n]
+    reach = torch.eye(n).expand_as(step).clone()
+    hop = reach
+    for _ in range(n - 1):
+        hop = hop @ step
+        if not hop.any():
+            break
+        reach = reach + hop
+    return reach > 0
+
+
+def packed_mask(anc: torch.Tensor) -> torch.Tensor:
+    """TensorRT-LLM's packed tree mask: ``ceil(N/32)`` int32 words per row, bit ``j`` = ``anc[i, j]``."""
+    n = anc.shape[-1]
+    words = (n + 31) // 32
+    padded = torch.zeros(*anc.shape[:-1], words * 32, dtype=torch.int64)
+    padded[..., :n] = anc.long()
+    bits = padded.view(*anc.shape[:-1], words, 32) << torch.arange(32, dtype=torch.int64)
+    packed = bits.sum(dim=-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+@dataclass
+class TreeBatch:
+    """Trees of several requests padded to one size for a single batched forward."""
+
+    tokens: torch.Tensor  # [B, N]
+    parents: torch.Tensor  # [B, N], -1 for roots and padding
+    depths: torch.Tensor  # [B, N]
+    valid: torch.Tensor  # [B, N] false on padding
+    ancestors: torch.Tensor  # [B, N, N]
+
+
+def pad_trees(trees: list[Tree]) -> TreeBatch:
+    n = max(t.size for t in trees)
+    b = len(trees)
+    tokens = torch.zeros(b, n, dtype=torch.long)
+    parents = torch.full((b, n), -1, dtype=torch.long)
+    depths = torch.zeros(b, n, dtype=torch.long)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    for i, t in enumerate(trees):
+        tokens[i, : t.size] = t.tokens
+        parents[i, : t.size] = t.parents
+        depths[i, : t.size] = t.depths
+        valid[i, : t.size] = True
+    return TreeBatch(tokens, parents, depths, valid, ancestor_mask(parents))
+
+
+def path_to(parents: list[int], node: int) -> list[int]:
+    """Nodes from the root's child down to ``node`` (the root itself excluded)."""
+    path = []
+    while node > 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]

@@ -1,0 +1,90 @@
+"""Verification: which path of a speculated tree the LLM keeps, and its bonus token.
+
+Each verifier returns, per request, the accepted nodes (root excluded, root-to-leaf order) and one
+token the LLM picks itself after them. Greedy output equals the LLM's argmax decoding; the
+stochastic verifiers emit tokens distributed exactly as the LLM's target distribution ``p``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .sampling import sample
+from .tree import Tree, TreeBatch, path_to
+
+Verdict = tuple[list[int], int]  # (accepted nodes, bonus token)
+
+
+def greedy_verify(batch: TreeBatch, llm_argmax: torch.Tensor) -> list[Verdict]:
+    """Follow, from each root, the child carrying the LLM's argmax at its parent, then take the
+    argmax at the last node. ``llm_argmax [B, N]`` is the LLM's argmax at every node."""
+    parents = batch.parents.clamp(min=0)
+    match = batch.valid & (batch.tokens == torch.gather(llm_argmax, 1, parents)) & (batch.parents >= 0)
+    accepted = torch.zeros_like(match)
+    accepted[:, 0] = True
+    for _ in range(int(batch.depths.max())):
+        accepted = accepted | (match & torch.gather(accepted, 1, parents))
+    deepest = torch.argmax(torch.where(accepted, batch.depths, -1), dim=1)
+    verdicts = []
+    for b, node in enumerate(deepest.tolist()):
+        verdicts.append((path_to(batch.parents[b].tolist(), node), int(llm_argmax[b, node])))
+    return verdicts
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """What the target becomes after a draft from ``q`` is rejected: ``norm(max(p - q, 0))``."""
+    r = torch.clamp(p - q, min=0.0)
+    total = r.sum()
+    # p == q up to rounding: a rejection then has (numerically) zero probability, keep p.
+    return p if total <= 1e-12 else r / total
+
+
+def mss_verify(
+    tree: Tree, p: torch.Tensor, generator: torch.Generator | None, without_replacement: bool = False,
+    residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = residual_distribution,
+) -> Verdict:
+    """Multi-step speculative sampling (SpecInfer Algorithm 2) on one request's tree.
+
+    ``p [N, V]`` is the LLM's target distribution at every node; ``tree.draft_probs [S, N, V]`` the
+    SSMs'. Every proposal of a child is a candidate, tested in uniformly random order against the
+    current target, which becomes the residual after each rejection. ``without_replacement``: each
+    SSM drew distinct children, so its ``q`` loses a rejected token and is renormalised.
+    """
+    kids = tree.children()
+    tokens = tree.tokens.tolist()
+    proposals = tree.proposals.tolist()
+    u, path = 0, []
+    while True:
+        target = p[u]
+        candidates = [(c, s) for c in kids[u] for s, n in enumerate(proposals[c]) for _ in range(n)]
+        order = torch.randperm(len(candidates), generator=generator).tolist()
+        draft = {s: tree.draft_probs[s, u] for _, s in candidates}
+        for idx in order:
+            child, s = candidates[idx]
+            x, q = tokens[child], draft[s]
+            if float(torch.rand((), generator=generator)) * float(q[x]) < float(target[x]):
+                path.append(child)
+                u = child
+                break
+            target = residual(target, q)
+            if without_replacement:
+                q = q.clone()
+                q[x] = 0.0
+                draft[s] = q / q.sum() if q.sum() > 0 else q
+        else:
+            return path, sample(target, generator)
+
+
+def naive_verify(tree: Tree, p: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+    """The paper's baseline: sample from the LLM at each node and go on while a child carries it."""
+    kids = tree.children()
+    tokens = tree.tokens.tolist()
+    u, path = 0, []
+    while True:
+        x = sample(p[u], generator)
+        child = next((c for c in kids[u] if tokens[c] == x), None)
+        if child is None:
+            return path, x
+        path.append(child)
+        u = child
