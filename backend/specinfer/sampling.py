@@ -35,13 +35,21 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 def draw_children(
     probs: torch.Tensor, k: int, replacement: bool, generator: torch.Generator | None
 ) -> list[int]:
-    """``k`` draft tokens from ``probs``: i.i.d. (duplicates kept) or distinct without replacement.
+    """``k`` draft tokens from ``probs``: i.i.d. (duplicates kept), or distinct without replacement.
 
-    Without replacement, fewer than ``k`` tokens come back when ``probs`` has fewer non-zero entries.
+    Without replacement the tokens come in draw order (each drawn from ``probs`` renormalised over
+    the tokens not drawn yet): the verifier must test them in that order, because such draws are not
+    exchangeable. Fewer than ``k`` come back when ``probs`` has fewer non-zero entries.
     """
-    if not replacement:
-        k = min(k, int((probs > 0).sum().item()))
-    return torch.multinomial(probs, k, replacement=replacement, generator=generator).tolist()
+    if replacement:
+        return torch.multinomial(probs, k, replacement=True, generator=generator).tolist()
+    remaining = probs.clone()
+    drawn: list[int] = []
+    for _ in range(min(k, int((probs > 0).sum()))):
+        tok = int(torch.multinomial(remaining, 1, generator=generator))
+        drawn.append(tok)
+        remaining[tok] = 0.0
+    return drawn
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

@@ -40,6 +40,26 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return p if total <= 1e-12 else r / total
 
 
+def candidate_order(tree: Tree, kids: list[int], without_replacement: bool,
+                    generator: torch.Generator | None) -> list[tuple[int, int]]:
+    """The (child, SSM) proposals under one node, in the order the verifier must test them.
+
+    I.i.d. draws (with replacement) are tested in uniformly random order, as in SpecInfer's
+    Algorithm 2. Draws without replacement are not exchangeable, so each SSM's proposals keep their
+    draw order (the order of the SSM's own node indices); SSMs take turns in a random order.
+    """
+    proposals = tree.proposals[kids].tolist()
+    if not without_replacement:
+        cands = [(c, s) for c, row in zip(kids, proposals) for s, n in enumerate(row) for _ in range(n)]
+        return [cands[i] for i in torch.randperm(len(cands), generator=generator).tolist()]
+    own = tree.ssm_nodes[kids].tolist()
+    order: list[tuple[int, int]] = []
+    for s in torch.randperm(tree.proposals.shape[1], generator=generator).tolist():
+        mine = sorted((own[j][s], c) for j, c in enumerate(kids) if proposals[j][s] > 0)
+        order += [(c, s) for _, c in mine]
+    return order
+
+
 def mss_verify(
     tree: Tree, p: torch.Tensor, generator: torch.Generator | None, without_replacement: bool = False,
     residual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = residual_distribution,
@@ -47,21 +67,18 @@ def mss_verify(
     """Multi-step speculative sampling (SpecInfer Algorithm 2) on one request's tree.
 
     ``p [N, V]`` is the LLM's target distribution at every node; ``tree.draft_probs [S, N, V]`` the
-    SSMs'. Every proposal of a child is a candidate, tested in uniformly random order against the
-    current target, which becomes the residual after each rejection. ``without_replacement``: each
-    SSM drew distinct children, so its ``q`` loses a rejected token and is renormalised.
+    SSMs'. Every proposal of a child is a candidate, tested against the current target, which
+    becomes the residual after each rejection. ``without_replacement``: each SSM drew distinct
+    children, so its ``q`` loses a rejected token and is renormalised.
     """
     kids = tree.children()
     tokens = tree.tokens.tolist()
-    proposals = tree.proposals.tolist()
     u, path = 0, []
     while True:
         target = p[u]
-        candidates = [(c, s) for c in kids[u] for s, n in enumerate(proposals[c]) for _ in range(n)]
-        order = torch.randperm(len(candidates), generator=generator).tolist()
+        candidates = candidate_order(tree, kids[u], without_replacement, generator) if kids[u] else []
         draft = {s: tree.draft_probs[s, u] for _, s in candidates}
-        for idx in order:
-            child, s = candidates[idx]
+        for child, s in candidates:
             x, q = tokens[child], draft[s]
             if float(torch.rand((), generator=generator)) * float(q[x]) < float(target[x]):
                 path.append(child)

@@ -1,0 +1,117 @@
+"""Stochastic verification emits tokens distributed exactly as the LLM samples them.
+
+A mock LLM and mock SSMs have known distributions at every prefix over a 5-token vocabulary. The
+real drafting (``draft.expand``), merging and verifiers decode the first two tokens many times; the
+empirical joint distribution must lie within a total-variation bound of the exact one. The bound is
+E[TV] (from the exact distribution and the sample count) plus a McDiarmid deviation at 1e-5, so a
+correct verifier fails it with probability < 1e-5 (and never, given the fixed seeds); a verifier
+that skips the residual update must exceed it.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from functools import lru_cache
+
+import pytest
+import torch
+
+from specinfer import SamplingParams
+from specinfer.draft import expand
+from specinfer.sampling import make_generator
+from specinfer.sequence import Sequence
+from specinfer.tree import TreeBuilder, merge_trees
+from specinfer.verify import mss_verify, naive_verify
+
+V = 5
+SAMPLES = 5000
+
+
+@lru_cache(maxsize=None)
+def base_logits(model: int, prefix: tuple[int, ...]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash((model, prefix)) % (2**31))
+    return torch.randn(V, generator=g)
+
+
+def llm_logits(prefix: tuple[int, ...]) -> torch.Tensor:
+    return 1.2 * base_logits(0, prefix)
+
+
+def ssm_logits(ssm: int, prefix: tuple[int, ...]) -> torch.Tensor:
+    # Correlated with the LLM (so deep nodes get accepted) but sharper and biased: a wrong
+    # verifier shows.
+    return 1.5 * base_logits(0, prefix) + 2.0 * base_logits(ssm + 1, prefix)
+
+
+def draft(root_prefix: tuple[int, ...], ssm: int, expansion: tuple[int, ...], replacement: bool, seq: Sequence):
+    builder = TreeBuilder(root_prefix[-1])
+    prefixes = {0: root_prefix}
+    level = [0]
+    for width in expansion:
+        logits = torch.stack([ssm_logits(ssm, prefixes[u]) for u in level])
+        level = expand(builder, seq, level, logits, width, replacement)
+        for node in level:
+            prefixes[node] = prefixes[builder.parents[node]] + (builder.tokens[node],)
+    return builder.build(), prefixes
+
+
+def decode_two(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence, residual=None) -> tuple[int, int]:
+    committed: tuple[int, ...] = (0,)
+    out: list[int] = []
+    while len(out) < 2:
+        built = [draft(committed, s, shape, method != "mss_without", seq) for s, shape in enumerate(shapes)]
+        tree = merge_trees([t for t, _ in built])
+        node_prefix = {0: committed}
+        for i in range(1, tree.size):
+            node_prefix[i] = node_prefix[int(tree.parents[i])] + (int(tree.tokens[i]),)
+        p = torch.softmax(torch.stack([llm_logits(node_prefix[i]) for i in range(tree.size)]), dim=-1)
+        if method == "naive":
+            path, bonus = naive_verify(tree, p, seq.generator)
+        else:
+            kwargs = {"residual": residual} if residual else {}
+            path, bonus = mss_verify(tree, p, seq.generator, without_replacement=method == "mss_without", **kwargs)
+        emitted = tree.tokens[path].tolist() + [bonus]
+        out += emitted
+        committed += tuple(emitted)
+    return out[0], out[1]
+
+
+def exact_two() -> dict[tuple[int, int], float]:
+    first = torch.softmax(llm_logits((0,)), dim=-1)
+    return {
+        (a, b): float(first[a] * torch.softmax(llm_logits((0, a)), dim=-1)[b]) for a in range(V) for b in range(V)
+    }
+
+
+def tv_and_bound(counts: Counter, n: int) -> tuple[float, float]:
+    exact = exact_two()
+    tv = 0.5 * sum(abs(counts.get(k, 0) / n - p) for k, p in exact.items())
+    expected = 0.5 * sum(math.sqrt(p * (1 - p) / n) for p in exact.values())
+    return tv, expected + math.sqrt(math.log(1e5) / (2 * n))
+
+
+def empirical(shapes, method, seed: int, residual=None) -> Counter:
+    seq = Sequence(0, [0], SamplingParams(temperature=1.0), frozenset(), make_generator(seed))
+    return Counter(decode_two(shapes, method, seq, residual) for _ in range(SAMPLES))
+
+
+TREES = {
+    "chain": ((1, 1, 1),),
+    "star": ((4,),),
+    "unbalanced": ((1, 3, 1),),
+    "two_ssms_merged": ((2, 1), (1, 2)),
+}
+
+
+@pytest.mark.parametrize("method", ["mss_with", "mss_without", "naive"])
+@pytest.mark.parametrize("tree", sorted(TREES))
+def test_verifier_preserves_llm_distribution(tree, method):
+    tv, bound = tv_and_bound(empirical(TREES[tree], method, seed=1234), SAMPLES)
+    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+
+
+@pytest.mark.parametrize("tree", ["star", "two_ssms_merged"])
+def test_verifier_without_residual_update_fails_the_same_test(tree):
+    skip_residual = lambda p, q: p  # noqa: E731 - the deliberate bug
+    tv, bound = tv_and_bound(empirical(TREES[tree], "mss_with", seed=1234, residual=skip_residual), SAMPLES)
+    assert tv > bound, f"wrong verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"

@@ -1,0 +1,118 @@
+"""Token trees: building, merging, masks, padding, sizes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specinfer import TreeConfig
+from specinfer.tree import TreeBuilder, ancestor_mask, merge_trees, packed_mask, pad_trees, path_to, root_only
+
+
+def brute_ancestors(parents: list[int]) -> torch.Tensor:
+    n = len(parents)
+    anc = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            anc[i, j] = True
+            j = parents[j]
+    return anc
+
+
+def random_parents(n: int, g: torch.Generator) -> list[int]:
+    return [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
+
+
+def test_builder_collapses_duplicate_proposals():
+    b = TreeBuilder(root_token=7)
+    a = b.add(0, 3)
+    assert b.add(0, 3) == a  # the same token under the same parent is one node
+    c = b.add(a, 3)
+    tree = b.build()
+    assert tree.tokens.tolist() == [7, 3, 3]
+    assert tree.parents.tolist() == [-1, 0, 1]
+    assert tree.depths.tolist() == [0, 1, 2]
+    assert tree.proposals[:, 0].tolist() == [0, 2, 1]
+    assert c == 2 and tree.draft_probs is None
+
+
+def test_merge_is_a_prefix_trie_union_keeping_every_proposal():
+    q0, q1 = torch.tensor([0.5, 0.5, 0.0, 0.0]), torch.tensor([0.1, 0.2, 0.3, 0.4])
+    a = TreeBuilder(9)
+    a.set_draft_probs(0, q0)
+    x = a.add(0, 1)
+    a.add(x, 2)
+    a.add(0, 0)
+    b = TreeBuilder(9)
+    b.set_draft_probs(0, q1)
+    y = b.add(0, 1)
+    b.add(y, 3)
+    merged = merge_trees([a.build(), b.build()])
+    paths = {tuple(merged.tokens[[0] + path_to(merged.parents.tolist(), i)].tolist()) for i in range(merged.size)}
+    assert paths == {(9,), (9, 1), (9, 1, 2), (9, 0), (9, 1, 3)}
+    one = paths_index(merged, (9, 1))
+    assert merged.proposals[one].tolist() == [1, 1]  # proposed by both SSMs
+    assert merged.ssm_nodes[one].tolist() == [1, 1]
+    assert merged.ssm_nodes[paths_index(merged, (9, 1, 3))].tolist() == [-1, 2]
+    assert torch.equal(merged.draft_probs[0, 0], q0) and torch.equal(merged.draft_probs[1, 0], q1)
+    assert all(merged.parents[i] < i for i in range(1, merged.size))
+
+
+def paths_index(tree, tokens: tuple[int, ...]) -> int:
+    for i in range(tree.size):
+        if tuple(tree.tokens[[0] + path_to(tree.parents.tolist(), i)].tolist()) == tokens:
+            return i
+    raise KeyError(tokens)
+
+
+def test_merge_rejects_trees_with_different_roots():
+    with pytest.raises(ValueError, match="root"):
+        merge_trees([root_only(1), root_only(2)])
+
+
+def test_ancestor_mask_matches_brute_force_batched():
+    g = torch.Generator().manual_seed(0)
+    parents = [random_parents(n, g) for n in (1, 5, 17, 40)]
+    batch = pad_trees([tree_from_parents(p) for p in parents])
+    for b, par in enumerate(parents):
+        n = len(par)
+        assert torch.equal(batch.ancestors[b, :n, :n], brute_ancestors(par))
+        pad = batch.ancestors[b, n:]
+        assert torch.equal(pad, torch.eye(batch.tokens.shape[1], dtype=torch.bool)[n:])  # padding sees itself only
+
+
+def tree_from_parents(parents: list[int]):
+    b = TreeBuilder(0)
+    for i, p in enumerate(parents[1:], start=1):
+        assert b.add(p, i) == i
+    return b.build()
+
+
+def test_packed_mask_follows_tensorrt_llm_bit_layout():
+    g = torch.Generator().manual_seed(1)
+    parents = random_parents(70, g)
+    anc = brute_ancestors(parents)
+    packed = packed_mask(anc)
+    assert packed.shape == (70, 3) and packed.dtype == torch.int32
+    for i in range(70):
+        for j in range(70):
+            word = int(packed[i, j // 32]) & 0xFFFFFFFF
+            assert bool((word >> (j % 32)) & 1) == bool(anc[i, j])
+
+
+def test_expansion_sizes_and_limits():
+    assert TreeConfig(expansion=(1, 1, 3, 1, 1, 1, 1, 1)).nodes_per_ssm() == 20
+    assert TreeConfig(expansion=(4, 2, 2, 1)).nodes_per_ssm() == 44
+    TreeConfig(expansion=(4, 2, 2, 1)).check_size(2)  # 89 tokens fit the default 128
+    with pytest.raises(ValueError, match="more than max_tree_tokens=64"):
+        TreeConfig(expansion=(4, 2, 2, 1), max_tree_tokens=64).check_size(2)
+    with pytest.raises(ValueError, match="builds up to 341 tree tokens"):
+        TreeConfig(expansion=(4, 4, 4, 4))
+    with pytest.raises(ValueError, match="width at step 1 must be an integer >= 1"):
+        TreeConfig(expansion=(2, 0, 1))
+    with pytest.raises(ValueError, match="at least one speculation step"):
+        TreeConfig(expansion=())
+    with pytest.raises(ValueError, match="draft_sampling"):
+        TreeConfig(draft_sampling="sometimes")
+    with pytest.raises(ValueError, match="verifier"):
+        TreeConfig(verifier="optimistic")
