@@ -81,30 +81,36 @@ def test_folder_without_config_is_a_value_error(tmp_path):
         Transformer.from_pretrained(tmp_path)
 
 
-def test_non_llama_model_type_is_a_value_error(tmp_path, models):
-    folder = tmp_path / "gpt2"
+def edited_checkpoint(folder, source, weights: bool = False, **config):
+    """A copy of ``source``'s config.json with ``config`` changed, and its weights if ``weights``."""
     folder.mkdir()
-    cfg = json.loads((models["llm"] / "config.json").read_text())
-    cfg["model_type"] = "gpt2"
-    (folder / "config.json").write_text(json.dumps(cfg))
+    cfg = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+    if weights:
+        (folder / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    return folder
+
+
+def test_non_llama_model_type_is_a_value_error(tmp_path, models):
+    folder = edited_checkpoint(tmp_path / "gpt2", models["llm"], model_type="gpt2")
     with pytest.raises(ValueError, match="model_type 'gpt2' is not a supported Llama-family model"):
         Transformer.from_pretrained(folder)
 
 
 def test_missing_weights_is_a_value_error(tmp_path, models):
-    folder = tmp_path / "noweights"
-    folder.mkdir()
-    (folder / "config.json").write_text((models["llm"] / "config.json").read_text())
+    folder = edited_checkpoint(tmp_path / "noweights", models["llm"])
     with pytest.raises(ValueError, match="no \\*.safetensors"):
         Transformer.from_pretrained(folder)
 
 
 def test_weights_of_another_shape_is_a_value_error(tmp_path, models):
-    folder = tmp_path / "mismatch"
-    folder.mkdir()
-    cfg = json.loads((models["llm"] / "config.json").read_text())
-    cfg["num_hidden_layers"] = 3
-    (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "model.safetensors").write_bytes((models["llm"] / "model.safetensors").read_bytes())
+    folder = edited_checkpoint(tmp_path / "mismatch", models["llm"], weights=True, num_hidden_layers=3)
     with pytest.raises(ValueError, match="missing .*model.layers.2"):
+        Transformer.from_pretrained(folder)
+
+
+def test_unsupported_rope_type_is_a_value_error(tmp_path, models):
+    folder = edited_checkpoint(tmp_path / "yarn", models["llm"], weights=True,
+                               rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
         Transformer.from_pretrained(folder)
