@@ -12,5 +12,5 @@ fi
 echo "[setup] installing specinfer and pinned dependencies (requirements.lock)"
 # torch==2.13.0 first: the CPU wheel, so no resolver ever reaches for the CUDA build.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev,serve]"
 .venv/bin/python -c "import specinfer, torch, transformers; print('[setup] ok: torch', torch.__version__, '| transformers', transformers.__version__)"

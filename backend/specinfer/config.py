@@ -14,7 +14,8 @@ class SamplingParams:
 
     ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters.
     Generation stops after ``max_tokens`` tokens or on a stop token (the tokenizer's EOS unless
-    ``ignore_eos``, ``end_id``, or any of ``stop_token_ids``); the stop token is part of the output.
+    ``ignore_eos``, ``end_id``, any of ``stop_token_ids``, or the output ending with one of the
+    token sequences in ``stop_sequences``); the stop token (or sequence) is part of the output.
     """
 
     max_tokens: int = 64
@@ -24,6 +25,7 @@ class SamplingParams:
     seed: int | None = None
     end_id: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
@@ -38,6 +40,9 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop_sequences", tuple(tuple(s) for s in self.stop_sequences))
+        if any(len(s) == 0 for s in self.stop_sequences):
+            raise ValueError("stop_sequences must not contain an empty sequence")
 
     @property
     def greedy(self) -> bool:

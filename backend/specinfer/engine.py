@@ -29,6 +29,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass
+class EngineStats:
+    """Running totals of the engine's LLM forwards, for serving metrics."""
+
+    prefill_forwards: int = 0
+    verify_forwards: int = 0
+    verify_requests: int = 0  # requests summed over verification forwards
+
+    @property
+    def requests_per_forward(self) -> float:
+        return self.verify_requests / self.verify_forwards if self.verify_forwards else 0.0
+
+
+@dataclass
 class GenerationResult:
     token_ids: list[int]
     text: str | None
@@ -69,6 +82,7 @@ class SpecInferEngine:
         self.ssms = [ModelRunner(m, config.max_batch_size, slots) for m in ssms]
         self.eos_ids = frozenset(llm.args.eos_token_ids)
         self.scheduler = Scheduler(config.max_batch_size)
+        self.stats = EngineStats()
         self._ids = count()
 
     @classmethod
@@ -111,6 +125,10 @@ class SpecInferEngine:
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
 
+    def abort(self, seq: Sequence) -> None:
+        """Stop ``seq`` (a cancelled request); its cache row is free after the next ``step``."""
+        self.scheduler.abort(seq)
+
     def generate(
         self, prompts: Seq[str | Seq[int]], sampling: SamplingParams | Seq[SamplingParams] = SamplingParams(),
         speculate: bool = True,
@@ -135,6 +153,7 @@ class SpecInferEngine:
     # ----- one iteration --------------------------------------------------------------------
     def step(self, speculate: bool = True) -> list[Sequence]:
         """One scheduling iteration; returns the requests that received tokens."""
+        self.scheduler.retire()  # rows of requests aborted since the last step
         new = self.scheduler.admit()
         if new:
             self.prefill(new)
@@ -144,6 +163,8 @@ class SpecInferEngine:
             trees = self.speculate(active) if use_ssms else [root_only(s.tokens[-1], len(self.ssms)) for s in active]
             batch = pad_trees(trees)
             logits = self.score(active, batch)
+            self.stats.verify_forwards += 1
+            self.stats.verify_requests += len(active)
             verdicts = self.verify(active, trees, batch, logits)
             self.commit(active, trees, verdicts, use_ssms)
         self.scheduler.retire()
@@ -155,6 +176,7 @@ class SpecInferEngine:
             [s.row for s in seqs], [0] * len(seqs), chain_batch([s.prompt for s in seqs]),
             output_index=torch.tensor([len(s.prompt) - 1 for s in seqs]),
         )
+        self.stats.prefill_forwards += 1
         for seq, row in zip(seqs, logits):
             seq.llm_len = len(seq.prompt)
             seq.ssm_lens = [0] * len(self.ssms)

@@ -28,6 +28,12 @@ class Scheduler:
         self.running.extend(admitted)
         return admitted
 
+    def abort(self, seq: Sequence) -> None:
+        """Finish ``seq`` now: a waiting request leaves the queue, a running one its row at ``retire``."""
+        seq.finish_reason = "cancelled"
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
     def retire(self) -> list[Sequence]:
         """Remove finished requests and free their rows; returns them."""
         done = [s for s in self.running if s.finished]

@@ -36,13 +36,17 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def ends_with_stop_sequence(self) -> bool:
+        out = self.output
+        return any(len(s) <= len(out) and tuple(out[-len(s):]) == s for s in self.params.stop_sequences)
+
     def append(self, new: list[int]) -> int:
         """Add newly generated tokens up to ``max_tokens`` or a stop token; returns how many were kept."""
         kept = 0
         for tok in new:
             self.output.append(tok)
             kept += 1
-            if tok in self.stop_ids:
+            if tok in self.stop_ids or self.ends_with_stop_sequence():
                 self.finish_reason = "stop"
                 break
             if len(self.output) >= self.params.max_tokens:

@@ -1,0 +1,1 @@
+"""Triton glue: model repository configs, the Python-backend models, the server launcher."""

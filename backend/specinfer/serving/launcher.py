@@ -1,0 +1,126 @@
+"""Start a real ``tritonserver`` on a model repository, wait until it is ready, stop it cleanly.
+
+By default the server is the one the set-up installs (PyPI ``nvidia-pytriton``, which carries
+tritonserver 2.51 with the Python backend); ``tritonserver=`` names another binary, e.g. the one in
+NVIDIA's Triton container, whose own backends are then used.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pytriton_root() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed: run build_scripts/setup.sh, or pass --tritonserver")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def prepare_backends() -> Path:
+    """A backend directory whose Python backend stub matches this interpreter (idempotent)."""
+    root = pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise RuntimeError(f"no Triton Python backend stub for Python {version} in {stub.parent.parent}")
+    target = Path(sys.prefix) / "triton_backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for src in (stub, root / "backends" / "python" / "libtriton_python.so",
+                root / "backends" / "python" / "triton_python_backend_utils.py"):
+        dst = target / src.name
+        if not dst.is_file() or dst.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, dst)
+    return target.parent
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    libs = pytriton_root().parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    return env
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+    started_s: float = field(default=0.0)
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(
+    model_repository: str | Path, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
+    tritonserver: str | None = None, log_path: str | Path | None = None, ready_timeout: float = 300,
+    extra_args: tuple[str, ...] = (),
+) -> Server:
+    """Start tritonserver (ports 0 = any free port) and return once it reports ready."""
+    repo = Path(model_repository).resolve()
+    if not repo.is_dir():
+        raise RuntimeError(f"model repository {repo} does not exist")
+    ports = [p or free_port() for p in (http_port, grpc_port, metrics_port)]
+    if tritonserver:
+        cmd = [tritonserver]
+    else:
+        cmd = [str(pytriton_root() / "tritonserver" / "bin" / "tritonserver"), f"--backend-directory={prepare_backends()}"]
+    cmd += [f"--model-repository={repo}", f"--http-port={ports[0]}", f"--grpc-port={ports[1]}",
+            f"--metrics-port={ports[2]}", "--allow-metrics=true", "--allow-cpu-metrics=true", *extra_args]
+    log = Path(log_path) if log_path else repo.parent / f"tritonserver-{ports[0]}.log"
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env())
+    server = Server(proc, *ports, log)
+    url = f"http://localhost:{ports[0]}/v2/health/ready"
+    while time.monotonic() - start < ready_timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with code {proc.returncode}; log {log}:\n{server.log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    server.started_s = time.monotonic() - start
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"tritonserver not ready after {ready_timeout:.0f} s; log {log}:\n{server.log_tail()}")

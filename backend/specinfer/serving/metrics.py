@@ -1,0 +1,53 @@
+"""Prometheus metrics of a decoding model, through the Python backend's custom-metrics API."""
+from __future__ import annotations
+
+from ..sequence import Sequence
+
+STEP_BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16]
+
+
+class ServingMetrics:
+    """Counters per model (label ``model``); they grow when a request finishes, cancelled ones too."""
+
+    def __init__(self, pb_utils, model: str) -> None:
+        self.families = []  # a family must outlive its metrics
+
+        def family(name: str, doc: str, kind=pb_utils.MetricFamily.COUNTER):
+            self.families.append(pb_utils.MetricFamily(name=name, description=doc, kind=kind))
+            return self.families[-1]
+
+        labels = {"model": model}
+        counter = lambda name, doc: family(name, doc).Metric(labels=labels)  # noqa: E731
+        self.output_tokens = counter("specinfer_output_tokens", "Generated tokens")
+        self.llm_steps = counter("specinfer_llm_steps", "LLM forward passes per request (prefill included), summed")
+        self.draft_tokens = counter("specinfer_draft_tokens", "Speculated tree tokens proposed (roots excluded)")
+        self.accepted = counter("specinfer_accepted_draft_tokens", "Speculated tree tokens accepted")
+        self.requests = counter("specinfer_requests_finished", "Requests finished (completed or cancelled)")
+        self.cancelled = counter("specinfer_requests_cancelled", "Requests cancelled by their client")
+        self.rejected_requests = counter("specinfer_requests_rejected", "Requests rejected as invalid")
+        self.llm_forwards = counter("specinfer_llm_forwards", "Batched LLM verification forwards")
+        self.forward_requests = counter(
+            "specinfer_llm_forward_requests", "Requests verified, summed over LLM forwards (mean batch = this / forwards)")
+        self.tokens_per_step = family(
+            "specinfer_tokens_per_step", "Tokens a request emits per verification step",
+            pb_utils.MetricFamily.HISTOGRAM).Metric(labels=labels, buckets=STEP_BUCKETS)
+
+    def finished(self, seq: Sequence) -> None:
+        self.output_tokens.increment(len(seq.output))
+        self.llm_steps.increment(seq.llm_steps)
+        self.draft_tokens.increment(seq.draft_tokens)
+        self.accepted.increment(seq.accepted_draft_tokens)
+        self.requests.increment(1)
+        if seq.finish_reason == "cancelled":
+            self.cancelled.increment(1)
+
+    def rejected(self) -> None:
+        self.rejected_requests.increment(1)
+
+    def forwards(self, forwards: int, requests: int) -> None:
+        if forwards:
+            self.llm_forwards.increment(forwards)
+            self.forward_requests.increment(requests)
+
+    def step_tokens(self, n: int) -> None:
+        self.tokens_per_step.observe(n)

@@ -1,0 +1,144 @@
+"""Write a Triton model repository: ``specinfer`` and ``incremental`` ensembles and their steps.
+
+``model_repository/`` in this project is exactly what ``write_repository`` produces with the
+defaults (paths relative to the repository folder, pointing at ``engines/demo``);
+``build_scripts/configure_repository.py`` writes one for other checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+COUNTERS = [("num_output_tokens", "TYPE_INT32"), ("num_llm_steps", "TYPE_INT32"),
+            ("total_draft_tokens", "TYPE_INT32"), ("total_accepted_draft_tokens", "TYPE_INT32"),
+            ("acceptance_rate", "TYPE_FP32")]
+POST_COUNTER_INPUTS = ["NUM_OUTPUT_TOKENS", "NUM_LLM_STEPS", "DRAFT_TOKENS", "ACCEPTED_DRAFT_TOKENS", "ACCEPTANCE_RATE"]
+SAMPLING_INPUTS = [("stream", "TYPE_BOOL"), ("temperature", "TYPE_FP32"), ("top_k", "TYPE_INT32"),
+                   ("top_p", "TYPE_FP32"), ("random_seed", "TYPE_UINT64"), ("end_id", "TYPE_INT32")]
+ENTRY = {
+    "preprocessing": "preprocessing_model",
+    "postprocessing": "postprocessing_model",
+    "specinfer_llm": "decoding_model",
+    "incremental_llm": "decoding_model",
+}
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    llm: str = "../engines/demo/llm"
+    ssms: tuple[str, ...] = ("../engines/demo/ssm-a", "../engines/demo/ssm-b")
+    expansion: tuple[int, ...] = (1, 1, 3, 1, 1, 1, 1, 1)
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_size: int = 16  # concurrent requests per decoding model; more wait in its queue
+    max_context: int = 0  # 0: the LLM's max_position_embeddings
+    draft_sampling: str = "with_replacement"
+    verifier: str = "mss"
+
+
+def tensor(name: str, dtype: str, dims: str, optional: bool = False) -> str:
+    opt = " optional: true" if optional else ""
+    return f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims} ]{opt} }}'
+
+
+def io(kind: str, tensors: list[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(tensors) + "\n]\n"
+
+
+def parameters(values: dict[str, str]) -> str:
+    return "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in values.items())
+
+
+def python_model(name: str, inputs: list[str], outputs: list[str], params: dict[str, str],
+                 decoupled: bool = False, instances: int = 1) -> str:
+    text = f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+    if decoupled:
+        text += "model_transaction_policy { decoupled: true }\n"
+    text += io("input", inputs) + io("output", outputs)
+    text += f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
+    return text + parameters(params)
+
+
+def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
+    inputs = [tensor("input_ids", "TYPE_INT32", "-1"), tensor("stop_ids", "TYPE_INT32", "-1"),
+              tensor("max_tokens", "TYPE_INT32", "1")]
+    inputs += [tensor(n, t, "1", optional=True) for n, t in SAMPLING_INPUTS]
+    outputs = [tensor("output_ids", "TYPE_INT32", "-1"), tensor("context_ids", "TYPE_INT32", "-1")]
+    outputs += [tensor(n, t, "1") for n, t in COUNTERS]
+    params = {
+        "llm": opts.llm, "ssms": ",".join(opts.ssms) if speculate else "", "speculate": str(speculate).lower(),
+        "expansion": ",".join(map(str, opts.expansion)), "device": opts.device, "dtype": opts.dtype,
+        "max_batch_size": str(opts.max_batch_size), "max_context": str(opts.max_context or ""),
+        "draft_sampling": opts.draft_sampling, "verifier": opts.verifier,
+    }
+    return python_model(name, inputs, outputs, params, decoupled=True)
+
+
+def ensemble_config(name: str, decoder: str) -> str:
+    inputs = [tensor("text_input", "TYPE_STRING", "1"), tensor("max_tokens", "TYPE_INT32", "1")]
+    inputs += [tensor(n, t, "1", optional=True) for n, t in SAMPLING_INPUTS]
+    inputs += [tensor("stop_words", "TYPE_STRING", "-1", optional=True)]
+    outputs = [tensor("text_output", "TYPE_STRING", "-1"), tensor("output_ids", "TYPE_INT32", "-1")]
+    outputs += [tensor(n, t, "1") for n, t in COUNTERS]
+
+    def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+        ins = "".join(f'      input_map {{ key: "{k}" value: "{v}" }}\n' for k, v in inputs.items())
+        outs = "".join(f'      output_map {{ key: "{k}" value: "{v}" }}\n' for k, v in outputs.items())
+        return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{ins}{outs}    }}'
+
+    decode_in = {"input_ids": "_input_ids", "stop_ids": "_stop_ids", "max_tokens": "max_tokens"}
+    decode_in.update({n: n for n, _ in SAMPLING_INPUTS})
+    decode_out = {"output_ids": "_output_ids", "context_ids": "_context_ids"}
+    decode_out.update({n: f"_{n}" for n, _ in COUNTERS})
+    post_in = {"TOKENS": "_output_ids", "CONTEXT": "_context_ids"}
+    post_in.update({k: f"_{n}" for k, (n, _) in zip(POST_COUNTER_INPUTS, COUNTERS)})
+    post_out = {"text_output": "text_output", "output_ids": "output_ids"}
+    post_out.update({n: n for n, _ in COUNTERS})
+    steps = [
+        step("preprocessing", {"text_input": "text_input", "stop_words": "stop_words"},
+             {"input_ids": "_input_ids", "stop_ids": "_stop_ids"}),
+        step(decoder, decode_in, decode_out),
+        step("postprocessing", post_in, post_out),
+    ]
+    text = f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: 0\n' + io("input", inputs) + io("output", outputs)
+    return text + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+
+
+def repository_files(opts: RepositoryOptions) -> dict[str, str]:
+    """Relative path -> content of every file of the repository."""
+    tok = {"tokenizer_dir": opts.llm}
+    pre = python_model(
+        "preprocessing",
+        [tensor("text_input", "TYPE_STRING", "1"), tensor("stop_words", "TYPE_STRING", "-1", optional=True)],
+        [tensor("input_ids", "TYPE_INT32", "-1"), tensor("stop_ids", "TYPE_INT32", "-1")], tok, instances=2)
+    post = python_model(
+        "postprocessing",
+        [tensor("TOKENS", "TYPE_INT32", "-1"), tensor("CONTEXT", "TYPE_INT32", "-1")]
+        + [tensor(k, t, "1") for k, (_, t) in zip(POST_COUNTER_INPUTS, COUNTERS)],
+        [tensor("text_output", "TYPE_STRING", "-1"), tensor("output_ids", "TYPE_INT32", "-1")]
+        + [tensor(n, t, "1") for n, t in COUNTERS], tok, instances=2)
+    files = {
+        "preprocessing/config.pbtxt": pre,
+        "postprocessing/config.pbtxt": post,
+        "specinfer_llm/config.pbtxt": decoding_config("specinfer_llm", opts, speculate=True),
+        "incremental_llm/config.pbtxt": decoding_config("incremental_llm", opts, speculate=False),
+        "specinfer/config.pbtxt": ensemble_config("specinfer", "specinfer_llm"),
+        "incremental/config.pbtxt": ensemble_config("incremental", "incremental_llm"),
+        "specinfer/1/.gitkeep": "",
+        "incremental/1/.gitkeep": "",
+    }
+    for model, module in ENTRY.items():
+        files[f"{model}/1/model.py"] = (
+            f'"""Triton entry point; the model lives in specinfer.serving.{module}."""\n'
+            f"from specinfer.serving.{module} import TritonPythonModel  # noqa: F401\n"
+        )
+    return files
+
+
+def write_repository(output: str | Path, opts: RepositoryOptions) -> Path:
+    out = Path(output)
+    for rel, content in repository_files(opts).items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    return out

@@ -1,0 +1,52 @@
+"""Write a ready Triton model repository for your own checkpoints.
+
+  python build_scripts/configure_repository.py --llm DIR --ssm DIR [--ssm DIR ...] \
+      --expansion 1,1,3,1,1,1,1,1 --output DIR
+
+The LLM folder must hold tokenizer.json (preprocessing/postprocessing use it). Paths are written
+absolute, so the repository can be served from anywhere on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from specinfer import TreeConfig
+from specinfer.checkpoint import read_model_args
+from specinfer.serving.repository import RepositoryOptions, write_repository
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llm", required=True, help="Hugging Face Llama checkpoint folder with tokenizer.json")
+    ap.add_argument("--ssm", action="append", default=[], help="SSM checkpoint folder (repeat to merge several)")
+    ap.add_argument("--expansion", default="1,1,3,1,1,1,1,1", help="tree expansion <k1,...,km>")
+    ap.add_argument("--output", required=True, help="folder to write the repository into")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--max-batch-size", type=int, default=16, help="concurrent requests per model; more wait")
+    ap.add_argument("--max-context", type=int, default=0, help="tokens per request (0: the LLM's maximum)")
+    ap.add_argument("--draft-sampling", default="with_replacement", choices=["with_replacement", "without_replacement"])
+    ap.add_argument("--verifier", default="mss", choices=["mss", "naive"])
+    args = ap.parse_args()
+    expansion = tuple(int(k) for k in args.expansion.split(","))
+    TreeConfig(expansion=expansion).check_size(max(1, len(args.ssm)))  # fail here, not at server start
+    llm = Path(args.llm).resolve()
+    vocab = read_model_args(llm).vocab_size
+    if not (llm / "tokenizer.json").is_file():
+        raise SystemExit(f"error: {llm} has no tokenizer.json")
+    for ssm in args.ssm:
+        if read_model_args(ssm).vocab_size != vocab:
+            raise SystemExit(f"error: {ssm} has another vocabulary size than the LLM ({vocab})")
+    opts = RepositoryOptions(
+        llm=str(llm), ssms=tuple(str(Path(s).resolve()) for s in args.ssm), expansion=expansion,
+        device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_context=args.max_context,
+        draft_sampling=args.draft_sampling, verifier=args.verifier,
+    )
+    out = write_repository(args.output, opts)
+    print(f"wrote a model repository to {out}: models specinfer, incremental (ensembles), "
+          "preprocessing, specinfer_llm, incremental_llm, postprocessing")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Start a real tritonserver on a model repository and keep it serving until SIGINT/SIGTERM.
+
+  python build_scripts/launch_server.py --model-repository DIR --http-port N --grpc-port N --metrics-port N
+
+Ports default to free ones. --prepare only readies the Python backend for this interpreter (set-up).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from specinfer.serving.launcher import prepare_backends, start_server
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-repository", default="model_repository")
+    ap.add_argument("--http-port", type=int, default=0)
+    ap.add_argument("--grpc-port", type=int, default=0)
+    ap.add_argument("--metrics-port", type=int, default=0)
+    ap.add_argument("--tritonserver", help="a tritonserver binary to use instead of the installed one")
+    ap.add_argument("--log", help="server log file (default: next to the repository)")
+    ap.add_argument("--prepare", action="store_true", help="only prepare the Python backend, then exit")
+    args = ap.parse_args()
+    if args.prepare:
+        print(f"[server] Python backend ready in {prepare_backends()}")
+        return
+    server = start_server(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
+                          tritonserver=args.tritonserver, log_path=args.log)
+    print(f"[server] ready in {server.started_s:.1f} s: HTTP {server.http_url}  gRPC {server.grpc_url}  "
+          f"metrics http://localhost:{server.metrics_port}/metrics  (log {server.log_path}); Ctrl-C stops it",
+          flush=True)
+
+    def stop(signum, _frame):
+        code = server.stop()
+        print(f"[server] stopped (signal {signum}, tritonserver exit code {code})", flush=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = server.process.wait()
+    print(f"[server] tritonserver exited with code {code}; log {server.log_path}")
+    sys.exit(code or 1)
+
+
+if __name__ == "__main__":
+    main()

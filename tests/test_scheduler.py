@@ -1,0 +1,60 @@
+"""Continuous batching: joining, leaving, aborting, stop sequences, engine counters."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import prompts
+from specinfer import SamplingParams, SpecInferEngine, TreeConfig
+
+
+@pytest.fixture()
+def engine(models):
+    return SpecInferEngine.from_pretrained(models["llm"], [models["close"]], tree=TreeConfig(expansion=(1, 2, 1)),
+                                           max_batch_size=2)
+
+
+def test_requests_wait_for_a_row_and_join_between_iterations(engine):
+    seqs = [engine.new_sequence(p, SamplingParams(max_tokens=8, ignore_eos=True)) for p in prompts(3, seed=50)]
+    for s in seqs:
+        engine.add(s)
+    engine.step()
+    assert [s.row >= 0 for s in seqs] == [True, True, False]  # the third waits: two rows
+    while not seqs[2].output:
+        engine.step()
+    assert seqs[2].row in (seqs[0].row, seqs[1].row)  # it took a row somebody left
+    while engine.scheduler.has_work():
+        engine.step()
+    assert all(len(s.output) == 8 for s in seqs)
+    assert engine.stats.verify_requests > engine.stats.verify_forwards  # some forwards were shared
+
+
+def test_abort_frees_the_row_and_the_rest_is_unaffected(engine):
+    batch = prompts(3, seed=51)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = [r.token_ids for r in engine.generate(batch, params, speculate=False)]
+    seqs = [engine.new_sequence(p, params) for p in batch]
+    for s in seqs:
+        engine.add(s)
+    engine.step()
+    engine.abort(seqs[0])  # running
+    engine.abort(seqs[2])  # still waiting
+    assert seqs[2] not in engine.scheduler.waiting
+    engine.step()
+    assert seqs[0] not in engine.scheduler.running and len(engine.scheduler.free_rows) >= 1
+    while engine.scheduler.has_work():
+        engine.step()
+    assert seqs[1].output == expected[1]
+    assert seqs[0].finish_reason == seqs[2].finish_reason == "cancelled"
+    assert sorted(engine.scheduler.free_rows) == [0, 1]
+
+
+def test_stop_sequences_end_generation_after_the_sequence(engine):
+    batch = prompts(4, seed=52)
+    full = [r.token_ids for r in engine.generate(batch, SamplingParams(max_tokens=20, ignore_eos=True))]
+    for ids, prompt in zip(full, batch):
+        stop = tuple(ids[6:8])
+        cut = next(i for i in range(2, len(ids) + 1) if tuple(ids[i - 2:i]) == stop)
+        r = engine.generate([prompt], SamplingParams(max_tokens=20, ignore_eos=True, stop_sequences=(stop,)))[0]
+        assert r.token_ids == ids[:cut] and r.finish_reason == "stop"
+    with pytest.raises(ValueError, match="empty sequence"):
+        SamplingParams(stop_sequences=((),))
