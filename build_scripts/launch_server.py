@@ -10,7 +10,7 @@ import argparse
 import signal
 import sys
 
-from specinfer.serving.launcher import prepare_backends, start_server
+from specinfer.serving.launcher import check_tools, prepare_backends, start_server
 
 
 def main() -> None:
@@ -21,10 +21,13 @@ def main() -> None:
     ap.add_argument("--metrics-port", type=int, default=0)
     ap.add_argument("--tritonserver", help="a tritonserver binary to use instead of the installed one")
     ap.add_argument("--log", help="server log file (default: next to the repository)")
-    ap.add_argument("--prepare", action="store_true", help="only prepare the Python backend, then exit")
+    ap.add_argument("--prepare", action="store_true",
+                    help="only prepare the Python backend and check that tritonserver and perf_analyzer run")
     args = ap.parse_args()
     if args.prepare:
         print(f"[server] Python backend ready in {prepare_backends()}")
+        for line in check_tools():
+            print(f"[server] {line}")
         return
     server = start_server(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
                           tritonserver=args.tritonserver, log_path=args.log)

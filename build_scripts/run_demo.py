@@ -1,39 +1,91 @@
-"""The main job (engine stage): make the demo models if missing, generate, print speculation figures.
+"""The main job: demo models (made if missing), a real tritonserver on model_repository/, one request.
 
-Runs the SpecInfer engine in-process on engines/demo/ (LLM + two merged SSMs), greedy, and
-compares with incremental decoding of the same LLM in the same run.
+Streams a completion from the `specinfer` ensemble over gRPC, prints it with tokens per LLM step,
+then sends the same request to `incremental` and prints the speedup (median of a few runs each).
 """
 from __future__ import annotations
 
 import argparse
+import queue
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from specinfer import SamplingParams, SpecInferEngine, TreeConfig
-from specinfer.benchmark import compare, report
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from specinfer.serving.launcher import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def stream(client, model: str, prompt: str, max_tokens: int, echo: bool = False) -> tuple[str, dict, float]:
+    """One streamed request; returns the text, the final counters and the wall time."""
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    inputs = []
+    for name, value, dtype in [("text_input", np.array([prompt.encode()], dtype=np.object_), "BYTES"),
+                               ("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"),
+                               ("stream", np.array([True]), "BOOL")]:
+        t = grpcclient.InferInput(name, [1], dtype)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    start = time.perf_counter()
+    client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+    text, counters = "", {}
+    while True:
+        result, error = results.get(timeout=300)
+        if error is not None:
+            raise RuntimeError(f"{model}: {error.message()}")
+        out = result.as_numpy("text_output")
+        if out is not None:
+            delta = out[0].decode()
+            text += delta
+            if echo:
+                print(delta, end="", flush=True)
+            counters = {k: result.as_numpy(k)[0].item() for k in
+                        ("num_output_tokens", "num_llm_steps", "total_draft_tokens", "total_accepted_draft_tokens")}
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    seconds = time.perf_counter() - start
+    client.stop_stream()
+    return text, counters, seconds
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prompt", default="def fibonacci(n):\n    ")
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--expansion", default="1,1,3,1,1,1,1,1")
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    demo = ROOT / "engines" / "demo"
-    subprocess.run([sys.executable, str(ROOT / "build_scripts" / "make_demo_models.py"), "--output", str(demo)],
-                   check=True)
-    tree = TreeConfig(expansion=tuple(int(k) for k in args.expansion.split(",")))
-    engine = SpecInferEngine.from_pretrained(demo / "llm", [demo / "ssm-a", demo / "ssm-b"], tree=tree)
-    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    result = engine.generate([args.prompt], params)[0]
-    print(f"prompt: {args.prompt!r}\ngenerated: {result.text!r}")
-    print(f"tokens per LLM step: {result.tokens_per_step:.2f}  acceptance rate: {result.acceptance_rate:.1%}  "
-          f"({len(result.token_ids)} tokens in {result.llm_steps} LLM steps, tree {tree.expansion}, 2 SSMs merged)")
-    inc, spec, same = compare(engine, [args.prompt] * 4, params)
-    print(report(inc, spec, same))
+    subprocess.run([sys.executable, str(ROOT / "build_scripts" / "make_demo_models.py")], check=True)
+    print("[demo] starting tritonserver on model_repository/ ...", flush=True)
+    server = start_server(ROOT / "model_repository")
+    try:
+        print(f"[demo] server ready in {server.started_s:.1f} s (HTTP {server.http_url}, gRPC {server.grpc_url})")
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        print(f"[demo] prompt: {args.prompt!r}\n[demo] specinfer streams: ", end="")
+        text, c, _ = stream(client, "specinfer", args.prompt, args.max_tokens, echo=True)
+        print(f"\n[demo] {c['num_output_tokens']} tokens in {c['num_llm_steps']} LLM steps: "
+              f"{c['num_output_tokens'] / c['num_llm_steps']:.2f} tokens per LLM step, "
+              f"{c['total_accepted_draft_tokens']}/{c['total_draft_tokens']} draft tokens accepted")
+        times = {}
+        for model in ("specinfer", "incremental"):
+            runs = [stream(client, model, args.prompt, args.max_tokens) for _ in range(args.repeat)]
+            assert all(r[0] == text for r in runs), f"{model} gave another text"
+            times[model] = statistics.median(r[2] for r in runs)
+        print(f"[demo] same request, median of {args.repeat}: specinfer {times['specinfer'] * 1000:.0f} ms, "
+              f"incremental {times['incremental'] * 1000:.0f} ms -> speedup {times['incremental'] / times['specinfer']:.2f}x "
+              f"(identical text)")
+        print("[demo] to keep a server running for your own clients:\n"
+              "  .venv/bin/python build_scripts/launch_server.py --model-repository model_repository "
+              "--http-port 8000 --grpc-port 8001 --metrics-port 8002\n"
+              "  curl -X POST localhost:8000/v2/models/specinfer/generate "
+              "-d '{\"text_input\": \"def main():\", \"max_tokens\": 32}'")
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

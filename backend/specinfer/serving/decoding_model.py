@@ -119,6 +119,8 @@ class TritonPythonModel:
                 incoming, self.incoming = self.incoming, []
             try:
                 self.iterate(incoming)
+                scheduler = self.engine.scheduler
+                self.metrics.occupancy(len(scheduler.running), len(scheduler.waiting))
             except Exception:  # a bug fails the requests in flight, never the server
                 pb_utils.Logger.log_error(traceback.format_exc())
                 for live in list(self.live.values()):

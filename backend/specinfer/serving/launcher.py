@@ -51,11 +51,27 @@ def prepare_backends() -> Path:
 
 
 def server_env() -> dict[str, str]:
+    """Environment for tritonserver and perf_analyzer: this venv first, their shared libraries found."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    libs = pytriton_root().parent / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    site = pytriton_root().parent
+    libs = [str(site / "nvidia_pytriton.libs"), str(site / "nvidia" / "cuda_runtime" / "lib")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*libs, env.get("LD_LIBRARY_PATH", "")) if p)
     return env
+
+
+def check_tools() -> list[str]:
+    """Run ``tritonserver --help`` and ``perf_analyzer --version``: both must load and answer."""
+    found = []
+    for cmd, expect in (([str(pytriton_root() / "tritonserver" / "bin" / "tritonserver"), "--help"], "Usage: tritonserver"),
+                        ([str(Path(sys.executable).parent / "perf_analyzer"), "--version"], "Perf Analyzer Version")):
+        run = subprocess.run(cmd, capture_output=True, text=True, env=server_env())
+        output = run.stdout + run.stderr
+        line = next((ln for ln in output.splitlines() if expect in ln), None)
+        if line is None:  # tritonserver --help exits 1 by design: judge by what it prints
+            raise RuntimeError(f"{Path(cmd[0]).name} does not run:\n{output[-2000:]}")
+        found.append(f"{Path(cmd[0]).name} runs: {line.strip()}")
+    return found
 
 
 @dataclass

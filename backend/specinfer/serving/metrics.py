@@ -28,6 +28,9 @@ class ServingMetrics:
         self.llm_forwards = counter("specinfer_llm_forwards", "Batched LLM verification forwards")
         self.forward_requests = counter(
             "specinfer_llm_forward_requests", "Requests verified, summed over LLM forwards (mean batch = this / forwards)")
+        gauge = lambda name, doc: family(name, doc, pb_utils.MetricFamily.GAUGE).Metric(labels=labels)  # noqa: E731
+        self.running = gauge("specinfer_running_requests", "Requests holding a KV-cache row")
+        self.waiting = gauge("specinfer_waiting_requests", "Requests queued for a free row")
         self.tokens_per_step = family(
             "specinfer_tokens_per_step", "Tokens a request emits per verification step",
             pb_utils.MetricFamily.HISTOGRAM).Metric(labels=labels, buckets=STEP_BUCKETS)
@@ -48,6 +51,10 @@ class ServingMetrics:
         if forwards:
             self.llm_forwards.increment(forwards)
             self.forward_requests.increment(requests)
+
+    def occupancy(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
 
     def step_tokens(self, n: int) -> None:
         self.tokens_per_step.observe(n)

@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from .detokenize import text_delta
-from .preprocessing_model import load_tokenizer
+from .preprocessing_model import TokenizerModel
 
 PASS_THROUGH = {  # postprocessing input -> ensemble-facing output
     "TOKENS": "output_ids",
@@ -20,18 +20,12 @@ PASS_THROUGH = {  # postprocessing input -> ensemble-facing output
 }
 
 
-class TritonPythonModel:
-    def initialize(self, args: dict) -> None:
-        self.tokenizer = load_tokenizer(args)
-
-    def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
-            tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS").as_numpy().reshape(-1).tolist()
-            context = pb_utils.get_input_tensor_by_name(request, "CONTEXT").as_numpy().reshape(-1).tolist()
-            text = text_delta(self.tokenizer.decode, context, tokens) if tokens else ""
-            outputs = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
-            for name, out in PASS_THROUGH.items():
-                outputs.append(pb_utils.Tensor(out, pb_utils.get_input_tensor_by_name(request, name).as_numpy()))
-            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
-        return responses
+class TritonPythonModel(TokenizerModel):
+    def respond(self, request):
+        tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS").as_numpy().reshape(-1).tolist()
+        context = pb_utils.get_input_tensor_by_name(request, "CONTEXT").as_numpy().reshape(-1).tolist()
+        text = text_delta(self.tokenizer.decode, context, tokens) if tokens else ""
+        outputs = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
+        for name, out in PASS_THROUGH.items():
+            outputs.append(pb_utils.Tensor(out, pb_utils.get_input_tensor_by_name(request, name).as_numpy()))
+        return pb_utils.InferenceResponse(output_tensors=outputs)

@@ -22,23 +22,27 @@ def load_tokenizer(args: dict) -> TextTokenizer:
     return tokenizer
 
 
-class TritonPythonModel:
+class TokenizerModel:
+    """A stateless model answering each request on its own, with the LLM's tokenizer."""
+
     def initialize(self, args: dict) -> None:
         self.tokenizer = load_tokenizer(args)
 
     def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
-            try:
-                text = decode_prompt(pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy())
-                words = pb_utils.get_input_tensor_by_name(request, "stop_words")
-                stop_ids = encode_stop_words(None if words is None else words.as_numpy(), self.tokenizer.encode)
-                ids = np.array(self.tokenizer.encode(text), dtype=np.int32)
-                if ids.size == 0:
-                    raise ValueError("text_input encodes to no tokens")
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("stop_ids", stop_ids)]))
-            except ValueError as exc:
-                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
-        return responses
+        return [self.respond(request) for request in requests]
+
+
+class TritonPythonModel(TokenizerModel):
+    def respond(self, request):
+        try:
+            text = decode_prompt(pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy())
+            words = pb_utils.get_input_tensor_by_name(request, "stop_words")
+            stop_ids = encode_stop_words(None if words is None else words.as_numpy(), self.tokenizer.encode)
+            ids = np.array(self.tokenizer.encode(text), dtype=np.int32)
+            if ids.size == 0:
+                raise ValueError("text_input encodes to no tokens")
+        except ValueError as exc:
+            error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+            return pb_utils.InferenceResponse(output_tensors=[], error=error)
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("stop_ids", stop_ids)])

@@ -1,0 +1,89 @@
+"""Serving helpers without a server: request parsing, stop words, streamed detokenization, repository."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+
+from specinfer.serving.detokenize import sendable, text_delta
+from specinfer.serving.repository import RepositoryOptions, repository_files
+from specinfer.serving.requests import (decode_prompt, decode_stop_ids, encode_stop_words,
+                                        sampling_from_inputs)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, plain ascii text"] * 10, trainers.BpeTrainer(
+        vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tok
+
+
+def test_streamed_deltas_are_exact_across_multibyte_characters(byte_tokenizer):
+    decode = byte_tokenizer.decode
+    text = "héllo 日本語 🙂 world ü"
+    ids = byte_tokenizer.encode(text).ids
+    assert len(ids) > len(text)  # characters span several byte tokens
+    for step in (1, 2, 3):
+        context, sent, deltas = [], 0, []
+        for end in range(step, len(ids) + step, step):
+            pending = ids[sent:min(end, len(ids))]
+            n = len(pending) if end >= len(ids) else sendable(decode, context, pending)
+            if n:
+                deltas.append(text_delta(decode, context, pending[:n]))
+                context, sent = pending[:n], sent + n
+        assert "".join(deltas) == text
+        assert all("\ufffd" not in d for d in deltas)
+
+
+def test_invalid_bytes_are_not_held_back_forever(byte_tokenizer):
+    bad = byte_tokenizer.encode("\u00e9").ids[:1] * 5  # five lone lead bytes: never a character
+    assert sendable(byte_tokenizer.decode, [], bad) == len(bad)
+
+
+def test_sampling_from_inputs_defaults_and_values():
+    params, stream = sampling_from_inputs({"max_tokens": np.array([7], np.int32)})
+    assert (params.max_tokens, params.temperature, params.top_k, params.top_p, params.seed, stream) == (7, 0.0, 0, 1.0, None, False)
+    params, stream = sampling_from_inputs({
+        "max_tokens": np.array([5], np.int32), "temperature": np.array([0.7], np.float32),
+        "top_k": np.array([4], np.int32), "top_p": np.array([0.9], np.float32), "random_seed": np.array([9], np.uint64),
+        "end_id": np.array([2], np.int32), "stream": np.array([True]), "stop_ids": np.array([4, 5, -1, 6, -1], np.int32)})
+    assert params.top_k == 4 and params.seed == 9 and params.end_id == 2 and stream
+    assert abs(params.temperature - 0.7) < 1e-6 and abs(params.top_p - 0.9) < 1e-6
+    assert params.stop_sequences == ((4, 5), (6,))
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({}, "max_tokens is required"),
+    ({"max_tokens": np.array([1, 2], np.int32)}, "max_tokens must hold exactly one value"),
+    ({"max_tokens": np.array([3], np.int32), "top_p": np.array([0.0], np.float32)}, "top_p must be in"),
+])
+def test_sampling_from_inputs_errors(inputs, message):
+    with pytest.raises(ValueError, match=message):
+        sampling_from_inputs(inputs)
+
+
+def test_prompt_and_stop_word_errors():
+    assert decode_prompt(np.array(["é".encode()], dtype=np.object_)) == "é"
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        decode_prompt(np.array([b"\xff"], dtype=np.object_))
+    with pytest.raises(ValueError, match="text_input is empty"):
+        decode_prompt(np.array([b""], dtype=np.object_))
+    flat = encode_stop_words(np.array([b"ab", b"c"], dtype=np.object_), lambda s: [ord(ch) for ch in s])
+    assert flat.tolist() == [97, 98, -1, 99, -1] and decode_stop_ids(flat) == ((97, 98), (99,))
+    with pytest.raises(ValueError, match="empty string"):
+        encode_stop_words(np.array([b""], dtype=np.object_), lambda s: [1])
+
+
+def test_checked_in_repository_is_what_the_generator_writes():
+    for rel, content in repository_files(RepositoryOptions()).items():
+        assert (ROOT / "model_repository" / rel).read_text() == content, rel
+    on_disk = {str(p.relative_to(ROOT / "model_repository")) for p in (ROOT / "model_repository").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert on_disk == set(repository_files(RepositoryOptions()))
