@@ -1,0 +1,88 @@
+"""Through Triton: perf_analyzer against `specinfer` and `incremental` at several concurrencies.
+
+Reports requests/s and latency p50/p99 (perf_analyzer, gRPC streaming), and output tokens/s
+(requests/s times the mean tokens per request, from the server's specinfer_* counters).
+
+  .venv/bin/python build_scripts/bench_triton.py --concurrency 1,4 --max-tokens 32
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from specinfer.serving.launcher import server_env, start_server
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["def main():\n    ", "import os\nimport sys\n", "class Config(object):\n    def __init__(self", "for i in range(",
+           "    return self.", "if __name__ == '__main__':\n", "# Copyright", "with open(path) as f:\n"]
+
+
+def counters(metrics_port: int, model: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=10) as resp:
+        lines = resp.read().decode().splitlines()
+    out = {}
+    for line in lines:
+        if line.startswith("specinfer_") and f'model="{model}"' in line and "{" in line:
+            out[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def run_perf(server, model: str, concurrency: int, data: Path, interval_ms: int) -> dict:
+    report = data.parent / f"{model}-{concurrency}.csv"
+    decoder = f"{model}_llm"
+    before = counters(server.metrics_port, decoder)
+    cmd = [str(Path(sys.executable).parent / "perf_analyzer"), "-m", model, "-u", server.grpc_url, "-i", "grpc",
+           "--streaming", "--input-data", str(data), "--concurrency-range", f"{concurrency}:{concurrency}",
+           "-p", str(interval_ms), "-s", "25", "-r", "6", "--percentile", "50", "-f", str(report)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=server_env())
+    if run.returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed:\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
+    after = counters(server.metrics_port, decoder)
+    row = next(csv.DictReader(report.open()))
+    tokens = after["specinfer_output_tokens"] - before["specinfer_output_tokens"]
+    requests = after["specinfer_requests_finished"] - before["specinfer_requests_finished"]
+    steps = after["specinfer_llm_steps"] - before["specinfer_llm_steps"]
+    rps = float(row["Inferences/Second"])
+    return {"model": model, "concurrency": concurrency, "requests_per_s": rps,
+            "output_tokens_per_s": rps * tokens / requests, "tokens_per_request": tokens / requests,
+            "tokens_per_llm_step": tokens / steps, "p50_ms": float(row["p50 latency"]) / 1000,
+            "p99_ms": float(row["p99 latency"]) / 1000, "command": " ".join(cmd)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    ap.add_argument("--concurrency", default="1,4")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--interval-ms", type=int, default=8000)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    subprocess.run([sys.executable, str(ROOT / "build_scripts" / "make_demo_models.py")], check=True)
+    server = start_server(args.model_repository)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "input.json"
+            data.write_text(json.dumps({"data": [{"text_input": [p], "max_tokens": [args.max_tokens]} for p in PROMPTS]}))
+            for c in (int(x) for x in args.concurrency.split(",")):
+                for model in ("specinfer", "incremental"):
+                    rows.append(run_perf(server, model, c, data, args.interval_ms))
+    finally:
+        server.stop()
+    print(f"{'model':<12} {'conc':>4} {'req/s':>7} {'tok/s':>7} {'tok/req':>7} {'tok/step':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for r in rows:
+        print(f"{r['model']:<12} {r['concurrency']:>4} {r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>7.1f} "
+              f"{r['tokens_per_request']:>7.1f} {r['tokens_per_llm_step']:>8.2f} {r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f}")
+    print("command (per model and concurrency):", rows[0]["command"].replace(rows[0]["model"], "MODEL", 1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
