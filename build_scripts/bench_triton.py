@@ -55,6 +55,27 @@ def run_perf(server, model: str, concurrency: int, data: Path, interval_ms: int)
             "p99_ms": float(row["p99 latency"]) / 1000, "command": " ".join(cmd)}
 
 
+def run_triton(repository: Path, prompts: list[str], max_tokens: int, concurrencies: tuple[int, ...],
+               interval_ms: int = 8000) -> list[dict]:
+    """Start a server on ``repository`` and profile both models at each concurrency."""
+    server = start_server(repository)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "input.json"
+            data.write_text(json.dumps({"data": [{"text_input": [p], "max_tokens": [max_tokens]} for p in prompts]}))
+            for c in concurrencies:
+                for model in ("specinfer", "incremental"):
+                    rows.append(run_perf(server, model, c, data, interval_ms))
+                    r = rows[-1]
+                    print(f"  {model:<12} concurrency {c:>2}: {r['requests_per_s']:6.2f} req/s "
+                          f"{r['output_tokens_per_s']:7.1f} tok/s  p50 {r['p50_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms",
+                          flush=True)
+    finally:
+        server.stop()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-repository", default=str(ROOT / "model_repository"))
@@ -64,21 +85,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     subprocess.run([sys.executable, str(ROOT / "build_scripts" / "make_demo_models.py")], check=True)
-    server = start_server(args.model_repository)
-    rows = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            data = Path(tmp) / "input.json"
-            data.write_text(json.dumps({"data": [{"text_input": [p], "max_tokens": [args.max_tokens]} for p in PROMPTS]}))
-            for c in (int(x) for x in args.concurrency.split(",")):
-                for model in ("specinfer", "incremental"):
-                    rows.append(run_perf(server, model, c, data, args.interval_ms))
-    finally:
-        server.stop()
-    print(f"{'model':<12} {'conc':>4} {'req/s':>7} {'tok/s':>7} {'tok/req':>7} {'tok/step':>8} {'p50 ms':>8} {'p99 ms':>8}")
-    for r in rows:
-        print(f"{r['model']:<12} {r['concurrency']:>4} {r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>7.1f} "
-              f"{r['tokens_per_request']:>7.1f} {r['tokens_per_llm_step']:>8.2f} {r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f}")
+    rows = run_triton(Path(args.model_repository), PROMPTS, args.max_tokens,
+                      tuple(int(x) for x in args.concurrency.split(",")), args.interval_ms)
     print("command (per model and concurrency):", rows[0]["command"].replace(rows[0]["model"], "MODEL", 1))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

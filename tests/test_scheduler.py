@@ -58,3 +58,20 @@ def test_stop_sequences_end_generation_after_the_sequence(engine):
         assert r.token_ids == ids[:cut] and r.finish_reason == "stop"
     with pytest.raises(ValueError, match="empty sequence"):
         SamplingParams(stop_sequences=((),))
+
+
+def test_engine_stats_account_for_every_step(engine):
+    results = engine.generate(prompts(5, seed=53), SamplingParams(max_tokens=15, ignore_eos=True))
+    stats = engine.stats
+    assert sum(stats.accepted_lengths.values()) == stats.verify_requests
+    assert sum(n * c for n, c in stats.accepted_lengths.items()) >= sum(r.accepted_draft_tokens for r in results)
+    assert 0 < stats.forward_seconds < stats.step_seconds
+
+
+def test_engine_stats_start_from_zero_after_a_reset(engine):
+    from specinfer.engine import EngineStats
+
+    engine.generate(prompts(2, seed=54), SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.stats = EngineStats()
+    engine.generate(prompts(2, seed=55), SamplingParams(max_tokens=6, ignore_eos=True))
+    assert 0 < engine.stats.forward_seconds < engine.stats.step_seconds

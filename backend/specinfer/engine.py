@@ -7,8 +7,10 @@ With ``speculate=False`` every tree is a lone root: plain incremental decoding, 
 """
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 
@@ -35,6 +37,9 @@ class EngineStats:
     prefill_forwards: int = 0
     verify_forwards: int = 0
     verify_requests: int = 0  # requests summed over verification forwards
+    accepted_lengths: Counter = field(default_factory=Counter)  # accepted draft path length -> count
+    step_seconds: float = 0.0  # wall time in step()
+    forward_seconds: float = 0.0  # of which inside model forwards (LLM and SSMs)
 
     @property
     def requests_per_forward(self) -> float:
@@ -153,6 +158,8 @@ class SpecInferEngine:
     # ----- one iteration --------------------------------------------------------------------
     def step(self, speculate: bool = True) -> list[Sequence]:
         """One scheduling iteration; returns the requests that received tokens."""
+        start = time.perf_counter()
+        forwards_before = self.forward_seconds()
         self.scheduler.retire()  # rows of requests aborted since the last step
         new = self.scheduler.admit()
         if new:
@@ -167,8 +174,15 @@ class SpecInferEngine:
             self.stats.verify_requests += len(active)
             verdicts = self.verify(active, trees, batch, logits)
             self.commit(active, trees, verdicts, use_ssms)
+            if use_ssms:
+                self.stats.accepted_lengths.update(len(path) for path, _ in verdicts)
         self.scheduler.retire()
+        self.stats.step_seconds += time.perf_counter() - start
+        self.stats.forward_seconds += self.forward_seconds() - forwards_before
         return new + active
+
+    def forward_seconds(self) -> float:
+        return self.llm.seconds + sum(r.seconds for r in self.ssms)
 
     def prefill(self, seqs: list[Sequence]) -> None:
         """The prompt through the LLM in one chunk per request; its last logits give the first token."""

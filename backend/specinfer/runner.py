@@ -7,6 +7,7 @@ and the topology-aware mask; ``ModelRunner.forward`` runs it.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,7 @@ class ModelRunner:
         self.model = model
         self.cache = model.new_cache(rows, slots)
         self.device = model.lm_head.weight.device
+        self.seconds = 0.0  # wall time spent in forwards, for the overhead figure of benchmarks
 
     def forward(
         self, rows: list[int], lengths: list[int], nodes: NodeBatch, output_index: torch.Tensor | None = None
@@ -75,10 +77,15 @@ class ModelRunner:
         if mask.shape[-1] > self.cache.slots:
             raise ValueError(f"batch needs {mask.shape[-1]} cache slots, the cache has {self.cache.slots}")
         dev = self.device
-        return self.model(
+        start = time.perf_counter()
+        logits = self.model(
             nodes.tokens.to(dev), positions.to(dev), self.cache, torch.tensor(rows, device=dev),
             slots.to(dev), mask.to(dev), None if output_index is None else output_index.to(dev),
         )
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self.seconds += time.perf_counter() - start
+        return logits
 
     def commit(self, rows: list[int], lengths: list[int], accepted: list[list[int]]) -> None:
         """Move each row's accepted region nodes (root first) to the slots right after its prefix."""

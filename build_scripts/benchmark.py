@@ -1,0 +1,190 @@
+"""The benchmark: SpecInfer against incremental decoding and Hugging Face, in one run, one machine.
+
+On held-out prompts (files no training saw), with the demo models:
+- engine, greedy, batch 1: incremental; chain (depth 8); the paper's tree <1,1,3,1,1,1,1,1> with
+  each SSM and both merged; a width sweep <1,1,w,1,1,1,1,1>, w = 1..5;
+- engine, sampling at temperature 1: MSS with replacement, without replacement, naive sampling;
+- engine, batch sizes 1, 4, 16: incremental against the paper's tree;
+- peer: transformers `generate` plain and assisted (the SSM as assistant), greedy, batch 1;
+- through Triton: perf_analyzer against `specinfer` and `incremental` at several concurrencies.
+Writes results.json, results.md and PNG plots into --output.
+
+  .venv/bin/python build_scripts/benchmark.py            # full
+  .venv/bin/python build_scripts/benchmark.py --quick    # a few minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_demo_models import corpus_files  # noqa: E402
+
+from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig  # noqa: E402
+from specinfer.engine import DTYPES, EngineStats  # noqa: E402
+from specinfer.model import Transformer  # noqa: E402
+from specinfer.tokenizer import TextTokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = (1, 1, 3, 1, 1, 1, 1, 1)
+
+
+def held_out_prompts(n: int, chars: int = 200) -> list[str]:
+    """Openings of functions from the held-out files, deterministically."""
+    _, held = corpus_files()
+    prompts = []
+    for path in held:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        at = text.find("\ndef ", len(text) // 3)
+        if at > 0:
+            prompts.append(text[at + 1: at + 1 + chars])
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+class Bench:
+    def __init__(self, models: Path, device: str, dtype: str, prompts: list[str], max_tokens: int) -> None:
+        load = lambda n: Transformer.from_pretrained(models / n, device=device, dtype=DTYPES[dtype])  # noqa: E731
+        self.llm, self.ssms = load("llm"), {"ssm-a": load("ssm-a"), "ssm-b": load("ssm-b")}
+        self.tokenizer = TextTokenizer.from_folder(models / "llm")
+        self.device, self.dtype = device, dtype
+        self.prompts = [self.tokenizer.encode(p) for p in prompts]
+        self.max_tokens = max_tokens
+        self.rows: list[dict] = []
+        self.reference: dict[int, list[list[int]]] = {}
+
+    def engine(self, ssms: tuple[str, ...], tree: TreeConfig, batch: int) -> SpecInferEngine:
+        config = EngineConfig(max_batch_size=batch, max_context=1024, device=self.device, dtype=self.dtype, tree=tree)
+        return SpecInferEngine(self.llm, [self.ssms[s] for s in ssms], config, self.tokenizer)
+
+    def run(self, name: str, ssms: tuple[str, ...] = (), expansion: tuple[int, ...] = PAPER, batch: int = 1,
+            temperature: float = 0.0, draft_sampling: str = "with_replacement", verifier: str = "mss",
+            n_prompts: int | None = None) -> dict:
+        prompts = self.prompts[: n_prompts or len(self.prompts)]
+        tree = TreeConfig(expansion=expansion, draft_sampling=draft_sampling, verifier=verifier)
+        engine = self.engine(ssms, tree, batch)
+        params = SamplingParams(max_tokens=self.max_tokens, temperature=temperature, seed=0, ignore_eos=True)
+        engine.generate(prompts[:1], replace(params, max_tokens=8), speculate=bool(ssms))  # warm-up
+        engine.stats = EngineStats()
+        start = time.perf_counter()
+        results = engine.generate(prompts, params, speculate=bool(ssms))
+        seconds = time.perf_counter() - start
+        tokens = sum(len(r.token_ids) for r in results)
+        steps = sum(r.llm_steps for r in results)
+        st = engine.stats
+        lengths = st.accepted_lengths
+        verified = sum(lengths.values())
+        depth_rate = [round(sum(c for n, c in lengths.items() if n >= d) / verified, 4) if verified else 0.0
+                      for d in range(1, len(expansion) + 1)]
+        ids = [r.token_ids for r in results]
+        is_reference = temperature == 0 and not ssms
+        if is_reference:
+            self.reference[batch] = ids
+        row = {
+            "name": name, "ssms": list(ssms), "expansion": list(expansion), "batch": batch,
+            "temperature": temperature, "draft_sampling": draft_sampling, "verifier": verifier,
+            "prompts": len(prompts), "output_tokens": tokens, "llm_steps": steps,
+            "tokens_per_step": round(tokens / steps, 3),
+            "acceptance_rate": round(sum(r.accepted_draft_tokens for r in results)
+                                     / max(1, sum(r.draft_tokens for r in results)), 4),
+            "acceptance_by_depth": depth_rate, "seconds": round(seconds, 3),
+            "ms_per_token": round(1000 * seconds / tokens, 3),
+            "overhead_ms_per_step": round(1000 * (st.step_seconds - st.forward_seconds)
+                                          / max(1, st.verify_forwards + st.prefill_forwards), 3),
+            "identical_to_incremental": None if is_reference or temperature > 0
+            else ids == self.reference[batch][: len(ids)],
+        }
+        self.rows.append(row)
+        print(f"  {name:<34} tok/step {row['tokens_per_step']:5.2f}  accept {row['acceptance_rate']:6.1%}  "
+              f"{row['ms_per_token']:7.2f} ms/tok  overhead {row['overhead_ms_per_step']:5.2f} ms/step", flush=True)
+        return row
+
+
+def hf_peer(models: Path, prompts: list[list[int]], max_tokens: int, reference: list[list[int]]) -> list[dict]:
+    """transformers' own generate, plain and assisted by ssm-a, greedy, batch 1, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(models / "llm", dtype=torch.float32).eval()
+    assistant = AutoModelForCausalLM.from_pretrained(models / "ssm-a", dtype=torch.float32).eval()
+    rows = []
+    for name, kwargs in (("hf generate", {}), ("hf assisted (ssm-a)", {"assistant_model": assistant})):
+        gen = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0, **kwargs)
+        with torch.no_grad():
+            llm.generate(torch.tensor([prompts[0]]), **{**gen, "max_new_tokens": 8, "min_new_tokens": 8})
+            start = time.perf_counter()
+            outs = [llm.generate(torch.tensor([p]), **gen)[0, len(p):].tolist() for p in prompts]
+            seconds = time.perf_counter() - start
+        tokens = sum(len(o) for o in outs)
+        rows.append({"name": name, "batch": 1, "output_tokens": tokens, "seconds": round(seconds, 3),
+                     "ms_per_token": round(1000 * seconds / tokens, 3), "identical_to_incremental": outs == reference})
+        print(f"  {name:<34} {rows[-1]['ms_per_token']:7.2f} ms/tok  identical {outs == reference}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer prompts, tokens and configurations")
+    ap.add_argument("--models", default=str(ROOT / "engines" / "demo"))
+    ap.add_argument("--output", default=str(ROOT / "benchmarks"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton part")
+    args = ap.parse_args()
+    models, out = Path(args.models), Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    n, max_tokens = (3, 32) if args.quick else (8, 64)
+    started = time.monotonic()
+    bench = Bench(models, args.device, args.dtype, held_out_prompts(16), max_tokens)
+    print(f"[bench] {platform.machine()} cpu threads={torch.get_num_threads()} device={args.device} dtype={args.dtype}; "
+          f"{n} held-out prompts x {max_tokens} tokens", flush=True)
+    print("[bench] engine, greedy, batch 1")
+    bench.run("incremental", n_prompts=n)
+    bench.run("chain depth 8 (a+b)", ("ssm-a", "ssm-b"), (1,) * 8, n_prompts=n)
+    for ssms in (("ssm-a",), ("ssm-b",), ("ssm-a", "ssm-b")):
+        bench.run(f"paper tree ({'+'.join(s[-1] for s in ssms)})", ssms, PAPER, n_prompts=n)
+    for w in (range(1, 6) if not args.quick else (1, 3)):
+        bench.run(f"width {w} <1,1,{w},1,1,1,1,1> (a+b)", ("ssm-a", "ssm-b"), (1, 1, w, 1, 1, 1, 1, 1), n_prompts=n)
+    print("[bench] engine, temperature 1, batch 1, paper tree (a+b)")
+    for label, sampling, verifier in (("MSS with replacement", "with_replacement", "mss"),
+                                      ("MSS without replacement", "without_replacement", "mss"),
+                                      ("naive sampling", "with_replacement", "naive")):
+        for w in ((1, 3, 5) if not args.quick else (3,)):
+            bench.run(f"{label} w{w}", ("ssm-a", "ssm-b"), (1, 1, w, 1, 1, 1, 1, 1), temperature=1.0,
+                      draft_sampling=sampling, verifier=verifier, n_prompts=n)
+    print("[bench] engine, greedy, batch sizes")
+    for batch in ((4, 16) if not args.quick else (4,)):
+        bench.run(f"incremental batch {batch}", batch=batch, n_prompts=batch)
+        bench.run(f"paper tree (a+b) batch {batch}", ("ssm-a", "ssm-b"), PAPER, batch=batch, n_prompts=batch)
+    print("[bench] peer: Hugging Face transformers, greedy, batch 1")
+    peer = hf_peer(models, bench.prompts[:n], max_tokens, bench.reference[1][:n])
+    triton = []
+    if not args.no_triton:
+        from bench_triton import run_triton
+
+        print("[bench] through Triton (perf_analyzer, gRPC streaming)")
+        triton = run_triton(ROOT / "model_repository", [bench.tokenizer.decode(p) for p in bench.prompts[:8]],
+                            max_tokens, (1, 4) if args.quick else (1, 2, 4, 8, 16),
+                            interval_ms=3000 if args.quick else 8000)
+    report = {"machine": {"arch": platform.machine(), "threads": torch.get_num_threads(), "device": args.device,
+                          "dtype": args.dtype, "torch": torch.__version__},
+              "quick": args.quick, "engine": bench.rows, "hf": peer, "triton": triton,
+              "models": json.loads((models / "models.json").read_text()) if (models / "models.json").is_file() else None,
+              "seconds": round(time.monotonic() - started, 1)}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    from bench_report import write_markdown, write_plots
+
+    write_markdown(report, out / "results.md")
+    write_plots(report, out)
+    print(f"[bench] done in {report['seconds']:.0f} s: {out}/results.json, results.md, *.png")
+
+
+if __name__ == "__main__":
+    main()
