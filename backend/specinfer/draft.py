@@ -52,21 +52,20 @@ def level_batch(builders: list[TreeBuilder], levels: list[list[int]], region: in
     """One tree level per request, each node seeing its ancestors in the tree region."""
     t = max(len(level) for level in levels)
     b = len(levels)
-    tokens = torch.zeros(b, t, dtype=torch.long)
-    node_ids = torch.zeros(b, t, dtype=torch.long)
-    depths = torch.zeros(b, t, dtype=torch.long)
-    attend = torch.zeros(b, t, region, dtype=torch.bool)
-    valid = torch.zeros(b, t, dtype=torch.bool)
+    tokens, node_ids, depths = ([[0] * t for _ in range(b)] for _ in range(3))
+    bi, ti, cols = [], [], []
     for i, (builder, level) in enumerate(zip(builders, levels)):
         for j, node in enumerate(level):
-            tokens[i, j] = builder.tokens[node]
-            node_ids[i, j] = node
-            depths[i, j] = builder.depths[node]
-            valid[i, j] = True
-            while node >= 0:
-                attend[i, j, node] = True
-                node = builder.parents[node]
-    return NodeBatch(tokens, node_ids, depths, attend, valid)
+            tokens[i][j], node_ids[i][j], depths[i][j] = builder.tokens[node], node, builder.depths[node]
+            path = builder.paths[node]
+            bi += [i] * len(path)
+            ti += [j] * len(path)
+            cols += path
+    attend = torch.zeros(b, t, region, dtype=torch.bool)
+    attend[bi, ti, cols] = True
+    valid = torch.arange(t)[None, :] < torch.tensor([len(level) for level in levels])[:, None]
+    as_long = lambda rows: torch.tensor(rows, dtype=torch.long)  # noqa: E731
+    return NodeBatch(as_long(tokens), as_long(node_ids), as_long(depths), attend, valid)
 
 
 def draft_trees(runner: ModelRunner, seqs: list[Sequence], ssm: int, tree: TreeConfig) -> list[Tree]:

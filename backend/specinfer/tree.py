@@ -38,6 +38,7 @@ class TreeBuilder:
     def __init__(self, root_token: int, num_ssms: int = 1) -> None:
         self.num_ssms = num_ssms
         self.tokens, self.parents, self.depths = [root_token], [-1], [0]
+        self.paths = [[0]]  # node -> the nodes from the root to it
         self.proposals = [[0] * num_ssms]
         self.ssm_nodes = [[0] * num_ssms]
         self.index: dict[tuple[int, int], int] = {}
@@ -51,6 +52,7 @@ class TreeBuilder:
             self.tokens.append(token)
             self.parents.append(parent)
             self.depths.append(self.depths[parent] + 1)
+            self.paths.append(self.paths[parent] + [node])
             self.proposals.append([0] * self.num_ssms)
             self.ssm_nodes.append([-1] * self.num_ssms)
         self.proposals[node][ssm] += count
@@ -106,20 +108,20 @@ def root_only(token: int, num_ssms: int = 0) -> Tree:
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     """``[..., N, N]`` with ``[i, j]`` true iff node ``j`` is node ``i`` or one of its ancestors.
 
-    Works batched; padding nodes (parent -1 beyond the root) see only themselves.
+    Works batched; padding nodes (parent -1 beyond the root) see only themselves. One gather per
+    tree level: each node walks up to its root.
     """
     n = parents.shape[-1]
-    step = torch.zeros(*parents.shape, n + 1, dtype=torch.float32)
-    step.scatter_(-1, (parents % (n + 1)).unsqueeze(-1), 1.0)  # parent -1 lands in the dropped column n
-    step = step[..., :n]
-    reach = torch.eye(n).expand_as(step).clone()
-    hop = reach
-    for _ in range(n - 1):
-        hop = hop @ step
-        if not hop.any():
-            break
-        reach = reach + hop
-    return reach > 0
+    anc = torch.eye(n, dtype=torch.bool).expand(*parents.shape, n).clone()
+    node = parents
+    while True:
+        up = node >= 0
+        if not up.any():
+            return anc
+        hit = torch.zeros_like(anc)
+        hit.scatter_(-1, node.clamp(min=0).unsqueeze(-1), up.unsqueeze(-1))
+        anc |= hit
+        node = torch.where(up, torch.gather(parents, -1, node.clamp(min=0)), node)
 
 
 def packed_mask(anc: torch.Tensor) -> torch.Tensor:
