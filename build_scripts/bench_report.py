@@ -46,7 +46,7 @@ def write_plots(report: dict, out: Path) -> None:
     axes[0].set(title="tokens per LLM step vs tree width <1,1,w,1,1,1,1,1>", xlabel="w", ylabel="tokens / step")
     axes[0].legend(fontsize=8)
     for r in engine:
-        if r["name"].startswith(("chain", "paper tree (a+b)")) and r["batch"] == 1:
+        if r["name"].startswith(("chain depth 8 (b)", "paper tree (b)", "paper tree (a+b)")) and r["batch"] == 1:
             axes[1].plot(range(1, len(r["acceptance_by_depth"]) + 1), r["acceptance_by_depth"], "o-", label=r["name"])
     axes[1].set(title="steps whose accepted path reaches depth d", xlabel="depth d", ylabel="fraction of steps")
     axes[1].legend(fontsize=8)

@@ -147,9 +147,10 @@ def main() -> None:
           f"{n} held-out prompts x {max_tokens} tokens", flush=True)
     print("[bench] engine, greedy, batch 1")
     bench.run("incremental", n_prompts=n)
-    bench.run("chain depth 8 (a+b)", ("ssm-a", "ssm-b"), (1,) * 8, n_prompts=n)
     for ssms in (("ssm-a",), ("ssm-b",), ("ssm-a", "ssm-b")):
-        bench.run(f"paper tree ({'+'.join(s[-1] for s in ssms)})", ssms, PAPER, n_prompts=n)
+        label = "+".join(s[-1] for s in ssms)
+        bench.run(f"chain depth 8 ({label})", ssms, (1,) * 8, n_prompts=n)
+        bench.run(f"paper tree ({label})", ssms, PAPER, n_prompts=n)
     for w in (range(1, 6) if not args.quick else (1, 3)):
         bench.run(f"width {w} <1,1,{w},1,1,1,1,1> (a+b)", ("ssm-a", "ssm-b"), (1, 1, w, 1, 1, 1, 1, 1), n_prompts=n)
     print("[bench] engine, temperature 1, batch 1, paper tree (a+b)")
