@@ -75,3 +75,24 @@ def test_engine_stats_start_from_zero_after_a_reset(engine):
     engine.stats = EngineStats()
     engine.generate(prompts(2, seed=55), SamplingParams(max_tokens=6, ignore_eos=True))
     assert 0 < engine.stats.forward_seconds < engine.stats.step_seconds
+
+
+def test_long_prompt_joining_a_long_running_request_fits_the_cache(models):
+    """Regression: the new request's prompt used to reach the SSM in the same catch-up forward as
+    the running request's few tokens, needing (its length + the prompt) slots: past the cache."""
+    tree = TreeConfig(expansion=(1, 2), max_tree_tokens=8)
+    engine = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], tree=tree, max_batch_size=2,
+                                             max_context=64)
+    assert engine.ssms[0].cache.slots == 64 + 8 + 1
+    first, second = prompts(2, seed=56, lo=4, hi=4)[0], prompts(1, seed=57, lo=50, hi=50)[0]
+    params = [SamplingParams(max_tokens=58, ignore_eos=True), SamplingParams(max_tokens=12, ignore_eos=True)]
+    expected = [r.token_ids for r in engine.generate([first, second], params, speculate=False)]
+    a = engine.new_sequence(first, params[0])
+    engine.add(a)
+    while len(a.output) < 40:
+        engine.step()
+    b = engine.new_sequence(second, params[1])
+    engine.add(b)
+    while engine.scheduler.has_work():
+        engine.step()
+    assert [a.output, b.output] == expected

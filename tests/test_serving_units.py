@@ -42,6 +42,24 @@ def test_streamed_deltas_are_exact_across_multibyte_characters(byte_tokenizer):
         assert all("\ufffd" not in d for d in deltas)
 
 
+def test_a_character_after_invalid_bytes_streams_whole(byte_tokenizer):
+    """Regression: a stream whose last chunk ended in an invalid byte sent the next character's
+    lead byte alone, and the following delta decoded without it."""
+    decode = byte_tokenizer.decode
+    char = byte_tokenizer.encode("日").ids
+    assert len(char) == 3
+    ids = [char[1]] * 4 + char + byte_tokenizer.encode(" ok").ids  # invalid bytes, sent as they are
+    context, deltas, sent = [], [], 0
+    for end in range(1, len(ids) + 1):
+        pending = ids[sent:end]
+        n = len(pending) if end == len(ids) else sendable(decode, context, pending)
+        if n:
+            deltas.append(text_delta(decode, context, pending[:n]))
+            context, sent = pending[:n], sent + n
+    assert "".join(deltas) == decode(ids)
+    assert "日" in "".join(deltas)
+
+
 def test_invalid_bytes_are_not_held_back_forever(byte_tokenizer):
     bad = byte_tokenizer.encode("\u00e9").ids[:1] * 5  # five lone lead bytes: never a character
     assert sendable(byte_tokenizer.decode, [], bad) == len(bad)

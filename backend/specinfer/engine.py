@@ -162,11 +162,11 @@ class SpecInferEngine:
         forwards_before = self.forward_seconds()
         self.scheduler.retire()  # rows of requests aborted since the last step
         new = self.scheduler.admit()
+        use_ssms = speculate and bool(self.ssms)
         if new:
-            self.prefill(new)
+            self.prefill(new, use_ssms)
         active = [s for s in self.scheduler.running if not s.finished and s not in new]
         if active:
-            use_ssms = speculate and bool(self.ssms)
             trees = self.speculate(active) if use_ssms else [root_only(s.tokens[-1], len(self.ssms)) for s in active]
             batch = pad_trees(trees)
             logits = self.score(active, batch)
@@ -174,8 +174,6 @@ class SpecInferEngine:
             self.stats.verify_requests += len(active)
             verdicts = self.verify(active, trees, batch, logits)
             self.commit(active, trees, verdicts, use_ssms)
-            if use_ssms:
-                self.stats.accepted_lengths.update(len(path) for path, _ in verdicts)
         self.scheduler.retire()
         self.stats.step_seconds += time.perf_counter() - start
         self.stats.forward_seconds += self.forward_seconds() - forwards_before
@@ -184,16 +182,21 @@ class SpecInferEngine:
     def forward_seconds(self) -> float:
         return self.llm.seconds + sum(r.seconds for r in self.ssms)
 
-    def prefill(self, seqs: list[Sequence]) -> None:
-        """The prompt through the LLM in one chunk per request; its last logits give the first token."""
-        logits = self.llm.forward(
-            [s.row for s in seqs], [0] * len(seqs), chain_batch([s.prompt for s in seqs]),
-            output_index=torch.tensor([len(s.prompt) - 1 for s in seqs]),
-        )
+    def prefill(self, seqs: list[Sequence], use_ssms: bool) -> None:
+        """The prompt through the LLM in one chunk per request; its last logits give the first token.
+
+        The SSMs take the prompt now too, so that later catch-up chunks stay a few tokens long (a
+        long prompt batched with the catch-up of a long-running request would exceed the cache).
+        """
+        rows, chunks = [s.row for s in seqs], chain_batch([s.prompt for s in seqs])
+        last = torch.tensor([len(s.prompt) - 1 for s in seqs])
+        logits = self.llm.forward(rows, [0] * len(seqs), chunks, output_index=last)
         self.stats.prefill_forwards += 1
+        for runner in self.ssms if use_ssms else []:
+            runner.forward(rows, [0] * len(seqs), chunks, output_index=last)
         for seq, row in zip(seqs, logits):
             seq.llm_len = len(seq.prompt)
-            seq.ssm_lens = [0] * len(self.ssms)
+            seq.ssm_lens = [len(seq.prompt) if use_ssms else 0] * len(self.ssms)
             seq.llm_steps += 1
             seq.append([self.pick(row, seq)])
 
@@ -242,3 +245,5 @@ class SpecInferEngine:
             seq.llm_steps += 1
             seq.draft_tokens += tree.size - 1
             seq.accepted_draft_tokens += min(len(path), kept)
+            if use_ssms:
+                self.stats.accepted_lengths[min(len(path), kept)] += 1

@@ -184,6 +184,7 @@ class TritonPythonModel:
 
     def fail(self, live: Live, message: str) -> None:
         self.live.pop(live.seq.request_id, None)
+        self.metrics.finished(live.seq)
         error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
         live.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
@@ -191,6 +192,6 @@ class TritonPythonModel:
         with self.cv:
             self.stopping = True
             self.cv.notify()
-        self.thread.join(timeout=30)
+        self.thread.join()  # it stops after the current iteration; only then is self.live ours
         for live in list(self.live.values()) + self.incoming:
             self.fail(live, "the model is being unloaded")

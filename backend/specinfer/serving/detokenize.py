@@ -17,12 +17,13 @@ Decode = Callable[[list[int]], str]
 def sendable(decode: Decode, context: list[int], pending: list[int]) -> int:
     """How many of ``pending`` tokens can go now: all but a trailing partial character.
 
-    A UTF-8 character has at most 4 bytes, so at most 3 tokens are held back; text that still ends
-    in U+FFFD then is invalid bytes the model produced, and goes out as it is.
+    Judged on the new text only (the context may itself end in invalid bytes). A UTF-8 character
+    has at most 4 bytes, so at most 3 tokens are held back; new text that still ends in U+FFFD then
+    is invalid bytes the model produced, and goes out as it is.
     """
     for held in range(min(3, len(pending)) + 1):
         n = len(pending) - held
-        if not decode(context + pending[:n]).endswith(REPLACEMENT):
+        if not text_delta(decode, context, pending[:n]).endswith(REPLACEMENT):
             return n
     return len(pending)
 

@@ -116,7 +116,7 @@ def repository_files(opts: RepositoryOptions) -> dict[str, str]:
         [tensor("TOKENS", "TYPE_INT32", "-1"), tensor("CONTEXT", "TYPE_INT32", "-1")]
         + [tensor(k, t, "1") for k, (_, t) in zip(POST_COUNTER_INPUTS, COUNTERS)],
         [tensor("text_output", "TYPE_STRING", "-1"), tensor("output_ids", "TYPE_INT32", "-1")]
-        + [tensor(n, t, "1") for n, t in COUNTERS], tok, instances=2)
+        + [tensor(n, t, "1") for n, t in COUNTERS], tok)  # one instance: a stream's deltas stay in order
     files = {
         "preprocessing/config.pbtxt": pre,
         "postprocessing/config.pbtxt": post,
