@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--grpc-port", type=int, default=0)
     ap.add_argument("--metrics-port", type=int, default=0)
     ap.add_argument("--tritonserver", help="a tritonserver binary to use instead of the installed one")
-    ap.add_argument("--log", help="server log file (default: next to the repository)")
+    ap.add_argument("--log", help="server log file (default: tritonserver-PORT.log in the temp directory)")
     ap.add_argument("--prepare", action="store_true",
                     help="only prepare the Python backend and check that tritonserver and perf_analyzer run")
     args = ap.parse_args()

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -121,7 +122,7 @@ def start_server(
         cmd = [str(pytriton_root() / "tritonserver" / "bin" / "tritonserver"), f"--backend-directory={prepare_backends()}"]
     cmd += [f"--model-repository={repo}", f"--http-port={ports[0]}", f"--grpc-port={ports[1]}",
             f"--metrics-port={ports[2]}", "--allow-metrics=true", "--allow-cpu-metrics=true", *extra_args]
-    log = Path(log_path) if log_path else repo.parent / f"tritonserver-{ports[0]}.log"
+    log = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"tritonserver-{ports[0]}.log"
     start = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env())
