@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 from specinfer.serving.launcher import server_env, start_server
@@ -23,27 +22,22 @@ PROMPTS = ["def main():\n    ", "import os\nimport sys\n", "class Config(object)
            "    return self.", "if __name__ == '__main__':\n", "# Copyright", "with open(path) as f:\n"]
 
 
-def counters(metrics_port: int, model: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=10) as resp:
-        lines = resp.read().decode().splitlines()
-    out = {}
-    for line in lines:
-        if line.startswith("specinfer_") and f'model="{model}"' in line and "{" in line:
-            out[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
-    return out
+def counters(server, model: str) -> dict[str, float]:
+    """One model's ``specinfer_*`` counters by name."""
+    return {key.split("{")[0]: value for key, value in server.metrics().items() if key.endswith(f'{{model="{model}"}}')}
 
 
 def run_perf(server, model: str, concurrency: int, data: Path, interval_ms: int) -> dict:
     report = data.parent / f"{model}-{concurrency}.csv"
     decoder = f"{model}_llm"
-    before = counters(server.metrics_port, decoder)
+    before = counters(server, decoder)
     cmd = [str(Path(sys.executable).parent / "perf_analyzer"), "-m", model, "-u", server.grpc_url, "-i", "grpc",
            "--streaming", "--input-data", str(data), "--concurrency-range", f"{concurrency}:{concurrency}",
            "-p", str(interval_ms), "-s", "25", "-r", "6", "--percentile", "50", "-f", str(report)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=server_env())
     if run.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed:\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
-    after = counters(server.metrics_port, decoder)
+    after = counters(server, decoder)
     row = next(csv.DictReader(report.open()))
     tokens = after["specinfer_output_tokens"] - before["specinfer_output_tokens"]
     requests = after["specinfer_requests_finished"] - before["specinfer_requests_finished"]

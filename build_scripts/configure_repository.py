@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from specinfer import TreeConfig
+from specinfer.config import parse_expansion
 from specinfer.checkpoint import read_model_args
 from specinfer.serving.repository import RepositoryOptions, write_repository
 
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--draft-sampling", default="with_replacement", choices=["with_replacement", "without_replacement"])
     ap.add_argument("--verifier", default="mss", choices=["mss", "naive"])
     args = ap.parse_args()
-    expansion = tuple(int(k) for k in args.expansion.split(","))
+    expansion = parse_expansion(args.expansion)
     TreeConfig(expansion=expansion).check_size(max(1, len(args.ssm)))  # fail here, not at server start
     llm = Path(args.llm).resolve()
     vocab = read_model_args(llm).vocab_size

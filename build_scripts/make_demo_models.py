@@ -167,7 +167,6 @@ def main() -> None:
     if not args.force and (root / "models.json").is_file() and all((root / n / "config.json").is_file() for n in ARCH):
         log(f"demo models already in {root}")
         return
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     begin = time.monotonic()
     train_files, held_files = corpus_files()
     log(f"corpus: {len(train_files)} train files, {len(held_files)} held-out files")

@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
 
 from specinfer.serving.detokenize import sendable, text_delta
-from specinfer.serving.repository import RepositoryOptions, repository_files
+from specinfer.serving.repository import RepositoryOptions, repository_files, repository_path
 from specinfer.serving.requests import (decode_prompt, decode_stop_ids, encode_stop_words,
                                         sampling_from_inputs)
 
@@ -105,3 +105,9 @@ def test_checked_in_repository_is_what_the_generator_writes():
     on_disk = {str(p.relative_to(ROOT / "model_repository")) for p in (ROOT / "model_repository").rglob("*")
                if p.is_file() and "__pycache__" not in p.parts}
     assert on_disk == set(repository_files(RepositoryOptions()))
+
+
+def test_repository_paths_are_relative_to_the_repository(tmp_path):
+    model_dir = tmp_path / "repo" / "specinfer_llm"
+    assert repository_path("../engines/demo/llm", model_dir) == (tmp_path / "engines" / "demo" / "llm").resolve()
+    assert repository_path("/abs/llm", model_dir) == Path("/abs/llm")

@@ -116,3 +116,11 @@ def test_expansion_sizes_and_limits():
         TreeConfig(draft_sampling="sometimes")
     with pytest.raises(ValueError, match="verifier"):
         TreeConfig(verifier="optimistic")
+
+
+def test_expansion_text_parses_or_names_the_problem():
+    from specinfer.config import parse_expansion
+
+    assert parse_expansion("1,1,3,1") == (1, 1, 3, 1)
+    with pytest.raises(ValueError, match="comma-separated integers such as 1,1,3,1, got '1,x'"):
+        parse_expansion("1,x")

@@ -78,17 +78,6 @@ def stream_events(server, model: str, body: dict) -> list[dict]:
     return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
 
 
-def metrics(server) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://localhost:{server.metrics_port}/metrics", timeout=10) as resp:
-        lines = resp.read().decode().splitlines()
-    out = {}
-    for line in lines:
-        if line.startswith("specinfer_"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
-
-
 def ids(result: dict) -> list[int]:
     value = result["output_ids"]
     return value if isinstance(value, list) else [value]
@@ -168,7 +157,7 @@ def test_grpc_streaming_equals_incremental_engine(served):
 
 def test_concurrent_requests_share_verification_batches(served):
     server, engine = served
-    before = metrics(server)
+    before = server.metrics()
     jobs = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 8 + 3 * i) for i in range(2 * MAX_BATCH)]
     results: dict[int, tuple[int, dict]] = {}
 
@@ -184,7 +173,7 @@ def test_concurrent_requests_share_verification_batches(served):
         status, out = results[i]
         assert status == 200, out
         assert ids(out) == expected(engine, prompt, n), f"request {i}"
-    after = metrics(server)
+    after = server.metrics()
     key = '{model="specinfer_llm"}'
     forwards = after["specinfer_llm_forwards" + key] - before["specinfer_llm_forwards" + key]
     verified = after["specinfer_llm_forward_requests" + key] - before["specinfer_llm_forward_requests" + key]
@@ -205,11 +194,11 @@ def test_cancelled_stream_frees_its_slot(served):
     model running inside an ensemble (README, "Limits"), so through ``specinfer`` it runs to the end."""
     server, engine = served
     key = '{model="specinfer_llm"}'
-    cancelled = metrics(server)["specinfer_requests_cancelled" + key]
+    cancelled = server.metrics()["specinfer_requests_cancelled" + key]
     chunks = grpc_stream(server, engine.encode(PROMPTS[0]), 3000, cancel_after=2, model="specinfer_llm")
     assert len(chunks) == 2
-    assert wait_for(lambda: metrics(server)["specinfer_requests_cancelled" + key] == cancelled + 1)
-    assert wait_for(lambda: metrics(server)["specinfer_running_requests" + key] == 0)
+    assert wait_for(lambda: server.metrics()["specinfer_requests_cancelled" + key] == cancelled + 1)
+    assert wait_for(lambda: server.metrics()["specinfer_running_requests" + key] == 0)
     results = {}
 
     def run(i: int) -> None:
@@ -220,7 +209,7 @@ def test_cancelled_stream_frees_its_slot(served):
         t.start()
     peak = 0
     while any(t.is_alive() for t in threads):
-        peak = max(peak, metrics(server)["specinfer_running_requests" + key])
+        peak = max(peak, server.metrics()["specinfer_running_requests" + key])
         time.sleep(0.05)
     assert all(results[i][0] == 200 and ids(results[i][1]) == expected(engine, PROMPTS[i], 30) for i in results)
     assert peak == MAX_BATCH  # every row was free again
@@ -279,9 +268,9 @@ def test_grpc_bad_requests_name_the_field(served):
 def test_metrics_grow_by_the_served_amounts(served):
     server, _ = served
     key = '{model="specinfer_llm"}'
-    before = metrics(server)
+    before = server.metrics()
     outs = [post(server, "/v2/models/specinfer/generate", {"text_input": p, "max_tokens": 14})[1] for p in PROMPTS[:4]]
-    after = metrics(server)
+    after = server.metrics()
     for metric, field in [("specinfer_output_tokens", "num_output_tokens"), ("specinfer_llm_steps", "num_llm_steps"),
                           ("specinfer_draft_tokens", "total_draft_tokens"),
                           ("specinfer_accepted_draft_tokens", "total_accepted_draft_tokens")]:

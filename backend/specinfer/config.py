@@ -49,6 +49,14 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def parse_expansion(text: str) -> tuple[int, ...]:
+    """``"1,1,3,1"`` (command lines, config.pbtxt parameters) as an expansion tuple."""
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise ValueError(f"expansion must be comma-separated integers such as 1,1,3,1, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class TreeConfig:
     """Shape of the speculated token tree and how stochastic decoding drafts and verifies it.

@@ -41,10 +41,6 @@ class EngineStats:
     step_seconds: float = 0.0  # wall time in step()
     forward_seconds: float = 0.0  # of which inside model forwards (LLM and SSMs)
 
-    @property
-    def requests_per_forward(self) -> float:
-        return self.verify_requests / self.verify_forwards if self.verify_forwards else 0.0
-
 
 @dataclass
 class GenerationResult:

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..config import TreeConfig
+from ..config import TreeConfig, parse_expansion
 from ..engine import SpecInferEngine
 from ..sequence import Sequence
 from .detokenize import sendable
 from .metrics import ServingMetrics
+from .repository import repository_path
 from .requests import sampling_from_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -40,20 +41,17 @@ class Live:
 
 def engine_from_parameters(params: dict[str, str], model_dir: Path) -> tuple[SpecInferEngine, bool]:
     """Build the engine from config.pbtxt parameters; relative paths are relative to the repository."""
-    def path(p: str) -> Path:
-        return p if Path(p).is_absolute() else (model_dir.parent / p).resolve()
-
-    ssms = [path(s) for s in params.get("ssms", "").split(",") if s.strip()]
+    ssms = [repository_path(s, model_dir) for s in params.get("ssms", "").split(",") if s.strip()]
     speculate = params.get("speculate", "true").lower() == "true"
     tree = TreeConfig(
-        expansion=tuple(int(k) for k in params.get("expansion", "1,1,3,1,1,1,1,1").split(",")),
+        expansion=parse_expansion(params.get("expansion", "1,1,3,1,1,1,1,1")),
         max_tree_tokens=int(params.get("max_tree_tokens", 128)),
         draft_sampling=params.get("draft_sampling", "with_replacement"),
         verifier=params.get("verifier", "mss"),
     )
     max_context = int(params["max_context"]) if params.get("max_context") else None
     engine = SpecInferEngine.from_pretrained(
-        path(params["llm"]), ssms if speculate else [], tree=tree, device=params.get("device", "cpu"),
+        repository_path(params["llm"], model_dir), ssms if speculate else [], tree=tree, device=params.get("device", "cpu"),
         dtype=params.get("dtype", "float32"), max_batch_size=int(params.get("max_batch_size", 16)),
         max_context=max_context,
     )
@@ -183,8 +181,7 @@ class TritonPythonModel:
         self.metrics.finished(live.seq)
 
     def fail(self, live: Live, message: str) -> None:
-        self.live.pop(live.seq.request_id, None)
-        self.metrics.finished(live.seq)
+        self.finish(live)
         error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
         live.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 

@@ -34,6 +34,10 @@ def pytriton_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def tritonserver_binary() -> Path:
+    return pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+
+
 def prepare_backends() -> Path:
     """A backend directory whose Python backend stub matches this interpreter (idempotent)."""
     root = pytriton_root() / "tritonserver"
@@ -64,7 +68,7 @@ def server_env() -> dict[str, str]:
 def check_tools() -> list[str]:
     """Run ``tritonserver --help`` and ``perf_analyzer --version``: both must load and answer."""
     found = []
-    for cmd, expect in (([str(pytriton_root() / "tritonserver" / "bin" / "tritonserver"), "--help"], "Usage: tritonserver"),
+    for cmd, expect in (([str(tritonserver_binary()), "--help"], "Usage: tritonserver"),
                         ([str(Path(sys.executable).parent / "perf_analyzer"), "--version"], "Perf Analyzer Version")):
         run = subprocess.run(cmd, capture_output=True, text=True, env=server_env())
         output = run.stdout + run.stderr
@@ -91,6 +95,13 @@ class Server:
     @property
     def grpc_url(self) -> str:
         return f"localhost:{self.grpc_port}"
+
+    def metrics(self) -> dict[str, float]:
+        """The server's ``specinfer_*`` samples, keyed as Prometheus prints them: ``name{labels}``."""
+        with urllib.request.urlopen(f"http://localhost:{self.metrics_port}/metrics", timeout=10) as resp:
+            lines = resp.read().decode().splitlines()
+        samples = (line.rsplit(" ", 1) for line in lines if line.startswith("specinfer_"))
+        return {key: float(value) for key, value in samples}
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -119,7 +130,7 @@ def start_server(
     if tritonserver:
         cmd = [tritonserver]
     else:
-        cmd = [str(pytriton_root() / "tritonserver" / "bin" / "tritonserver"), f"--backend-directory={prepare_backends()}"]
+        cmd = [str(tritonserver_binary()), f"--backend-directory={prepare_backends()}"]
     cmd += [f"--model-repository={repo}", f"--http-port={ports[0]}", f"--grpc-port={ports[1]}",
             f"--metrics-port={ports[2]}", "--allow-metrics=true", "--allow-cpu-metrics=true", *extra_args]
     log = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"tritonserver-{ports[0]}.log"

@@ -8,14 +8,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..tokenizer import TextTokenizer
+from .repository import repository_path
 from .requests import decode_prompt, encode_stop_words
 
 
 def load_tokenizer(args: dict) -> TextTokenizer:
     config = json.loads(args["model_config"])
-    folder = Path(config["parameters"]["tokenizer_dir"]["string_value"])
-    if not folder.is_absolute():
-        folder = (Path(args["model_repository"]).parent / folder).resolve()
+    folder = repository_path(config["parameters"]["tokenizer_dir"]["string_value"], Path(args["model_repository"]))
     tokenizer = TextTokenizer.from_folder(folder)
     if tokenizer is None:
         raise pb_utils.TritonModelException(f"no tokenizer.json in {folder}")

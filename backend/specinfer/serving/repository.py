@@ -36,6 +36,12 @@ class RepositoryOptions:
     verifier: str = "mss"
 
 
+def repository_path(value: str, model_dir: Path) -> Path:
+    """A path from a model's parameters: absolute, or relative to the repository (the model folder's parent)."""
+    path = Path(value)
+    return path if path.is_absolute() else (model_dir.parent / path).resolve()
+
+
 def tensor(name: str, dtype: str, dims: str, optional: bool = False) -> str:
     opt = " optional: true" if optional else ""
     return f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims} ]{opt} }}'
