@@ -54,7 +54,7 @@ class Bench:
     def __init__(self, models: Path, device: str, dtype: str, prompts: list[str], max_tokens: int) -> None:
         load = lambda n: Transformer.from_pretrained(models / n, device=device, dtype=DTYPES[dtype])  # noqa: E731
         self.llm, self.ssms = load("llm"), {"ssm-a": load("ssm-a"), "ssm-b": load("ssm-b")}
-        self.tokenizer = TextTokenizer.from_folder(models / "llm")
+        self.tokenizer = TextTokenizer.from_checkpoint(models / "llm")
         self.device, self.dtype = device, dtype
         self.prompts = [self.tokenizer.encode(p) for p in prompts]
         self.max_tokens = max_tokens

@@ -1,4 +1,5 @@
-"""Hugging Face Llama-family checkpoints: ``config.json`` plus ``*.safetensors`` (sharded or not)."""
+"""Llama-family checkpoints: a Hugging Face folder (``config.json`` + ``*.safetensors``, sharded or not)
+or a single llama ``.gguf`` file (see ``gguf_checkpoint``)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from .gguf_checkpoint import is_gguf, read_gguf, read_gguf_config
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -69,6 +72,8 @@ class ModelArgs:
 
 
 def read_model_args(folder: str | Path) -> ModelArgs:
+    if is_gguf(folder):
+        return ModelArgs.from_config(read_gguf_config(folder), source=str(folder))
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"checkpoint folder {str(folder)!r} does not exist")
@@ -99,3 +104,11 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{index}: names shard {name!r}, which is missing")
         state.update(load_file(str(path)))
     return state
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Hyper-parameters and tensors (Hugging Face names) of a checkpoint folder or ``.gguf`` file."""
+    if is_gguf(path):
+        ckpt = read_gguf(path)
+        return ModelArgs.from_config(ckpt.config, source=str(path)), ckpt.state
+    return read_model_args(path), read_state_dict(path)

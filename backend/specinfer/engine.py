@@ -93,7 +93,7 @@ class SpecInferEngine:
     ) -> "SpecInferEngine":
         config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree)
         load = lambda folder: Transformer.from_pretrained(folder, device=device, dtype=DTYPES[dtype])  # noqa: E731
-        return cls(load(llm), [load(s) for s in ssms], config, TextTokenizer.from_folder(llm))
+        return cls(load(llm), [load(s) for s in ssms], config, TextTokenizer.from_checkpoint(llm))
 
     # ----- requests -------------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:

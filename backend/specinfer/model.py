@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import ModelArgs, read_model_args, read_state_dict
+from .checkpoint import ModelArgs, read_checkpoint
 from .kv_cache import KVCache
 
 
@@ -130,10 +130,10 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "Transformer":
-        args = read_model_args(folder)
+        args, state = read_checkpoint(folder)
         with torch.device("meta"):
             model = cls(args)
-        state = {k: v for k, v in read_state_dict(folder).items() if not k.endswith("rotary_emb.inv_freq")}
+        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
         expected = set(model.state_dict())
         if args.tie_word_embeddings:
             state.pop("lm_head.weight", None)

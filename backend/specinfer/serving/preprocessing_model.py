@@ -15,7 +15,7 @@ from .requests import decode_prompt, encode_stop_words
 def load_tokenizer(args: dict) -> TextTokenizer:
     config = json.loads(args["model_config"])
     folder = repository_path(config["parameters"]["tokenizer_dir"]["string_value"], Path(args["model_repository"]))
-    tokenizer = TextTokenizer.from_folder(folder)
+    tokenizer = TextTokenizer.from_checkpoint(folder)
     if tokenizer is None:
         raise pb_utils.TritonModelException(f"no tokenizer.json in {folder}")
     return tokenizer
