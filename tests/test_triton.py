@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
 import threading
@@ -82,8 +83,8 @@ def test_concurrent_requests_share_verification_batches(served):
 
 
 def test_cancelled_stream_frees_its_slot(served):
-    """Cancelled on the decoding model itself: Triton 2.51 does not pass a cancellation on to the
-    model running inside an ensemble (README, "Limits"), so through ``specinfer`` it runs to the end."""
+    """Cancelled on the decoding model itself (through the ensemble Triton 2.51 does not pass a
+    cancellation on: clients that cancel use ``specinfer_bls``, see test_faults.py)."""
     server, engine, _ = served
     key = '{model="specinfer_llm"}'
     cancelled = server.metrics()["specinfer_requests_cancelled" + key]
@@ -153,7 +154,7 @@ def test_grpc_bad_requests_name_the_field(served):
     empty = grpcclient.InferInput("text_input", [1], "BYTES")
     empty.set_data_from_numpy(np.array([b""], dtype=np.object_))
     with pytest.raises(Exception) as exc:
-        client.infer("preprocessing", [empty])
+        client.infer("preprocessing", [empty, max_tokens])
     assert "INVALID_ARGUMENT" in str(exc.value.status()) and "text_input is empty" in exc.value.message()
 
 
