@@ -73,11 +73,15 @@ class TritonPythonModel:
     def serve(self, job: Job, inputs: dict[str, np.ndarray]) -> None:
         try:
             self.run(job, inputs)
-        except StepFailed as exc:
-            job.sender.send(pb_utils.InferenceResponse(error=exc.error), flags=FINAL)
-        except Exception:
-            pb_utils.Logger.log_error(traceback.format_exc())
-            error = pb_utils.TritonError("internal error in the BLS model; see the server log", pb_utils.TritonError.INTERNAL)
+        except Exception as exc:
+            if isinstance(exc, StepFailed):
+                error = exc.error
+            else:
+                pb_utils.Logger.log_error(traceback.format_exc())
+                error = pb_utils.TritonError("internal error in the BLS model; see the server log",
+                                             pb_utils.TritonError.INTERNAL)
+            if job.decoding:  # e.g. postprocessing failed mid-stream: nobody would read the rest
+                self.stop(job)
             job.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
         finally:
             with self.lock:
@@ -108,16 +112,22 @@ class TritonPythonModel:
         return outputs(request.exec())
 
     def stop_if_cancelled(self, job: Job) -> None:
-        if job.stopped or not job.decoding or not job.sender.is_cancelled():
-            return
+        if not job.stopped and job.decoding and job.sender.is_cancelled():
+            self.stop(job)
+
+    def stop(self, job: Job) -> None:
+        """Have the decoding model drop this job's request (once; errors are logged, not raised)."""
         with self.lock:  # the watcher and the job's thread may both get here
             if job.stopped:
                 return
             job.stopped = True
-        stop = pb_utils.InferenceRequest(model_name=self.decoder, inputs=tensors({"stop": np.array([True])}),
-                                         requested_output_names=[], request_id=job.id)
-        for _ in stop.exec(decoupled=True):
-            pass
+        try:
+            stop = pb_utils.InferenceRequest(model_name=self.decoder, inputs=tensors({"stop": np.array([True])}),
+                                             requested_output_names=[], request_id=job.id)
+            for _ in stop.exec(decoupled=True):
+                pass
+        except Exception:  # e.g. the server is shutting down, which ends the request anyway
+            pb_utils.Logger.log_error(traceback.format_exc())
 
     def watch(self) -> None:
         while not self.closing.wait(WATCH_SECONDS):
@@ -126,7 +136,7 @@ class TritonPythonModel:
             for job in jobs:
                 try:
                     self.stop_if_cancelled(job)
-                except Exception:
+                except Exception:  # a sender that can no longer be asked: the watcher goes on
                     pb_utils.Logger.log_error(traceback.format_exc())
 
     def finalize(self) -> None:
