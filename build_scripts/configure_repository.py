@@ -15,6 +15,7 @@ from specinfer import TreeConfig
 from specinfer.config import parse_expansion
 from specinfer.checkpoint import read_model_args
 from specinfer.serving.repository import RepositoryOptions, write_repository
+from specinfer.serving.requests import Limits
 
 
 def main() -> None:
@@ -29,6 +30,12 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=0, help="tokens per request (0: the LLM's maximum)")
     ap.add_argument("--draft-sampling", default="with_replacement", choices=["with_replacement", "without_replacement"])
     ap.add_argument("--verifier", default="mss", choices=["mss", "naive"])
+    ap.add_argument("--bls-name", default="specinfer_bls",
+                    help="name of the BLS model (tensorrt_llm_bls is the name TensorRT-LLM's clients know)")
+    limits = Limits()
+    ap.add_argument("--max-prompt-bytes", type=int, default=limits.max_prompt_bytes, help="larger text_input: 400")
+    ap.add_argument("--max-stop-words", type=int, default=limits.max_stop_words, help="more stop_words: 400")
+    ap.add_argument("--max-stop-word-bytes", type=int, default=limits.max_stop_word_bytes, help="a longer stop word: 400")
     args = ap.parse_args()
     expansion = parse_expansion(args.expansion)
     TreeConfig(expansion=expansion).check_size(max(1, len(args.ssm)))  # fail here, not at server start
@@ -42,10 +49,11 @@ def main() -> None:
     opts = RepositoryOptions(
         llm=str(llm), ssms=tuple(str(Path(s).resolve()) for s in args.ssm), expansion=expansion,
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_context=args.max_context,
-        draft_sampling=args.draft_sampling, verifier=args.verifier,
+        draft_sampling=args.draft_sampling, verifier=args.verifier, bls_name=args.bls_name,
+        limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )
     out = write_repository(args.output, opts)
-    print(f"wrote a model repository to {out}: models specinfer, incremental (ensembles), "
+    print(f"wrote a model repository to {out}: models specinfer, incremental (ensembles), {args.bls_name} (BLS), "
           "preprocessing, specinfer_llm, incremental_llm, postprocessing")
 
 

@@ -3,6 +3,8 @@
   python build_scripts/launch_server.py --model-repository DIR --http-port N --grpc-port N --metrics-port N
 
 Ports default to free ones. --prepare only readies the Python backend for this interpreter (set-up).
+SIGINT or SIGTERM stops the server within 10 s (SIGKILL after a grace period, see launcher.Server.stop),
+also during start-up; clients still connected then get an error.
 """
 from __future__ import annotations
 
@@ -29,22 +31,32 @@ def main() -> None:
         for line in check_tools():
             print(f"[server] {line}")
         return
-    server = start_server(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
-                          tritonserver=args.tritonserver, log_path=args.log)
-    print(f"[server] ready in {server.started_s:.1f} s: HTTP {server.http_url}  gRPC {server.grpc_url}  "
-          f"metrics http://localhost:{server.metrics_port}/metrics  (log {server.log_path}); Ctrl-C stops it",
-          flush=True)
 
-    def stop(signum, _frame):
-        code = server.stop()
-        print(f"[server] stopped (signal {signum}, tritonserver exit code {code})", flush=True)
-        sys.exit(0)
+    def stop(signum, _frame):  # only raise: the main thread may be inside Popen.wait, which holds a lock
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stop(signum)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    code = server.process.wait()
+    server = None
+    try:  # a signal during start-up stops the half-started server too (start_server cleans up)
+        server = start_server(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
+                              tritonserver=args.tritonserver, log_path=args.log)
+        print(f"[server] ready in {server.started_s:.1f} s: HTTP {server.http_url}  gRPC {server.grpc_url}  "
+              f"metrics http://localhost:{server.metrics_port}/metrics  (log {server.log_path}); Ctrl-C stops it",
+              flush=True)
+        code = server.process.wait()
+    except Stop as sig:
+        state = f"tritonserver exit code {server.stop()}" if server else "during start-up"
+        print(f"[server] stopped (signal {sig.args[0]}, {state})", flush=True)
+        sys.exit(0)
     print(f"[server] tritonserver exited with code {code}; log {server.log_path}")
     sys.exit(code or 1)
+
+
+class Stop(Exception):
+    """SIGINT or SIGTERM reached the launcher."""
 
 
 if __name__ == "__main__":

@@ -51,3 +51,11 @@ def prompts(n: int, seed: int = 0, vocab: int = VOCAB, lo: int = 1, hi: int = 12
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """One real tritonserver for every test that needs one: (server, reference engine, repository)."""
+    from served import serve
+
+    yield from serve(tmp_path_factory.mktemp("served"))

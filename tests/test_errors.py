@@ -41,11 +41,56 @@ def test_max_tokens_past_the_context(engine):
     (dict(top_p=0.0), "top_p must be in \\(0, 1\\]"),
     (dict(top_p=1.5), "top_p must be in \\(0, 1\\]"),
     (dict(top_k=-1), "top_k must be an integer >= 0"),
-    (dict(seed=-3), "seed must be a non-negative integer"),
+    (dict(seed=-3), "seed must be an integer in \\[0, 2\\*\\*64\\)"),
+    (dict(seed=2**64), "seed must be an integer in"),
+    (dict(top_p=float("nan")), "top_p must be in"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-40, 5e-324])
+def test_tiny_temperature_decodes_greedily_among_other_requests(engine, temperature):
+    """Logits / 1e-40 overflow to inf: such a request must neither raise nor disturb its batch."""
+    prompts, greedy = [[3, 4, 5], [6, 7], [8]], SamplingParams(max_tokens=12)
+    want = engine.generate(prompts, greedy)
+    params = [greedy, SamplingParams(max_tokens=12, temperature=temperature, seed=1), SamplingParams(max_tokens=12)]
+    got = engine.generate(prompts, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert not engine.scheduler.has_work()
+
+
+def test_a_request_failing_inside_a_step_fails_alone(engine, monkeypatch):
+    """Verification raising for one request fails that request only; its row is freed, the others
+    finish with their own output, and the engine serves later calls."""
+    prompts = [[3, 4, 5], [6, 7], [8, 9]]
+    params = [SamplingParams(max_tokens=10, temperature=0.8, seed=s) for s in range(3)]
+    want = engine.generate(prompts, params)
+    import specinfer.engine as engine_module
+    real = engine_module.mss_verify
+
+    def flaky(tree, p, generator, **kw):
+        if doomed[0] in (generator, "every request"):
+            raise FloatingPointError("probabilities are not finite")
+        return real(tree, p, generator, **kw)
+
+    monkeypatch.setattr(engine_module, "mss_verify", flaky)
+    seqs = [engine.new_sequence(p, sp) for p, sp in zip(prompts, params)]
+    doomed = [seqs[1].generator]
+    for seq in seqs:
+        engine.add(seq)
+    while engine.scheduler.has_work():
+        engine.step()
+    assert seqs[1].finish_reason == "error" and "FloatingPointError" in seqs[1].error
+    assert [seqs[0].output, seqs[2].output] == [want[0].token_ids, want[2].token_ids]
+    assert len(engine.scheduler.free_rows) == engine.config.max_batch_size
+    doomed[0] = "every request"  # through generate(): a RuntimeError naming it, the engine still usable
+    with pytest.raises(RuntimeError, match="1 of 1 requests failed, the first with FloatingPointError"):
+        engine.generate([[3, 4]], SamplingParams(max_tokens=30, temperature=0.8, seed=0))
+    assert not engine.scheduler.has_work()
+    monkeypatch.undo()
+    assert engine.generate([prompts[0]], params[0])[0].token_ids == want[0].token_ids
 
 
 def test_mismatched_sampling_list(engine):

@@ -9,10 +9,11 @@ from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
 
 from specinfer.serving.detokenize import sendable, text_delta
 from specinfer.serving.repository import RepositoryOptions, repository_files, repository_path
-from specinfer.serving.requests import (decode_prompt, decode_stop_ids, encode_stop_words,
+from specinfer.serving.requests import (Limits, decode_prompt, decode_stop_ids, encode_stop_words, require,
                                         sampling_from_inputs)
 
 ROOT = Path(__file__).resolve().parents[1]
+LIMITS = Limits()
 
 
 @pytest.fixture(scope="module")
@@ -66,37 +67,61 @@ def test_invalid_bytes_are_not_held_back_forever(byte_tokenizer):
 
 
 def test_sampling_from_inputs_defaults_and_values():
-    params, stream = sampling_from_inputs({"max_tokens": np.array([7], np.int32)})
+    params, stream = sampling_from_inputs({"max_tokens": np.array([7], np.int32)}, LIMITS)
     assert (params.max_tokens, params.temperature, params.top_k, params.top_p, params.seed, stream) == (7, 0.0, 0, 1.0, None, False)
     params, stream = sampling_from_inputs({
         "max_tokens": np.array([5], np.int32), "temperature": np.array([0.7], np.float32),
         "top_k": np.array([4], np.int32), "top_p": np.array([0.9], np.float32), "random_seed": np.array([9], np.uint64),
-        "end_id": np.array([2], np.int32), "stream": np.array([True]), "stop_ids": np.array([4, 5, -1, 6, -1], np.int32)})
+        "end_id": np.array([2], np.int32), "stream": np.array([True]), "stop_ids": np.array([4, 5, -1, 6, -1], np.int32)}, LIMITS)
     assert params.top_k == 4 and params.seed == 9 and params.end_id == 2 and stream
     assert abs(params.temperature - 0.7) < 1e-6 and abs(params.top_p - 0.9) < 1e-6
     assert params.stop_sequences == ((4, 5), (6,))
 
 
 @pytest.mark.parametrize("inputs, message", [
-    ({}, "max_tokens is required"),
+    ({}, "missing required input\\(s\\) \\['max_tokens'\\]"),
+    ({"max_tokens": np.array([3], np.int32), "stop_ids": np.zeros(64 * 257 + 1, np.int32)}, "stop_ids has 16449 values"),
     ({"max_tokens": np.array([1, 2], np.int32)}, "max_tokens must hold exactly one value"),
     ({"max_tokens": np.array([3], np.int32), "top_p": np.array([0.0], np.float32)}, "top_p must be in"),
 ])
 def test_sampling_from_inputs_errors(inputs, message):
     with pytest.raises(ValueError, match=message):
-        sampling_from_inputs(inputs)
+        sampling_from_inputs(inputs, LIMITS)
 
 
 def test_prompt_and_stop_word_errors():
-    assert decode_prompt(np.array(["é".encode()], dtype=np.object_)) == "é"
+    assert decode_prompt(np.array(["é".encode()], dtype=np.object_), LIMITS) == "é"
     with pytest.raises(ValueError, match="not valid UTF-8"):
-        decode_prompt(np.array([b"\xff"], dtype=np.object_))
+        decode_prompt(np.array([b"\xff"], dtype=np.object_), LIMITS)
     with pytest.raises(ValueError, match="text_input is empty"):
-        decode_prompt(np.array([b""], dtype=np.object_))
-    flat = encode_stop_words(np.array([b"ab", b"c"], dtype=np.object_), lambda s: [ord(ch) for ch in s])
-    assert flat.tolist() == [97, 98, -1, 99, -1] and decode_stop_ids(flat) == ((97, 98), (99,))
+        decode_prompt(np.array([b""], dtype=np.object_), LIMITS)
+    flat = encode_stop_words(np.array([b"ab", b"c"], dtype=np.object_), lambda s: [ord(ch) for ch in s], LIMITS)
+    assert flat.tolist() == [97, 98, -1, 99, -1] and decode_stop_ids(flat, LIMITS) == ((97, 98), (99,))
     with pytest.raises(ValueError, match="empty string"):
-        encode_stop_words(np.array([b""], dtype=np.object_), lambda s: [1])
+        encode_stop_words(np.array([b""], dtype=np.object_), lambda s: [1], LIMITS)
+
+
+def test_limits_are_checked_before_any_tokenisation():
+    small = Limits(max_prompt_bytes=4, max_stop_words=2, max_stop_word_bytes=3)
+    assert Limits.from_parameters(small.parameters()) == small
+    assert Limits.from_parameters({"max_stop_words": "9", "tokenizer_dir": "x"}) == Limits(max_stop_words=9)
+    assert decode_prompt(np.array([b"abcd"], dtype=np.object_), small) == "abcd"
+    with pytest.raises(ValueError, match="text_input has 5 bytes, more than the limit max_prompt_bytes=4"):
+        decode_prompt(np.array([b"abcde"], dtype=np.object_), small)
+
+    def never(_: str) -> list[int]:
+        raise AssertionError("tokenised a request past its limits")
+
+    with pytest.raises(ValueError, match="stop_words has 3 words, more than the limit max_stop_words=2"):
+        encode_stop_words(np.array([b"a", b"b", b"c"], dtype=np.object_), never, small)
+    with pytest.raises(ValueError, match="a word of 4 bytes, more than the limit max_stop_word_bytes=3"):
+        encode_stop_words(np.array([b"a", "éé".encode()], dtype=np.object_), never, small)
+
+
+def test_required_inputs_are_checked_by_name():
+    require({"text_input": np.array([b"x"]), "max_tokens": np.array([1])}, ["text_input", "max_tokens"])
+    with pytest.raises(ValueError, match="missing required input\\(s\\) \\['max_tokens'\\]"):
+        require({"text_input": np.array([b"x"]), "temperature": np.array([0.5])}, ["text_input", "max_tokens"])
 
 
 def test_checked_in_repository_is_what_the_generator_writes():

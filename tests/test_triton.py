@@ -1,4 +1,4 @@
-"""The model repository served by a real tritonserver, started on free ports by this module."""
+"""The model repository served by a real tritonserver (the session's shared server, conftest.py)."""
 from __future__ import annotations
 
 import json
@@ -7,116 +7,18 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
 
-from conftest import make_llama
-from specinfer import SamplingParams, SpecInferEngine
-from specinfer.serving.launcher import server_env, start_server
-
-ROOT = Path(__file__).resolve().parents[1]
-MAX_BATCH = 8
-PROMPTS = ["def main():", "import os\n", "class Foo(object):\n    ", "for i in range(10):", "x = [1, 2, 3]",
-           "return None", "# comment: é ü 日本", "while True:\n"]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """Tiny LLM + tokenizer + two SSMs, a repository from configure_repository.py, a running server."""
-    root = tmp_path_factory.mktemp("served")
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py"))] + ["é ü 日本語 🙂"] * 3
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    vocab = tok.get_vocab_size()
-    llm = make_llama(root / "llm", seed=60, vocab=vocab, max_position_embeddings=4096)
-    tok.save(str(llm / "tokenizer.json"))
-    ssms = [make_llama(root / "ssm-close", seed=61, noise_from=llm, noise=0.25),
-            make_llama(root / "ssm-other", seed=62, vocab=vocab, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)]
-    repo = root / "repo"
-    subprocess.run([sys.executable, str(ROOT / "build_scripts" / "configure_repository.py"), "--llm", str(llm),
-                    "--ssm", str(ssms[0]), "--ssm", str(ssms[1]), "--expansion", "1,2,1", "--output", str(repo),
-                    "--max-batch-size", str(MAX_BATCH)], check=True)
-    server = start_server(repo, log_path=root / "server.log")
-    engine = SpecInferEngine.from_pretrained(llm)
-    yield server, engine
-    code = server.stop()
-    log = server.log_path.read_text()
-    assert code == 0, log[-3000:]
-    assert "successfully unloaded" in log and "specinfer_llm" in log
-
-
-def expected(engine: SpecInferEngine, prompt: str, max_tokens: int) -> list[int]:
-    params = SamplingParams(max_tokens=max_tokens)
-    return engine.generate([prompt], params, speculate=False)[0].token_ids
-
-
-def post(server, path: str, body: dict | bytes) -> tuple[int, dict | str]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://{server.http_url}{path}", data=data, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            text = resp.read().decode()
-            return resp.status, (json.loads(text) if path.endswith("/generate") else text)
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read().decode())
-
-
-def stream_events(server, model: str, body: dict) -> list[dict]:
-    status, text = post(server, f"/v2/models/{model}/generate_stream", {**body, "stream": True})
-    assert status == 200, text
-    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
-
-
-def ids(result: dict) -> list[int]:
-    value = result["output_ids"]
-    return value if isinstance(value, list) else [value]
-
-
-def grpc_stream(server, prompt: str | list[int], max_tokens: int, cancel_after: int | None = None,
-                model: str = "specinfer") -> list[tuple[list[int], str | None]]:
-    """Stream one request over gRPC; a list prompt goes to a decoding model's own ``input_ids``."""
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    results: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    if isinstance(prompt, str):
-        tensors = [("text_input", np.array([prompt.encode()], dtype=np.object_), "BYTES")]
-    else:
-        tensors = [("input_ids", np.array(prompt, dtype=np.int32), "INT32"), ("stop_ids", np.zeros(0, np.int32), "INT32")]
-    tensors += [("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"), ("stream", np.array([True]), "BOOL")]
-    inputs = []
-    for name, value, dtype in tensors:
-        t = grpcclient.InferInput(name, list(value.shape), dtype)
-        t.set_data_from_numpy(value)
-        inputs.append(t)
-    client.async_stream_infer(model, inputs, enable_empty_final_response=True)
-    chunks = []
-    while True:
-        result, error = results.get(timeout=120)
-        assert error is None, error
-        if result.as_numpy("output_ids") is not None:
-            text = result.as_numpy("text_output")
-            chunks.append((result.as_numpy("output_ids").tolist(), None if text is None else text[0].decode()))
-        if cancel_after is not None and len(chunks) >= cancel_after:
-            client.stop_stream(cancel_requests=True)
-            return chunks
-        if result.get_response().parameters["triton_final_response"].bool_param:
-            client.stop_stream()
-            return chunks
+from served import MAX_BATCH, PROMPTS, expected, grpc_stream, ids, post, stream_events, wait_for
+from specinfer.serving.launcher import server_env
 
 
 def test_http_generate_equals_incremental_engine(served):
-    server, engine = served
+    server, engine, _ = served
     for prompt in PROMPTS[:5]:
         status, out = post(server, "/v2/models/specinfer/generate", {"text_input": prompt, "max_tokens": 16})
         assert status == 200, out
@@ -128,7 +30,7 @@ def test_http_generate_equals_incremental_engine(served):
 
 
 def test_incremental_model_has_the_same_interface_and_output(served):
-    server, engine = served
+    server, engine, _ = served
     status, out = post(server, "/v2/models/incremental/generate", {"text_input": PROMPTS[0], "max_tokens": 12})
     assert status == 200, out
     assert ids(out) == expected(engine, PROMPTS[0], 12)
@@ -136,7 +38,7 @@ def test_incremental_model_has_the_same_interface_and_output(served):
 
 
 def test_http_stream_deltas_concatenate_to_the_full_text(served):
-    server, engine = served
+    server, engine, _ = served
     for prompt in PROMPTS[5:]:
         events = stream_events(server, "specinfer", {"text_input": prompt, "max_tokens": 24})
         _, full = post(server, "/v2/models/specinfer/generate", {"text_input": prompt, "max_tokens": 24})
@@ -148,7 +50,7 @@ def test_http_stream_deltas_concatenate_to_the_full_text(served):
 
 
 def test_grpc_streaming_equals_incremental_engine(served):
-    server, engine = served
+    server, engine, _ = served
     for prompt in PROMPTS[:3]:
         chunks = grpc_stream(server, prompt, 20)
         assert sum((c for c, _ in chunks), []) == expected(engine, prompt, 20)
@@ -156,7 +58,7 @@ def test_grpc_streaming_equals_incremental_engine(served):
 
 
 def test_concurrent_requests_share_verification_batches(served):
-    server, engine = served
+    server, engine, _ = served
     before = server.metrics()
     jobs = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 8 + 3 * i) for i in range(2 * MAX_BATCH)]
     results: dict[int, tuple[int, dict]] = {}
@@ -180,19 +82,10 @@ def test_concurrent_requests_share_verification_batches(served):
     assert verified / forwards > 2.0, f"mean requests per LLM forward {verified / forwards:.2f}"
 
 
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_cancelled_stream_frees_its_slot(served):
-    """Cancelled on the decoding model itself: Triton 2.51 does not pass a cancellation on to the
-    model running inside an ensemble (README, "Limits"), so through ``specinfer`` it runs to the end."""
-    server, engine = served
+    """Cancelled on the decoding model itself (through the ensemble Triton 2.51 does not pass a
+    cancellation on: clients that cancel use ``specinfer_bls``, see test_faults.py)."""
+    server, engine, _ = served
     key = '{model="specinfer_llm"}'
     cancelled = server.metrics()["specinfer_requests_cancelled" + key]
     chunks = grpc_stream(server, engine.encode(PROMPTS[0]), 3000, cancel_after=2, model="specinfer_llm")
@@ -227,7 +120,7 @@ def test_cancelled_stream_frees_its_slot(served):
     (b'{"text_input": "\xff\xfehi", "max_tokens": 4}', 400, "text_input is not valid UTF-8"),
 ])
 def test_bad_request_fails_alone(served, body, status, message):
-    server, engine = served
+    server, engine, _ = served
     good: dict[int, tuple[int, dict]] = {}
 
     def run(i: int) -> None:
@@ -246,7 +139,7 @@ def test_bad_request_fails_alone(served, body, status, message):
 def test_grpc_bad_requests_name_the_field(served):
     """Streaming (how the decoupled ensemble is reached) carries errors in-band with their message;
     a unary call to a non-decoupled step gets the INVALID_ARGUMENT status."""
-    server, _ = served
+    server, _, _ = served
     client = grpcclient.InferenceServerClient(server.grpc_url)
     text = grpcclient.InferInput("text_input", [1], "BYTES")
     text.set_data_from_numpy(np.array([b"hi"], dtype=np.object_))
@@ -261,12 +154,12 @@ def test_grpc_bad_requests_name_the_field(served):
     empty = grpcclient.InferInput("text_input", [1], "BYTES")
     empty.set_data_from_numpy(np.array([b""], dtype=np.object_))
     with pytest.raises(Exception) as exc:
-        client.infer("preprocessing", [empty])
+        client.infer("preprocessing", [empty, max_tokens])
     assert "INVALID_ARGUMENT" in str(exc.value.status()) and "text_input is empty" in exc.value.message()
 
 
 def test_metrics_grow_by_the_served_amounts(served):
-    server, _ = served
+    server, _, _ = served
     key = '{model="specinfer_llm"}'
     before = server.metrics()
     outs = [post(server, "/v2/models/specinfer/generate", {"text_input": p, "max_tokens": 14})[1] for p in PROMPTS[:4]]
@@ -281,7 +174,7 @@ def test_metrics_grow_by_the_served_amounts(served):
 
 
 def test_perf_analyzer_runs_against_both_models(served, tmp_path):
-    server, _ = served
+    server, _, _ = served
     data = tmp_path / "input.json"
     data.write_text(json.dumps({"data": [{"text_input": [p], "max_tokens": [8]} for p in PROMPTS[:4]]}))
     env = server_env()

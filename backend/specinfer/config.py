@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 DRAFT_SAMPLING = ("with_replacement", "without_replacement")
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would overflow float32
 VERIFIERS = ("mss", "naive")
 
 
@@ -12,7 +13,8 @@ VERIFIERS = ("mss", "naive")
 class SamplingParams:
     """Per-request decoding settings; identical meaning for speculative and incremental decoding.
 
-    ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    ``temperature == 0`` is greedy, and so is any temperature below ``GREEDY_BELOW`` (sampling's
+    limit as the temperature goes to 0; dividing logits by 1e-40 gives infinities). ``top_k == 0`` and ``top_p == 1`` disable those filters.
     Generation stops after ``max_tokens`` tokens or on a stop token (the tokenizer's EOS unless
     ``ignore_eos``, ``end_id``, any of ``stop_token_ids``, or the output ending with one of the
     token sequences in ``stop_sequences``); the stop token (or sequence) is part of the output.
@@ -37,8 +39,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop_sequences", tuple(tuple(s) for s in self.stop_sequences))
         if any(len(s) == 0 for s in self.stop_sequences):
@@ -46,7 +48,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def parse_expansion(text: str) -> tuple[int, ...]:

@@ -141,8 +141,17 @@ class SpecInferEngine:
         seqs = [self.new_sequence(p, sp) for p, sp in zip(prompts, params)]  # all validated first
         for seq in seqs:
             self.add(seq)
-        while not all(s.finished for s in seqs):
-            self.step(speculate)
+        try:
+            while not all(s.finished for s in seqs):
+                self.step(speculate)
+        except BaseException:  # the engine stays usable: none of these requests keeps a row
+            for seq in seqs:
+                self.abort(seq)
+            self.scheduler.retire()
+            raise
+        failed = [s for s in seqs if s.error]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(seqs)} requests failed, the first with {failed[0].error}")
         return [self.result(s) for s in seqs]
 
     def result(self, seq: Sequence) -> GenerationResult:
@@ -169,7 +178,9 @@ class SpecInferEngine:
             self.stats.verify_forwards += 1
             self.stats.verify_requests += len(active)
             verdicts = self.verify(active, trees, batch, logits)
-            self.commit(active, trees, verdicts, use_ssms)
+            ok = [i for i, v in enumerate(verdicts) if v is not None]  # a failed request leaves alone
+            if ok:
+                self.commit([active[i] for i in ok], [trees[i] for i in ok], [verdicts[i] for i in ok], use_ssms)
         self.scheduler.retire()
         self.stats.step_seconds += time.perf_counter() - start
         self.stats.forward_seconds += self.forward_seconds() - forwards_before
@@ -194,7 +205,10 @@ class SpecInferEngine:
             seq.llm_len = len(seq.prompt)
             seq.ssm_lens = [len(seq.prompt) if use_ssms else 0] * len(self.ssms)
             seq.llm_steps += 1
-            seq.append([self.pick(row, seq)])
+            try:
+                seq.append([self.pick(row, seq)])
+            except Exception as exc:  # this request's sampling failed: it fails alone
+                seq.fail(exc)
 
     def pick(self, logits: torch.Tensor, seq: Sequence) -> int:
         if seq.params.greedy:
@@ -211,19 +225,25 @@ class SpecInferEngine:
         nodes = NodeBatch(batch.tokens, torch.arange(n).expand(b, n), batch.depths, batch.ancestors, batch.valid)
         return self.llm.forward([s.row for s in seqs], [s.llm_len for s in seqs], nodes)
 
-    def verify(self, seqs: list[Sequence], trees: list[Tree], batch: TreeBatch, logits: torch.Tensor) -> list[Verdict]:
+    def verify(self, seqs: list[Sequence], trees: list[Tree], batch: TreeBatch,
+               logits: torch.Tensor) -> list[Verdict | None]:
+        """Each request's verdict; ``None`` for a request whose verification raised (it is failed)."""
         greedy = greedy_verify(batch, logits.argmax(dim=-1).cpu()) if any(s.params.greedy for s in seqs) else []
         without = self.tree.draft_sampling == "without_replacement"
-        verdicts = []
+        verdicts: list[Verdict | None] = []
         for b, (seq, tree) in enumerate(zip(seqs, trees)):
             if seq.params.greedy:
                 verdicts.append(greedy[b])
                 continue
-            p = target_probs(logits[b, : tree.size], seq.params).cpu()
-            if self.tree.verifier == "naive":
-                verdicts.append(naive_verify(tree, p, seq.generator))
-            else:
-                verdicts.append(mss_verify(tree, p, seq.generator, without_replacement=without))
+            try:
+                p = target_probs(logits[b, : tree.size], seq.params).cpu()
+                if self.tree.verifier == "naive":
+                    verdicts.append(naive_verify(tree, p, seq.generator))
+                else:
+                    verdicts.append(mss_verify(tree, p, seq.generator, without_replacement=without))
+            except Exception as exc:
+                seq.fail(exc)
+                verdicts.append(None)
         return verdicts
 
     def commit(self, seqs: list[Sequence], trees: list[Tree], verdicts: list[Verdict], use_ssms: bool) -> None:

@@ -23,7 +23,8 @@ class Sequence:
     llm_steps: int = 0
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
-    finish_reason: str | None = None  # "length", "stop" or "cancelled" once finished
+    finish_reason: str | None = None  # "length", "stop", "cancelled" or "error" once finished
+    error: str | None = None  # why this request failed alone (finish_reason "error")
 
     def __post_init__(self) -> None:
         self.ssm_lens = [0] * self.num_ssms
@@ -35,6 +36,9 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def fail(self, exc: Exception) -> None:
+        self.finish_reason, self.error = "error", f"{type(exc).__name__}: {exc}"
 
     def ends_with_stop_sequence(self) -> bool:
         out = self.output

@@ -5,10 +5,13 @@ request is alive: newcomers join at the next iteration, one LLM forward verifies
 running requests, each request's accepted tokens are streamed right after its verification step,
 and finished or cancelled requests leave at once. ``speculate=false`` in the model's parameters
 gives the ``incremental`` baseline: the same code and batching without SSMs.
+
+A request leaves early when its client cancels it (Triton marks its response sender) or when a
+request with ``stop=true`` and the same request id arrives: how ``specinfer_bls`` passes on its own
+client's cancellation, which Triton 2.51 does not forward to the requests a model makes itself.
 """
 from __future__ import annotations
 
-import json
 import threading
 import traceback
 from dataclasses import dataclass
@@ -22,17 +25,19 @@ from ..engine import SpecInferEngine
 from ..sequence import Sequence
 from .detokenize import sendable
 from .metrics import ServingMetrics
-from .repository import repository_path
-from .requests import sampling_from_inputs
+from .repository import model_parameters, repository_path
+from .requests import Limits, require, sampling_from_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 INPUTS = ("input_ids", "stop_ids", "max_tokens", "stream", "temperature", "top_k", "top_p", "random_seed", "end_id")
+REQUIRED = ("input_ids", "max_tokens")
 
 
 @dataclass
 class Live:
     seq: Sequence
     sender: object
+    client_id: str  # the Triton request id ("" when the client gave none): a ``stop`` request names it
     stream: bool
     context: list[int]  # tokens before the next chunk (the prompt, then the last chunk sent)
     sent: int = 0
@@ -60,8 +65,8 @@ def engine_from_parameters(params: dict[str, str], model_dir: Path) -> tuple[Spe
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = model_parameters(args)
+        self.limits = Limits.from_parameters(params)
         self.model_name = args["model_name"]
         self.engine, self.speculate = engine_from_parameters(params, Path(args["model_repository"]))
         if self.engine.tokenizer is None:
@@ -69,6 +74,7 @@ class TritonPythonModel:
         self.metrics = ServingMetrics(pb_utils, self.model_name)
         self.incoming: list[Live] = []
         self.live: dict[int, Live] = {}
+        self.stops: set[str] = set()  # request ids named by stop requests since the last iteration
         self.cv = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self.loop, name="specinfer-engine", daemon=True)
@@ -84,6 +90,13 @@ class TritonPythonModel:
     def execute(self, requests: list) -> None:
         for request in requests:
             sender = request.get_response_sender()
+            stop = pb_utils.get_input_tensor_by_name(request, "stop")
+            if stop is not None and stop.as_numpy().any():
+                with self.cv:
+                    self.stops.add(request.request_id())
+                    self.cv.notify()
+                sender.send(flags=FINAL)
+                continue
             try:
                 live = self.parse(request, sender)
             except ValueError as exc:
@@ -101,10 +114,11 @@ class TritonPythonModel:
         for name in INPUTS:
             t = pb_utils.get_input_tensor_by_name(request, name)
             tensors[name] = None if t is None else t.as_numpy()
-        params, stream = sampling_from_inputs(tensors)
+        require(tensors, REQUIRED)
+        params, stream = sampling_from_inputs(tensors, self.limits)
         prompt = [int(t) for t in tensors["input_ids"].reshape(-1)]
         seq = self.engine.new_sequence(prompt, params)
-        return Live(seq, sender, stream, context=prompt)
+        return Live(seq, sender, request.request_id(), stream, context=prompt)
 
     # ----- the engine thread ------------------------------------------------------------------
     def loop(self) -> None:
@@ -115,24 +129,26 @@ class TritonPythonModel:
                 if self.stopping:
                     return
                 incoming, self.incoming = self.incoming, []
+                stops, self.stops = self.stops, set()
             try:
-                self.iterate(incoming)
-                scheduler = self.engine.scheduler
-                self.metrics.occupancy(len(scheduler.running), len(scheduler.waiting))
-            except Exception:  # a bug fails the requests in flight, never the server
+                self.iterate(incoming, stops)
+            except Exception:  # a bug in a batched forward fails the requests in flight, never the server
                 pb_utils.Logger.log_error(traceback.format_exc())
                 for live in list(self.live.values()):
                     self.engine.abort(live.seq)
                     self.fail(live, "internal error in the decoding engine; see the server log")
                 self.engine.scheduler.retire()
+            finally:
+                scheduler = self.engine.scheduler
+                self.metrics.occupancy(len(scheduler.running), len(scheduler.waiting))
 
-    def iterate(self, incoming: list[Live]) -> None:
+    def iterate(self, incoming: list[Live], stops: set[str]) -> None:
         """Admit newcomers, drop cancelled requests, run one engine step, stream what it produced."""
         for live in incoming:
             self.engine.add(live.seq)
             self.live[live.seq.request_id] = live
         for live in list(self.live.values()):
-            if live.sender.is_cancelled():
+            if (live.client_id and live.client_id in stops) or live.sender.is_cancelled():
                 self.engine.abort(live.seq)
                 self.finish(live)
                 live.sender.send(flags=FINAL)
@@ -151,7 +167,10 @@ class TritonPythonModel:
             self.metrics.step_tokens(len(seq.output) - live.seen)
         live.seen = len(seq.output)
         pending = seq.output[live.sent:]
-        if seq.finished:
+        if seq.error:
+            pb_utils.Logger.log_error(f"{self.model_name}: request {live.client_id!r} failed alone: {seq.error}")
+            self.fail(live, "internal error in the decoding engine for this request; see the server log")
+        elif seq.finished:
             self.send(live, pending, final=True)
             self.finish(live)
         elif live.stream:
@@ -176,12 +195,12 @@ class TritonPythonModel:
         if chunk:
             live.context = chunk
 
-    def finish(self, live: Live) -> None:
+    def finish(self, live: Live, failed: bool = False) -> None:
         self.live.pop(live.seq.request_id, None)
-        self.metrics.finished(live.seq)
+        self.metrics.finished(live.seq, failed)
 
     def fail(self, live: Live, message: str) -> None:
-        self.finish(live)
+        self.finish(live, failed=True)
         error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
         live.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 

@@ -6,6 +6,7 @@ NVIDIA's Triton container, whose own backends are then used.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,6 +18,10 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+STOP_GRACE_S = 6.0  # SIGTERM to SIGKILL, so the server is gone well within 10 s
+EXIT_TIMEOUT_S = 4  # tritonserver's own wait for in-flight requests and for the unload, within the grace
+HTTP_MAX_INPUT_BYTES = 8 * 1024 * 1024  # passed where the binary knows --http-max-input-size (not 2.51)
 
 
 def free_port() -> int:
@@ -106,21 +111,28 @@ class Server:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, timeout: float = 60) -> int:
+    def stop(self, grace: float = STOP_GRACE_S) -> int:
+        """SIGTERM, then after ``grace`` seconds SIGKILL to tritonserver and its stubs (its process group).
+
+        Triton 2.51 may never exit on its own: gRPC streams to an ensemble keep its shutdown waiting,
+        and after ``--exit-timeout-secs`` it can crash inside its exit path and hang there. Killed,
+        its sockets close, so every client still connected gets an error instead of waiting forever.
+        """
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout)
+                self.process.wait(grace)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # stubs left behind by a crash go too
+        return self.process.wait()
 
 
 def start_server(
     model_repository: str | Path, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
     tritonserver: str | None = None, log_path: str | Path | None = None, ready_timeout: float = 300,
-    extra_args: tuple[str, ...] = (),
+    extra_args: tuple[str, ...] = (), exit_timeout: int = EXIT_TIMEOUT_S,
 ) -> Server:
     """Start tritonserver (ports 0 = any free port) and return once it reports ready."""
     repo = Path(model_repository).resolve()
@@ -132,23 +144,41 @@ def start_server(
     else:
         cmd = [str(tritonserver_binary()), f"--backend-directory={prepare_backends()}"]
     cmd += [f"--model-repository={repo}", f"--http-port={ports[0]}", f"--grpc-port={ports[1]}",
-            f"--metrics-port={ports[2]}", "--allow-metrics=true", "--allow-cpu-metrics=true", *extra_args]
+            f"--metrics-port={ports[2]}", "--allow-metrics=true", "--allow-cpu-metrics=true",
+            f"--exit-timeout-secs={exit_timeout}", *http_limits(cmd[0]),
+            f"--backend-config=python,shm-region-prefix-name=specinfer_{ports[0]}_",  # servers side by side
+            *extra_args]
     log = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"tritonserver-{ports[0]}.log"
     start = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env())
+    with open(log, "w") as out:  # its own process group: Ctrl-C reaches the launcher, which stops it
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
     server = Server(proc, *ports, log)
-    url = f"http://localhost:{ports[0]}/v2/health/ready"
-    while time.monotonic() - start < ready_timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tritonserver exited with code {proc.returncode}; log {log}:\n{server.log_tail()}")
+    try:
+        wait_ready(server, start + ready_timeout)
+    except BaseException:  # not ready, or the launcher was told to stop: leave no server behind
+        server.stop()
+        raise
+    server.started_s = time.monotonic() - start
+    return server
+
+
+def wait_ready(server: Server, deadline: float) -> None:
+    url = f"http://localhost:{server.http_port}/v2/health/ready"
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with code {server.process.returncode}; "
+                               f"log {server.log_path}:\n{server.log_tail()}")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
-                    server.started_s = time.monotonic() - start
-                    return server
+                    return
         except OSError:
             pass
         time.sleep(0.5)
-    server.stop()
-    raise RuntimeError(f"tritonserver not ready after {ready_timeout:.0f} s; log {log}:\n{server.log_tail()}")
+    raise RuntimeError(f"tritonserver not ready in time; log {server.log_path}:\n{server.log_tail()}")
+
+
+def http_limits(binary: str) -> list[str]:
+    """A cap on HTTP request bodies where the server has one: 2.51 has none (see README)."""
+    run = subprocess.run([binary, "--help"], capture_output=True, text=True, env=server_env())
+    return [f"--http-max-input-size={HTTP_MAX_INPUT_BYTES}"] if "--http-max-input-size" in run.stdout + run.stderr else []

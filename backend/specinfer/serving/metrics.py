@@ -23,6 +23,7 @@ class ServingMetrics:
         self.draft_tokens = counter("specinfer_draft_tokens", "Speculated tree tokens proposed (roots excluded)")
         self.accepted = counter("specinfer_accepted_draft_tokens", "Speculated tree tokens accepted")
         self.requests = counter("specinfer_requests_finished", "Requests finished (completed or cancelled)")
+        self.failed = counter("specinfer_requests_failed", "Requests that failed with an internal error")
         self.cancelled = counter("specinfer_requests_cancelled", "Requests cancelled by their client")
         self.rejected_requests = counter("specinfer_requests_rejected", "Requests rejected as invalid")
         self.llm_forwards = counter("specinfer_llm_forwards", "Batched LLM verification forwards")
@@ -35,7 +36,10 @@ class ServingMetrics:
             "specinfer_tokens_per_step", "Tokens a request emits per verification step",
             pb_utils.MetricFamily.HISTOGRAM).Metric(labels=labels, buckets=STEP_BUCKETS)
 
-    def finished(self, seq: Sequence) -> None:
+    def finished(self, seq: Sequence, failed: bool = False) -> None:
+        if failed:  # an internal error or an unload: not counted as served
+            self.failed.increment(1)
+            return
         self.output_tokens.increment(len(seq.output))
         self.llm_steps.increment(seq.llm_steps)
         self.draft_tokens.increment(seq.draft_tokens)

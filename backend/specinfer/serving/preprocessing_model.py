@@ -1,20 +1,25 @@
-"""Triton Python model: ``text_input`` (and ``stop_words``) -> token ids, with the LLM's tokenizer."""
+"""Triton Python model: ``text_input`` (and ``stop_words``) -> token ids, with the LLM's tokenizer.
+
+It is the first step every request reaches (ensemble or BLS), so it enforces the required inputs by
+name and the repository's size limits before tokenising anything; ``max_tokens`` passes through it
+so that the ensemble schedules nothing further for a request that lacks it.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..tokenizer import TextTokenizer
-from .repository import repository_path
-from .requests import decode_prompt, encode_stop_words
+from .repository import model_parameters, repository_path
+from .requests import Limits, decode_prompt, encode_stop_words, require
+
+REQUIRED = ("text_input", "max_tokens")
 
 
 def load_tokenizer(args: dict) -> TextTokenizer:
-    config = json.loads(args["model_config"])
-    folder = repository_path(config["parameters"]["tokenizer_dir"]["string_value"], Path(args["model_repository"]))
+    folder = repository_path(model_parameters(args)["tokenizer_dir"], Path(args["model_repository"]))
     tokenizer = TextTokenizer.from_checkpoint(folder)
     if tokenizer is None:
         raise pb_utils.TritonModelException(f"no tokenizer.json in {folder}")
@@ -26,6 +31,7 @@ class TokenizerModel:
 
     def initialize(self, args: dict) -> None:
         self.tokenizer = load_tokenizer(args)
+        self.limits = Limits.from_parameters(model_parameters(args))
 
     def execute(self, requests: list) -> list:
         return [self.respond(request) for request in requests]
@@ -34,9 +40,12 @@ class TokenizerModel:
 class TritonPythonModel(TokenizerModel):
     def respond(self, request):
         try:
-            text = decode_prompt(pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy())
-            words = pb_utils.get_input_tensor_by_name(request, "stop_words")
-            stop_ids = encode_stop_words(None if words is None else words.as_numpy(), self.tokenizer.encode)
+            tensors = {name: pb_utils.get_input_tensor_by_name(request, name)
+                       for name in (*REQUIRED, "stop_words")}
+            tensors = {name: None if t is None else t.as_numpy() for name, t in tensors.items()}
+            require(tensors, REQUIRED)
+            text = decode_prompt(tensors["text_input"], self.limits)
+            stop_ids = encode_stop_words(tensors["stop_words"], self.tokenizer.encode, self.limits)
             ids = np.array(self.tokenizer.encode(text), dtype=np.int32)
             if ids.size == 0:
                 raise ValueError("text_input encodes to no tokens")
@@ -44,4 +53,5 @@ class TritonPythonModel(TokenizerModel):
             error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
             return pb_utils.InferenceResponse(output_tensors=[], error=error)
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("stop_ids", stop_ids)])
+            pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("stop_ids", stop_ids),
+            pb_utils.Tensor("max_tokens", tensors["max_tokens"])])

@@ -1,4 +1,5 @@
-"""Write a Triton model repository: ``specinfer`` and ``incremental`` ensembles and their steps.
+"""Write a Triton model repository: ``specinfer`` and ``incremental`` ensembles, their steps, and
+``specinfer_bls`` (the ``specinfer`` pipeline as a BLS model, which sees its client's cancellation).
 
 ``model_repository/`` in this project is exactly what ``write_repository`` produces with the
 defaults (paths relative to the repository folder, pointing at ``engines/demo``);
@@ -6,8 +7,11 @@ defaults (paths relative to the repository folder, pointing at ``engines/demo``)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .requests import Limits
 
 COUNTERS = [("num_output_tokens", "TYPE_INT32"), ("num_llm_steps", "TYPE_INT32"),
             ("total_draft_tokens", "TYPE_INT32"), ("total_accepted_draft_tokens", "TYPE_INT32"),
@@ -15,6 +19,13 @@ COUNTERS = [("num_output_tokens", "TYPE_INT32"), ("num_llm_steps", "TYPE_INT32")
 POST_COUNTER_INPUTS = ["NUM_OUTPUT_TOKENS", "NUM_LLM_STEPS", "DRAFT_TOKENS", "ACCEPTED_DRAFT_TOKENS", "ACCEPTANCE_RATE"]
 SAMPLING_INPUTS = [("stream", "TYPE_BOOL"), ("temperature", "TYPE_FP32"), ("top_k", "TYPE_INT32"),
                    ("top_p", "TYPE_FP32"), ("random_seed", "TYPE_UINT64"), ("end_id", "TYPE_INT32")]
+# The pipeline both the ensemble and the BLS model run, as tensor names (one definition for both).
+PRE_INPUTS = ["text_input", "max_tokens", "stop_words"]
+PRE_OUTPUTS = ["input_ids", "stop_ids", "max_tokens"]  # the decoding model's inputs of the same names
+DECODE_OUTPUTS = ["output_ids", "context_ids"] + [n for n, _ in COUNTERS]
+POST_INPUTS = {"TOKENS": "output_ids", "CONTEXT": "context_ids",  # postprocessing input <- decoding output
+               **{k: n for k, (n, _) in zip(POST_COUNTER_INPUTS, COUNTERS)}}
+CLIENT_OUTPUTS = ["text_output", "output_ids"] + [n for n, _ in COUNTERS]  # postprocessing's, as they are
 ENTRY = {
     "preprocessing": "preprocessing_model",
     "postprocessing": "postprocessing_model",
@@ -34,6 +45,14 @@ class RepositoryOptions:
     max_context: int = 0  # 0: the LLM's max_position_embeddings
     draft_sampling: str = "with_replacement"
     verifier: str = "mss"
+    bls_name: str = "specinfer_bls"  # TensorRT-LLM's clients know theirs as tensorrt_llm_bls
+    limits: Limits = field(default_factory=Limits)
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """A Python model's ``config.pbtxt`` parameters, from the ``args`` Triton gives ``initialize``."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
 
 
 def repository_path(value: str, model_dir: Path) -> Path:
@@ -66,46 +85,48 @@ def python_model(name: str, inputs: list[str], outputs: list[str], params: dict[
 
 
 def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
-    inputs = [tensor("input_ids", "TYPE_INT32", "-1"), tensor("stop_ids", "TYPE_INT32", "-1"),
-              tensor("max_tokens", "TYPE_INT32", "1")]
+    # input_ids and max_tokens are required, checked by name in the model (Triton 2.51 only counts)
+    inputs = [tensor("input_ids", "TYPE_INT32", "-1", optional=True), tensor("stop_ids", "TYPE_INT32", "-1", optional=True),
+              tensor("max_tokens", "TYPE_INT32", "1", optional=True)]
     inputs += [tensor(n, t, "1", optional=True) for n, t in SAMPLING_INPUTS]
+    inputs += [tensor("stop", "TYPE_BOOL", "1", optional=True)]  # stop the request with this request id
     outputs = [tensor("output_ids", "TYPE_INT32", "-1"), tensor("context_ids", "TYPE_INT32", "-1")]
     outputs += [tensor(n, t, "1") for n, t in COUNTERS]
     params = {
         "llm": opts.llm, "ssms": ",".join(opts.ssms) if speculate else "", "speculate": str(speculate).lower(),
         "expansion": ",".join(map(str, opts.expansion)), "device": opts.device, "dtype": opts.dtype,
         "max_batch_size": str(opts.max_batch_size), "max_context": str(opts.max_context or ""),
-        "draft_sampling": opts.draft_sampling, "verifier": opts.verifier,
+        "draft_sampling": opts.draft_sampling, "verifier": opts.verifier, **opts.limits.parameters(),
     }
     return python_model(name, inputs, outputs, params, decoupled=True)
 
 
-def ensemble_config(name: str, decoder: str) -> str:
-    inputs = [tensor("text_input", "TYPE_STRING", "1"), tensor("max_tokens", "TYPE_INT32", "1")]
+def client_tensors() -> tuple[list[str], list[str]]:
+    """Inputs and outputs of ``specinfer``, ``incremental`` and the BLS model. ``text_input`` and
+    ``max_tokens`` are required but declared optional: Triton 2.51 checks only the number of inputs,
+    and an ensemble never schedules a step whose required input is absent (the client would get no
+    response at all), so preprocessing checks them by name and answers 400."""
+    inputs = [tensor("text_input", "TYPE_STRING", "1", optional=True), tensor("max_tokens", "TYPE_INT32", "1", optional=True)]
     inputs += [tensor(n, t, "1", optional=True) for n, t in SAMPLING_INPUTS]
     inputs += [tensor("stop_words", "TYPE_STRING", "-1", optional=True)]
     outputs = [tensor("text_output", "TYPE_STRING", "-1"), tensor("output_ids", "TYPE_INT32", "-1")]
     outputs += [tensor(n, t, "1") for n, t in COUNTERS]
+    return inputs, outputs
 
+
+def ensemble_config(name: str, decoder: str) -> str:
     def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
         ins = "".join(f'      input_map {{ key: "{k}" value: "{v}" }}\n' for k, v in inputs.items())
         outs = "".join(f'      output_map {{ key: "{k}" value: "{v}" }}\n' for k, v in outputs.items())
         return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{ins}{outs}    }}'
 
-    decode_in = {"input_ids": "_input_ids", "stop_ids": "_stop_ids", "max_tokens": "max_tokens"}
-    decode_in.update({n: n for n, _ in SAMPLING_INPUTS})
-    decode_out = {"output_ids": "_output_ids", "context_ids": "_context_ids"}
-    decode_out.update({n: f"_{n}" for n, _ in COUNTERS})
-    post_in = {"TOKENS": "_output_ids", "CONTEXT": "_context_ids"}
-    post_in.update({k: f"_{n}" for k, (n, _) in zip(POST_COUNTER_INPUTS, COUNTERS)})
-    post_out = {"text_output": "text_output", "output_ids": "output_ids"}
-    post_out.update({n: n for n, _ in COUNTERS})
+    decode_in = {n: f"_{n}" for n in PRE_OUTPUTS} | {n: n for n, _ in SAMPLING_INPUTS}
     steps = [
-        step("preprocessing", {"text_input": "text_input", "stop_words": "stop_words"},
-             {"input_ids": "_input_ids", "stop_ids": "_stop_ids"}),
-        step(decoder, decode_in, decode_out),
-        step("postprocessing", post_in, post_out),
+        step("preprocessing", {n: n for n in PRE_INPUTS}, {n: f"_{n}" for n in PRE_OUTPUTS}),
+        step(decoder, decode_in, {n: f"_{n}" for n in DECODE_OUTPUTS}),
+        step("postprocessing", {k: f"_{v}" for k, v in POST_INPUTS.items()}, {n: n for n in CLIENT_OUTPUTS}),
     ]
+    inputs, outputs = client_tensors()
     text = f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: 0\n' + io("input", inputs) + io("output", outputs)
     return text + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
 
@@ -115,8 +136,10 @@ def repository_files(opts: RepositoryOptions) -> dict[str, str]:
     tok = {"tokenizer_dir": opts.llm}
     pre = python_model(
         "preprocessing",
-        [tensor("text_input", "TYPE_STRING", "1"), tensor("stop_words", "TYPE_STRING", "-1", optional=True)],
-        [tensor("input_ids", "TYPE_INT32", "-1"), tensor("stop_ids", "TYPE_INT32", "-1")], tok, instances=2)
+        [tensor("text_input", "TYPE_STRING", "1", optional=True), tensor("max_tokens", "TYPE_INT32", "1", optional=True),
+         tensor("stop_words", "TYPE_STRING", "-1", optional=True)],
+        [tensor("input_ids", "TYPE_INT32", "-1"), tensor("stop_ids", "TYPE_INT32", "-1"),
+         tensor("max_tokens", "TYPE_INT32", "1")], tok | opts.limits.parameters(), instances=2)
     post = python_model(
         "postprocessing",
         [tensor("TOKENS", "TYPE_INT32", "-1"), tensor("CONTEXT", "TYPE_INT32", "-1")]
@@ -130,10 +153,12 @@ def repository_files(opts: RepositoryOptions) -> dict[str, str]:
         "incremental_llm/config.pbtxt": decoding_config("incremental_llm", opts, speculate=False),
         "specinfer/config.pbtxt": ensemble_config("specinfer", "specinfer_llm"),
         "incremental/config.pbtxt": ensemble_config("incremental", "incremental_llm"),
+        f"{opts.bls_name}/config.pbtxt": python_model(opts.bls_name, *client_tensors(), {"decoder": "specinfer_llm"},
+                                                      decoupled=True),
         "specinfer/1/.gitkeep": "",
         "incremental/1/.gitkeep": "",
     }
-    for model, module in ENTRY.items():
+    for model, module in (ENTRY | {opts.bls_name: "bls_model"}).items():
         files[f"{model}/1/model.py"] = (
             f'"""Triton entry point; the model lives in specinfer.serving.{module}."""\n'
             f"from specinfer.serving.{module} import TritonPythonModel  # noqa: F401\n"

@@ -1,7 +1,8 @@
 """Triton request tensors -> engine inputs, with errors that name the field (no Triton imports)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -16,6 +17,33 @@ OPTIONAL_SCALARS = {  # input name -> SamplingParams field
 }
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, checked before any tokenisation (repository parameters).
+
+    Triton 2.51 accepts bodies of any size; these keep one client's input from costing the others
+    seconds of tokenisation or per-token stop checks.
+    """
+
+    max_prompt_bytes: int = 256 * 1024
+    max_stop_words: int = 64
+    max_stop_word_bytes: int = 256
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "Limits":
+        return cls(**{f.name: int(params[f.name]) for f in fields(cls) if params.get(f.name)})
+
+    def parameters(self) -> dict[str, str]:
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+
+
+def require(tensors: dict[str, np.ndarray | None], names: Iterable[str]) -> None:
+    """Triton 2.51 only counts a request's inputs, so a required one can be missing: check by name."""
+    missing = [n for n in names if tensors.get(n) is None]
+    if missing:
+        raise ValueError(f"missing required input(s) {missing}")
+
+
 def scalar(name: str, value: np.ndarray):
     if value.size != 1:
         raise ValueError(f"{name} must hold exactly one value, got shape {list(value.shape)}")
@@ -23,9 +51,12 @@ def scalar(name: str, value: np.ndarray):
     return item.item() if isinstance(item, np.generic) else item  # BYTES arrays hold bytes objects
 
 
-def decode_prompt(raw: np.ndarray) -> str:
-    """``text_input`` (BYTES [1]) as text: valid UTF-8, not empty."""
+def decode_prompt(raw: np.ndarray, limits: Limits) -> str:
+    """``text_input`` (BYTES [1]) as text: within ``max_prompt_bytes``, valid UTF-8, not empty."""
     value = scalar("text_input", raw)
+    size = len(value) if isinstance(value, bytes) else len(str(value).encode())
+    if size > limits.max_prompt_bytes:
+        raise ValueError(f"text_input has {size} bytes, more than the limit max_prompt_bytes={limits.max_prompt_bytes}")
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
@@ -36,10 +67,17 @@ def decode_prompt(raw: np.ndarray) -> str:
     return value
 
 
-def encode_stop_words(words: np.ndarray | None, encode: Callable[[str], list[int]]) -> np.ndarray:
+def encode_stop_words(words: np.ndarray | None, encode: Callable[[str], list[int]], limits: Limits) -> np.ndarray:
     """``stop_words`` (BYTES [-1]) as token sequences, flattened with -1 after each one."""
+    items = [] if words is None else words.reshape(-1).tolist()
+    if len(items) > limits.max_stop_words:
+        raise ValueError(f"stop_words has {len(items)} words, more than the limit max_stop_words={limits.max_stop_words}")
+    longest = max((len(w) if isinstance(w, bytes) else len(str(w).encode()) for w in items), default=0)
+    if longest > limits.max_stop_word_bytes:
+        raise ValueError(f"stop_words holds a word of {longest} bytes, more than the limit "
+                         f"max_stop_word_bytes={limits.max_stop_word_bytes}")
     flat: list[int] = []
-    for word in [] if words is None else words.reshape(-1).tolist():
+    for word in items:
         try:
             text = word.decode("utf-8") if isinstance(word, bytes) else str(word)
         except UnicodeDecodeError:
@@ -51,9 +89,13 @@ def encode_stop_words(words: np.ndarray | None, encode: Callable[[str], list[int
     return np.array(flat, dtype=np.int32)
 
 
-def decode_stop_ids(flat: np.ndarray | None) -> tuple[tuple[int, ...], ...]:
+def decode_stop_ids(flat: np.ndarray | None, limits: Limits) -> tuple[tuple[int, ...], ...]:
+    """``stop_ids`` (what ``encode_stop_words`` made, or a direct client's) within the word limits."""
     if flat is None:
         return ()
+    if flat.size > limits.max_stop_words * (limits.max_stop_word_bytes + 1):
+        raise ValueError(f"stop_ids has {flat.size} values, more than max_stop_words={limits.max_stop_words} "
+                         f"words of max_stop_word_bytes={limits.max_stop_word_bytes} tokens allow")
     seqs, cur = [], []
     for tok in flat.reshape(-1).tolist():
         if tok < 0:
@@ -64,10 +106,9 @@ def decode_stop_ids(flat: np.ndarray | None) -> tuple[tuple[int, ...], ...]:
     return tuple(s for s in seqs if s)
 
 
-def sampling_from_inputs(inputs: dict[str, np.ndarray | None]) -> tuple[SamplingParams, bool]:
+def sampling_from_inputs(inputs: dict[str, np.ndarray | None], limits: Limits) -> tuple[SamplingParams, bool]:
     """SamplingParams and the ``stream`` flag from a request's tensors (missing optionals: defaults)."""
-    if inputs.get("max_tokens") is None:
-        raise ValueError("max_tokens is required")
+    require(inputs, ["max_tokens"])
     kwargs = {"max_tokens": int(scalar("max_tokens", inputs["max_tokens"]))}
     for name, field in OPTIONAL_SCALARS.items():
         if inputs.get(name) is not None:
@@ -76,6 +117,6 @@ def sampling_from_inputs(inputs: dict[str, np.ndarray | None]) -> tuple[Sampling
         kwargs["temperature"] = float(kwargs["temperature"])
     if "top_p" in kwargs:
         kwargs["top_p"] = float(kwargs["top_p"])
-    kwargs["stop_sequences"] = decode_stop_ids(inputs.get("stop_ids"))
+    kwargs["stop_sequences"] = decode_stop_ids(inputs.get("stop_ids"), limits)
     stream = bool(scalar("stream", inputs["stream"])) if inputs.get("stream") is not None else False
     return SamplingParams(**kwargs), stream
