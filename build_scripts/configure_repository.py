@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from specinfer import TreeConfig
-from specinfer.config import parse_expansion
+from specinfer.config import ATTENTION, parse_expansion
 from specinfer.checkpoint import read_model_args
 from specinfer.serving.repository import RepositoryOptions, write_repository
 
@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=0, help="tokens per request (0: the LLM's maximum)")
     ap.add_argument("--draft-sampling", default="with_replacement", choices=["with_replacement", "without_replacement"])
     ap.add_argument("--verifier", default="mss", choices=["mss", "naive"])
+    ap.add_argument("--attention", choices=ATTENTION,
+                    help="tree attention: triton (the kernel) or sdpa; default: triton on CUDA, sdpa on CPU")
     args = ap.parse_args()
     expansion = parse_expansion(args.expansion)
     TreeConfig(expansion=expansion).check_size(max(1, len(args.ssm)))  # fail here, not at server start
@@ -42,7 +44,7 @@ def main() -> None:
     opts = RepositoryOptions(
         llm=str(llm), ssms=tuple(str(Path(s).resolve()) for s in args.ssm), expansion=expansion,
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_context=args.max_context,
-        draft_sampling=args.draft_sampling, verifier=args.verifier,
+        draft_sampling=args.draft_sampling, verifier=args.verifier, attention=args.attention or "",
     )
     out = write_repository(args.output, opts)
     print(f"wrote a model repository to {out}: models specinfer, incremental (ensembles), "
