@@ -67,13 +67,15 @@ def compare(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim
     low.k[0].copy_(exact.k[0])
     low.v[0].copy_(exact.v[0])
     reference = dense.attend(q, exact, 0, rows).cpu()
+    torch.full_like(q, float("nan"), dtype=dtype)  # poison, freed at once: the allocator reuses it for the output
     out = packed.attend(q.to(dtype), low, 0, rows).double().cpu()
     sdpa = dense.attend(q.to(dtype), low, 0, rows).double().cpu()
     valid = nodes.valid
     assert torch.isfinite(out).all()  # padding rows too: they must not poison later layers
     if dtype == torch.float32:
-        torch.testing.assert_close(out[valid], sdpa[valid], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out[valid], reference[valid], atol=1e-5, rtol=1e-5)
+        slack = float((sdpa[valid] - reference[valid]).abs().max())  # SDPA's own float32 error (~1e-7 on CPU)
+        torch.testing.assert_close(out[valid], sdpa[valid], atol=1e-5 + slack, rtol=1e-5)
     else:  # half precision: as close to the float64 result as SDPA itself is
         err = (out[valid] - reference[valid]).norm() / reference[valid].norm()
         err_sdpa = (sdpa[valid] - reference[valid]).norm() / reference[valid].norm()
