@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from specinfer import TreeConfig
-from specinfer.config import parse_expansion
+from specinfer.config import ATTENTION, parse_expansion
 from specinfer.checkpoint import read_model_args
 from specinfer.serving.repository import RepositoryOptions, write_repository
 from specinfer.serving.requests import Limits
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--max-prompt-bytes", type=int, default=limits.max_prompt_bytes, help="larger text_input: 400")
     ap.add_argument("--max-stop-words", type=int, default=limits.max_stop_words, help="more stop_words: 400")
     ap.add_argument("--max-stop-word-bytes", type=int, default=limits.max_stop_word_bytes, help="a longer stop word: 400")
+    ap.add_argument("--attention", choices=ATTENTION,
+                    help="tree attention: triton (the kernel) or sdpa; default: triton on CUDA, sdpa on CPU")
     args = ap.parse_args()
     expansion = parse_expansion(args.expansion)
     TreeConfig(expansion=expansion).check_size(max(1, len(args.ssm)))  # fail here, not at server start
@@ -49,7 +51,7 @@ def main() -> None:
     opts = RepositoryOptions(
         llm=str(llm), ssms=tuple(str(Path(s).resolve()) for s in args.ssm), expansion=expansion,
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_context=args.max_context,
-        draft_sampling=args.draft_sampling, verifier=args.verifier, bls_name=args.bls_name,
+        draft_sampling=args.draft_sampling, verifier=args.verifier, bls_name=args.bls_name, attention=args.attention or "",
         limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )
     out = write_repository(args.output, opts)

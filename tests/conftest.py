@@ -1,11 +1,18 @@
 """Tiny Llama checkpoints, made by the tests with Hugging Face ``transformers`` (no downloads)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+if not torch.cuda.is_available():
+    # Triton kernels (attention="triton") run under Triton's interpreter here. It must be chosen before
+    # anything imports triton, and transformers does at import.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 96
 

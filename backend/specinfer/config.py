@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 DRAFT_SAMPLING = ("with_replacement", "without_replacement")
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would overflow float32
 VERIFIERS = ("mss", "naive")
+ATTENTION = ("sdpa", "triton")
 
 
 @dataclass(frozen=True)
@@ -109,13 +111,19 @@ class TreeConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Capacity of one engine: concurrent requests and per-request context (KV-cache rows)."""
+    """Capacity of one engine: concurrent requests and per-request context (KV-cache rows).
+
+    ``attention``: ``"triton"`` (the tree-attention kernel, ``kernels/``) or ``"sdpa"`` (PyTorch's
+    attention over a dense mask); ``None`` picks the kernel on CUDA and SDPA elsewhere. The kernel
+    runs on CPU only under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
+    """
 
     max_batch_size: int = 16
     max_context: int | None = None  # default: the LLM's max_position_embeddings
     device: str = "cpu"
     dtype: str = "float32"
     tree: TreeConfig = field(default_factory=TreeConfig)
+    attention: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -126,3 +134,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.attention is None:
+            object.__setattr__(self, "attention", "sdpa" if self.device == "cpu" else "triton")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.attention == "triton" and self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("attention='triton' needs a CUDA device (on CPU only under TRITON_INTERPRET=1, for tests)")

@@ -79,8 +79,8 @@ class SpecInferEngine:
         self.vocab = vocab
         self.max_context = config.max_context or llm.args.max_position_embeddings
         slots = self.max_context + tree.max_tree_tokens + 1
-        self.llm = ModelRunner(llm, config.max_batch_size, slots)
-        self.ssms = [ModelRunner(m, config.max_batch_size, slots) for m in ssms]
+        self.llm = ModelRunner(llm, config.max_batch_size, slots, config.attention)
+        self.ssms = [ModelRunner(m, config.max_batch_size, slots, config.attention) for m in ssms]
         self.eos_ids = frozenset(llm.args.eos_token_ids)
         self.scheduler = Scheduler(config.max_batch_size)
         self.stats = EngineStats()
@@ -90,8 +90,10 @@ class SpecInferEngine:
     def from_pretrained(
         cls, llm: str | Path, ssms: Seq[str | Path] = (), tree: TreeConfig = TreeConfig(),
         device: str = "cpu", dtype: str = "float32", max_batch_size: int = 16, max_context: int | None = None,
+        attention: str | None = None,
     ) -> "SpecInferEngine":
-        config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree)
+        config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree,
+                              attention=attention)
         load = lambda folder: Transformer.from_pretrained(folder, device=device, dtype=DTYPES[dtype])  # noqa: E731
         return cls(load(llm), [load(s) for s in ssms], config, TextTokenizer.from_checkpoint(llm))
 

@@ -1,4 +1,4 @@
-"""Llama-family transformer whose forward takes tokens, positions, cache slots and a mask.
+"""Llama-family transformer whose forward takes tokens, positions, cache slots and what each token sees.
 
 One code path serves prefill (a causal chunk), one-token decoding and tree verification (a
 topology-aware mask): the caller decides which cache slots each token sees. Parameter names mirror
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Visibility
 from .checkpoint import ModelArgs, read_checkpoint
 from .kv_cache import KVCache
 
@@ -68,7 +69,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-        rows: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+        rows: torch.Tensor, slots: torch.Tensor, visibility: Visibility,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
@@ -77,12 +78,8 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         cache.write(self.layer, rows, slots, k, v)
-        keys, values = cache.read(self.layer, rows, mask.shape[-1])
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=mask[:, None], enable_gqa=self.heads != self.kv_heads,
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        out = visibility.attend(q, cache, self.layer, rows)
+        return self.o_proj(out.reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -105,8 +102,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, rows, slots, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, slots, mask)
+    def forward(self, x, cos, sin, cache, rows, slots, visibility):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, slots, visibility)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -160,12 +157,12 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
-        slots: torch.Tensor, mask: torch.Tensor, output_index: torch.Tensor | None = None,
+        slots: torch.Tensor, visibility: Visibility, output_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, V]`` for ``tokens [B, T]`` at ``positions``, written to ``slots`` of ``rows``.
 
-        ``mask [B, T, S]`` says which of the first ``S`` cache slots each token attends to (its own
-        slot included). With ``output_index [B]`` only that token of each row reaches the LM head
+        ``visibility`` says which cache slots each token attends to (its own slot included), in the
+        form of the chosen attention backend (``attention.py``). With ``output_index [B]`` only that token of each row reaches the LM head
         and the result is ``[B, V]``.
         """
         freqs = positions[..., None].float() * self.inv_freq
@@ -173,7 +170,7 @@ class Transformer(nn.Module):
         sin = torch.cat((freqs, freqs), dim=-1).sin()[:, :, None].to(self.lm_head.weight.dtype)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, rows, slots, mask)
+            x = layer(x, cos, sin, cache, rows, slots, visibility)
         if output_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), output_index]
         return self.lm_head(self.model.norm(x)).float()

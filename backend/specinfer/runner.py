@@ -3,7 +3,7 @@
 Everything a model is asked to compute is "these nodes of a tree over this committed prefix":
 a prompt or catch-up chunk is a chain, incremental decoding is a lone root, verification is the
 whole speculated tree and SSM expansion is one level of it. ``layout`` turns that into cache slots
-and the topology-aware mask; ``ModelRunner.forward`` runs it.
+and what each node sees (``attention.py``); ``ModelRunner.forward`` runs it.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import MASKS, Visibility
 from .model import Transformer
 
 
@@ -40,30 +41,26 @@ def chain_batch(chunks: list[list[int]]) -> NodeBatch:
     return NodeBatch(tokens, steps, steps, causal, valid)
 
 
-def layout(lengths: torch.Tensor, nodes: NodeBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Positions, cache slots and attention mask for ``nodes`` over prefixes of ``lengths [B]``.
+def layout(lengths: torch.Tensor, nodes: NodeBatch, attention: str) -> tuple[torch.Tensor, torch.Tensor, Visibility]:
+    """Positions, cache slots and visibility for ``nodes`` over prefixes of ``lengths [B]``.
 
     Node ``i`` of row ``b`` lives in slot ``lengths[b] + i`` at position ``lengths[b] + depth``;
-    it sees the committed slots ``[0, lengths[b])`` and the region slots its ``attend`` row names.
-    Padding writes to and sees only the slot just past the region, which no real node uses.
+    it sees the committed slots ``[0, lengths[b])`` and the region slots its ``attend`` row names,
+    in the form the ``attention`` backend reads. Padding writes to the slot just past the region,
+    which no real node uses.
     """
     b, t, n = nodes.attend.shape
-    width = int(lengths.max()) + n + 1
     scratch = (lengths + n)[:, None].expand(b, t)
     slots = torch.where(nodes.valid, lengths[:, None] + nodes.node_ids, scratch)
     positions = lengths[:, None] + nodes.depths
-    cols = torch.arange(width)
-    mask = (cols < lengths[:, None])[:, None, :].expand(b, t, width).clone()
-    region = (lengths[:, None] + torch.arange(n))[:, None, :].expand(b, t, n)
-    mask.scatter_(2, region, nodes.attend & nodes.valid[:, :, None])
-    mask &= nodes.valid[:, :, None]
-    mask[torch.arange(b)[:, None], torch.arange(t)[None, :], scratch] |= ~nodes.valid
-    return positions, slots, mask
+    region = nodes.attend & nodes.valid[:, :, None]
+    return positions, slots, MASKS[attention].build(lengths, region, nodes.valid)
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, rows: int, slots: int) -> None:
+    def __init__(self, model: Transformer, rows: int, slots: int, attention: str = "sdpa") -> None:
         self.model = model
+        self.attention = attention
         self.cache = model.new_cache(rows, slots)
         self.device = model.lm_head.weight.device
         self.seconds = 0.0  # wall time spent in forwards, for the overhead figure of benchmarks
@@ -73,14 +70,15 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Logits at every fed node (``[B, T, V]``), or at ``output_index [B]`` only (``[B, V]``)."""
         lens = torch.tensor(lengths, dtype=torch.long)
-        positions, slots, mask = layout(lens, nodes)
-        if mask.shape[-1] > self.cache.slots:
-            raise ValueError(f"batch needs {mask.shape[-1]} cache slots, the cache has {self.cache.slots}")
+        width = int(lens.max()) + nodes.attend.shape[-1] + 1  # the region and the padding's scratch slot
+        if width > self.cache.slots:
+            raise ValueError(f"batch needs {width} cache slots, the cache has {self.cache.slots}")
+        positions, slots, visibility = layout(lens, nodes, self.attention)
         dev = self.device
         start = time.perf_counter()
         logits = self.model(
             nodes.tokens.to(dev), positions.to(dev), self.cache, torch.tensor(rows, device=dev),
-            slots.to(dev), mask.to(dev), None if output_index is None else output_index.to(dev),
+            slots.to(dev), visibility.to(dev), None if output_index is None else output_index.to(dev),
         )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

@@ -45,6 +45,7 @@ class RepositoryOptions:
     max_context: int = 0  # 0: the LLM's max_position_embeddings
     draft_sampling: str = "with_replacement"
     verifier: str = "mss"
+    attention: str = ""  # "sdpa" | "triton"; empty: the engine's default for the device (triton on CUDA)
     bls_name: str = "specinfer_bls"  # TensorRT-LLM's clients know theirs as tensorrt_llm_bls
     limits: Limits = field(default_factory=Limits)
 
@@ -96,7 +97,8 @@ def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
         "llm": opts.llm, "ssms": ",".join(opts.ssms) if speculate else "", "speculate": str(speculate).lower(),
         "expansion": ",".join(map(str, opts.expansion)), "device": opts.device, "dtype": opts.dtype,
         "max_batch_size": str(opts.max_batch_size), "max_context": str(opts.max_context or ""),
-        "draft_sampling": opts.draft_sampling, "verifier": opts.verifier, **opts.limits.parameters(),
+        "draft_sampling": opts.draft_sampling, "verifier": opts.verifier, "attention": opts.attention,
+        **opts.limits.parameters(),
     }
     return python_model(name, inputs, outputs, params, decoupled=True)
 

@@ -1,0 +1,74 @@
+"""What a forward's tokens see in the cache, in the form its attention backend reads.
+
+Both forms say the same thing: node ``t`` of request ``b`` sees the committed slots
+``[0, lengths[b])`` and the tree-region slots ``lengths[b] + j`` its region mask names. They are
+built once per forward (``runner.layout``) and read by every layer:
+
+- ``DenseMask`` (``attention="sdpa"``): a ``[B, T, S]`` boolean mask over the first ``S`` slots,
+  for ``torch.nn.functional.scaled_dot_product_attention``;
+- ``PackedTreeMask`` (``attention="triton"``): prefix lengths plus TensorRT-LLM's packed region bits
+  (``ceil(N/32)`` int32 words per node), for the tree-attention kernel, which reads the prefix
+  length on the device and never materialises a mask over the prefix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+from .tree import packed_mask
+
+@dataclass
+class DenseMask:
+    mask: torch.Tensor  # [B, T, S] bool
+
+    @classmethod
+    def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor) -> "DenseMask":
+        """Padding (``valid`` false) sees only the slot just past the region, which no real node uses."""
+        b, t, n = region.shape
+        width = int(lengths.max()) + n + 1
+        mask = (torch.arange(width) < lengths[:, None])[:, None, :].expand(b, t, width).clone()
+        cols = (lengths[:, None] + torch.arange(n))[:, None, :].expand(b, t, n)
+        mask.scatter_(2, cols, region)
+        mask &= valid[:, :, None]
+        mask[torch.arange(b)[:, None], torch.arange(t)[None, :], (lengths + n)[:, None]] |= ~valid
+        return cls(mask)
+
+    def to(self, device: torch.device) -> "DenseMask":
+        return DenseMask(self.mask.to(device))
+
+    def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H, D]`` attention output of ``q [B, T, H, D]``."""
+        keys, values = cache.read(layer, rows, self.mask.shape[-1])
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=self.mask[:, None], enable_gqa=q.shape[2] != keys.shape[2],
+        )
+        return out.transpose(1, 2)
+
+
+@dataclass
+class PackedTreeMask:
+    lengths: torch.Tensor  # [B] int32
+    bits: torch.Tensor  # [B, T, ceil(N/32)] int32, bit j: sees region slot j
+    region: int  # N
+
+    @classmethod
+    def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor) -> "PackedTreeMask":
+        """Padding sees no region slot (``region`` is false there); its output is never read."""
+        del valid
+        return cls(lengths.to(torch.int32), packed_mask(region), region.shape[-1])
+
+    def to(self, device: torch.device) -> "PackedTreeMask":
+        return PackedTreeMask(self.lengths.to(device), self.bits.to(device), self.region)
+
+    def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        from .kernels import tree_attention  # triton is imported only where this backend is chosen
+
+        return tree_attention(q, cache.k[layer], cache.v[layer], rows, self.lengths, self.bits, self.region)
+
+
+Visibility = DenseMask | PackedTreeMask
+MASKS = {"sdpa": DenseMask, "triton": PackedTreeMask}
