@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -39,6 +39,24 @@ class Job:
     sender: object
     decoding: bool = False  # the decoding request is sent: a stop can reach it
     stopped: bool = False
+    answered: bool = False  # the final response is sent: Triton frees the sender, nobody may touch it
+    lock: threading.Lock = field(default_factory=threading.Lock)  # orders sends and the watcher's questions
+
+    def send(self, response=None, final: bool = False) -> None:
+        with self.lock:
+            if self.answered:  # e.g. an error after the last response: the client has its answer
+                return
+            if response is None:
+                self.sender.send(flags=FINAL)
+            else:
+                self.sender.send(response, flags=FINAL if final else 0)
+            self.answered = self.answered or final or response is None
+
+    def cancelled(self) -> bool:
+        """Whether the client has gone; never asked once the final response is sent (Triton 2.51
+        crashes in ResponseFactoryIsCancelled on a sender whose final response has gone)."""
+        with self.lock:
+            return not self.answered and self.sender.is_cancelled()
 
 
 def tensors(values: dict[str, np.ndarray]) -> list:
@@ -82,7 +100,7 @@ class TritonPythonModel:
                                              pb_utils.TritonError.INTERNAL)
             if job.decoding:  # e.g. postprocessing failed mid-stream: nobody would read the rest
                 self.stop(job)
-            job.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+            job.send(pb_utils.InferenceResponse(error=error), final=True)
         finally:
             with self.lock:
                 self.jobs.pop(job.id, None)
@@ -103,16 +121,16 @@ class TritonPythonModel:
                 continue
             post = self.call("postprocessing", {k: out[v] for k, v in POST_INPUTS.items()}, CLIENT_OUTPUTS)
             final_sent = not stream  # a non-streamed request gets exactly one response, its last
-            job.sender.send(pb_utils.InferenceResponse(output_tensors=tensors(post)), flags=FINAL if final_sent else 0)
+            job.send(pb_utils.InferenceResponse(output_tensors=tensors(post)), final=final_sent)
         if not final_sent:
-            job.sender.send(flags=FINAL)
+            job.send()
 
     def call(self, model: str, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         request = pb_utils.InferenceRequest(model_name=model, inputs=tensors(inputs), requested_output_names=names)
         return outputs(request.exec())
 
     def stop_if_cancelled(self, job: Job) -> None:
-        if not job.stopped and job.decoding and job.sender.is_cancelled():
+        if not job.stopped and job.decoding and job.cancelled():
             self.stop(job)
 
     def stop(self, job: Job) -> None:
