@@ -18,10 +18,6 @@ from pathlib import Path
 from specinfer.serving.launcher import server_env, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["def main():\n    ", "import os\nimport sys\n", "class Config(object):\n    def __init__(self", "for i in range(",
-           "    return self.", "if __name__ == '__main__':\n", "# Copyright", "with open(path) as f:\n"]
-
-
 def counters(server, model: str) -> dict[str, float]:
     """One model's ``specinfer_*`` counters by name."""
     return {key.split("{")[0]: value for key, value in server.metrics().items() if key.endswith(f'{{model="{model}"}}')}
@@ -78,8 +74,11 @@ def main() -> None:
     ap.add_argument("--interval-ms", type=int, default=8000)
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
-    subprocess.run([sys.executable, str(ROOT / "build_scripts" / "make_demo_models.py")], check=True)
-    rows = run_triton(Path(args.model_repository), PROMPTS, args.max_tokens,
+    from benchmark import held_out_prompts
+    from specinfer.tokenizer import TextTokenizer
+
+    demo = ROOT / "engines" / "demo"
+    rows = run_triton(Path(args.model_repository), held_out_prompts(demo, TextTokenizer.from_checkpoint(demo / "llm"))[:8], args.max_tokens,
                       tuple(int(x) for x in args.concurrency.split(",")), args.interval_ms)
     print("command (per model and concurrency):", rows[0]["command"].replace(rows[0]["model"], "MODEL", 1))
     if args.json:

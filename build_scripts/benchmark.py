@@ -1,6 +1,8 @@
 """The benchmark: SpecInfer against incremental decoding and Hugging Face, in one run, one machine.
 
-On held-out prompts (files no training saw), with the demo models:
+On held-out prompts (engines/demo/prompts.json: chat questions on topics, coding tasks and
+standard-library files no SSM training saw, formatted with the chat template where they are chat),
+with the demo pair (SmolLM2-135M-Instruct, ssm-a, ssm-b):
 - engine, greedy, batch 1: incremental; chain (depth 8); the paper's tree <1,1,3,1,1,1,1,1> with
   each SSM and both merged; a width sweep <1,1,w,1,1,1,1,1>, w = 1..5;
 - engine, sampling at temperature 1: MSS with replacement, without replacement, naive sampling;
@@ -25,7 +27,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_demo_models import corpus_files  # noqa: E402
 
 from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig  # noqa: E402
 from specinfer.engine import DTYPES, EngineStats  # noqa: E402
@@ -36,27 +37,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER = (1, 1, 3, 1, 1, 1, 1, 1)
 
 
-def held_out_prompts(n: int, chars: int = 200) -> list[str]:
-    """Openings of functions from the held-out files, deterministically."""
-    _, held = corpus_files()
-    prompts = []
-    for path in held:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        at = text.find("\ndef ", len(text) // 3)
-        if at > 0:
-            prompts.append(text[at + 1: at + 1 + chars])
-        if len(prompts) == n:
-            break
-    return prompts
+def held_out_prompts(models: Path, tokenizer: TextTokenizer) -> list[str]:
+    """The held-out prompts as text, chat ones formatted by the chat template, kinds interleaved."""
+    sets = json.loads((models / "prompts.json").read_text())
+    chat = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in sets["chat"]]
+    plain = sets["code"] + sets["text"]
+    return [p for pair in zip(chat, plain) for p in pair] + chat[len(plain):] + plain[len(chat):]
 
 
 class Bench:
-    def __init__(self, models: Path, device: str, dtype: str, prompts: list[str], max_tokens: int) -> None:
+    def __init__(self, models: Path, device: str, dtype: str, max_tokens: int) -> None:
         load = lambda n: Transformer.from_pretrained(models / n, device=device, dtype=DTYPES[dtype])  # noqa: E731
         self.llm, self.ssms = load("llm"), {"ssm-a": load("ssm-a"), "ssm-b": load("ssm-b")}
         self.tokenizer = TextTokenizer.from_checkpoint(models / "llm")
         self.device, self.dtype = device, dtype
-        self.prompts = [self.tokenizer.encode(p) for p in prompts]
+        self.texts = held_out_prompts(models, self.tokenizer)
+        self.prompts = [self.tokenizer.encode(p) for p in self.texts]
         self.max_tokens = max_tokens
         self.rows: list[dict] = []
         self.reference: dict[int, list[list[int]]] = {}
@@ -140,28 +136,29 @@ def main() -> None:
     args = ap.parse_args()
     models, out = Path(args.models), Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    n, max_tokens = (3, 32) if args.quick else (8, 64)
+    n, max_tokens = (4, 48) if args.quick else (6, 48)
     started = time.monotonic()
-    bench = Bench(models, args.device, args.dtype, held_out_prompts(16), max_tokens)
+    bench = Bench(models, args.device, args.dtype, max_tokens)
     print(f"[bench] {platform.machine()} cpu threads={torch.get_num_threads()} device={args.device} dtype={args.dtype}; "
           f"{n} held-out prompts x {max_tokens} tokens", flush=True)
     print("[bench] engine, greedy, batch 1")
     bench.run("incremental", n_prompts=n)
     for ssms in (("ssm-a",), ("ssm-b",), ("ssm-a", "ssm-b")):
         label = "+".join(s[-1] for s in ssms)
+        bench.run(f"chain depth 2 ({label})", ssms, (1,) * 2, n_prompts=n)
         bench.run(f"chain depth 8 ({label})", ssms, (1,) * 8, n_prompts=n)
         bench.run(f"paper tree ({label})", ssms, PAPER, n_prompts=n)
-    for w in (range(1, 6) if not args.quick else (1, 3)):
+    for w in ((1, 2, 3, 5) if not args.quick else (1, 3)):
         bench.run(f"width {w} <1,1,{w},1,1,1,1,1> (a+b)", ("ssm-a", "ssm-b"), (1, 1, w, 1, 1, 1, 1, 1), n_prompts=n)
     print("[bench] engine, temperature 1, batch 1, paper tree (a+b)")
     for label, sampling, verifier in (("MSS with replacement", "with_replacement", "mss"),
                                       ("MSS without replacement", "without_replacement", "mss"),
                                       ("naive sampling", "with_replacement", "naive")):
-        for w in ((1, 3, 5) if not args.quick else (3,)):
+        for w in ((1, 3) if not args.quick else (3,)):
             bench.run(f"{label} w{w}", ("ssm-a", "ssm-b"), (1, 1, w, 1, 1, 1, 1, 1), temperature=1.0,
                       draft_sampling=sampling, verifier=verifier, n_prompts=n)
     print("[bench] engine, greedy, batch sizes")
-    for batch in ((4, 16) if not args.quick else (4,)):
+    for batch in (4, 16):
         bench.run(f"incremental batch {batch}", batch=batch, n_prompts=batch)
         bench.run(f"paper tree (a+b) batch {batch}", ("ssm-a", "ssm-b"), PAPER, batch=batch, n_prompts=batch)
     print("[bench] peer: Hugging Face transformers, greedy, batch 1")
@@ -171,9 +168,8 @@ def main() -> None:
         from bench_triton import run_triton
 
         print("[bench] through Triton (perf_analyzer, gRPC streaming)")
-        triton = run_triton(ROOT / "model_repository", [bench.tokenizer.decode(p) for p in bench.prompts[:8]],
-                            max_tokens, (1, 4) if args.quick else (1, 2, 4, 8, 16),
-                            interval_ms=3000 if args.quick else 8000)
+        triton = run_triton(ROOT / "model_repository", bench.texts[:8], max_tokens,
+                            (1, 4) if args.quick else (1, 4, 16), interval_ms=3000 if args.quick else 6000)
     report = {"machine": {"arch": platform.machine(), "threads": torch.get_num_threads(), "device": args.device,
                           "dtype": args.dtype, "torch": torch.__version__},
               "quick": args.quick, "engine": bench.rows, "hf": peer, "triton": triton,

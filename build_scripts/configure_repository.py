@@ -3,7 +3,7 @@
   python build_scripts/configure_repository.py --llm DIR --ssm DIR [--ssm DIR ...] \
       --expansion 1,1,3,1,1,1,1,1 --output DIR
 
-The LLM folder must hold tokenizer.json (preprocessing/postprocessing use it). Paths are written
+The LLM (a folder with tokenizer.json, or a .gguf file) brings the tokenizer pre/postprocessing use. Paths are written
 absolute, so the repository can be served from anywhere on this machine.
 """
 from __future__ import annotations
@@ -14,13 +14,14 @@ from pathlib import Path
 from specinfer import TreeConfig
 from specinfer.config import ATTENTION, parse_expansion
 from specinfer.checkpoint import read_model_args
+from specinfer.gguf_checkpoint import is_gguf
 from specinfer.serving.repository import RepositoryOptions, write_repository
 from specinfer.serving.requests import Limits
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llm", required=True, help="Hugging Face Llama checkpoint folder with tokenizer.json")
+    ap.add_argument("--llm", required=True, help="Llama checkpoint: a Hugging Face folder with tokenizer.json, or a .gguf file")
     ap.add_argument("--ssm", action="append", default=[], help="SSM checkpoint folder (repeat to merge several)")
     ap.add_argument("--expansion", default="1,1,3,1,1,1,1,1", help="tree expansion <k1,...,km>")
     ap.add_argument("--output", required=True, help="folder to write the repository into")
@@ -43,7 +44,7 @@ def main() -> None:
     TreeConfig(expansion=expansion).check_size(max(1, len(args.ssm)))  # fail here, not at server start
     llm = Path(args.llm).resolve()
     vocab = read_model_args(llm).vocab_size
-    if not (llm / "tokenizer.json").is_file():
+    if not is_gguf(llm) and not (llm / "tokenizer.json").is_file():
         raise SystemExit(f"error: {llm} has no tokenizer.json")
     for ssm in args.ssm:
         if read_model_args(ssm).vocab_size != vocab:

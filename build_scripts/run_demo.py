@@ -1,15 +1,15 @@
-"""The main job: demo models (made if missing), a real tritonserver on model_repository/, one request.
+"""The main job: a real tritonserver on model_repository/ (SmolLM2-135M-Instruct + the demo SSMs).
 
-Streams a completion from the `specinfer` ensemble over gRPC, prints it with tokens per LLM step,
-then sends the same request to `incremental` and prints the speedup (median of a few runs each).
+Streams two answers from the `specinfer` ensemble over gRPC, a chat question (formatted by the
+model's chat template: the ensemble's `apply_chat_template` input) and a plain-text completion,
+prints each with tokens per LLM step, then sends the same requests to `incremental` and prints the
+speedup (median of a few runs each).
 """
 from __future__ import annotations
 
 import argparse
 import queue
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,14 +21,15 @@ from specinfer.serving.launcher import start_server
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def stream(client, model: str, prompt: str, max_tokens: int, echo: bool = False) -> tuple[str, dict, float]:
+def stream(client, model: str, prompt: str, max_tokens: int, chat: bool, echo: bool = False) -> tuple[str, dict, float]:
     """One streamed request; returns the text, the final counters and the wall time."""
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     inputs = []
     for name, value, dtype in [("text_input", np.array([prompt.encode()], dtype=np.object_), "BYTES"),
                                ("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"),
-                               ("stream", np.array([True]), "BOOL")]:
+                               ("stream", np.array([True]), "BOOL"),
+                               ("apply_chat_template", np.array([chat]), "BOOL")]:
         t = grpcclient.InferInput(name, [1], dtype)
         t.set_data_from_numpy(value)
         inputs.append(t)
@@ -56,34 +57,36 @@ def stream(client, model: str, prompt: str, max_tokens: int, echo: bool = False)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--prompt", default="def fibonacci(n):\n    ")
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--chat", default="What are three good habits for writing clean Python code?")
+    ap.add_argument("--text", default="def fibonacci(n):\n    ")
+    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    subprocess.run([sys.executable, str(ROOT / "build_scripts" / "make_demo_models.py")], check=True)
     print("[demo] starting tritonserver on model_repository/ ...", flush=True)
     server = start_server(ROOT / "model_repository")
     try:
         print(f"[demo] server ready in {server.started_s:.1f} s (HTTP {server.http_url}, gRPC {server.grpc_url})")
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        print(f"[demo] prompt: {args.prompt!r}\n[demo] specinfer streams: ", end="")
-        text, c, _ = stream(client, "specinfer", args.prompt, args.max_tokens, echo=True)
-        print(f"\n[demo] {c['num_output_tokens']} tokens in {c['num_llm_steps']} LLM steps: "
-              f"{c['num_output_tokens'] / c['num_llm_steps']:.2f} tokens per LLM step, "
-              f"{c['total_accepted_draft_tokens']}/{c['total_draft_tokens']} draft tokens accepted")
-        times = {}
-        for model in ("specinfer", "incremental"):
-            runs = [stream(client, model, args.prompt, args.max_tokens) for _ in range(args.repeat)]
-            assert all(r[0] == text for r in runs), f"{model} gave another text"
-            times[model] = statistics.median(r[2] for r in runs)
-        print(f"[demo] same request, median of {args.repeat}: specinfer {times['specinfer'] * 1000:.0f} ms, "
-              f"incremental {times['incremental'] * 1000:.0f} ms -> speedup {times['incremental'] / times['specinfer']:.2f}x "
-              f"(identical text)")
-        print("[demo] to keep a server running for your own clients:\n"
+        for prompt, chat in ((args.chat, True), (args.text, False)):
+            kind = "chat message (chat template applied)" if chat else "plain text"
+            print(f"\n[demo] {kind}: {prompt!r}\n[demo] specinfer streams:\n", end="")
+            text, c, _ = stream(client, "specinfer", prompt, args.max_tokens, chat, echo=True)
+            print(f"\n[demo] {c['num_output_tokens']} tokens in {c['num_llm_steps']} LLM steps: "
+                  f"{c['num_output_tokens'] / c['num_llm_steps']:.2f} tokens per LLM step, "
+                  f"{c['total_accepted_draft_tokens']}/{c['total_draft_tokens']} draft tokens accepted")
+            times = {}
+            for model in ("specinfer", "incremental"):
+                runs = [stream(client, model, prompt, args.max_tokens, chat) for _ in range(args.repeat)]
+                assert all(r[0] == text for r in runs), f"{model} gave another text"
+                times[model] = statistics.median(r[2] for r in runs)
+            print(f"[demo] same request, median of {args.repeat}: specinfer {times['specinfer'] * 1000:.0f} ms, "
+                  f"incremental {times['incremental'] * 1000:.0f} ms -> speedup "
+                  f"{times['incremental'] / times['specinfer']:.2f}x (identical text)")
+        print("\n[demo] to keep a server running for your own clients:\n"
               "  .venv/bin/python build_scripts/launch_server.py --model-repository model_repository "
               "--http-port 8000 --grpc-port 8001 --metrics-port 8002\n"
               "  curl -X POST localhost:8000/v2/models/specinfer/generate "
-              "-d '{\"text_input\": \"def main():\", \"max_tokens\": 32}'")
+              "-d '{\"text_input\": \"What is a black hole?\", \"max_tokens\": 64, \"apply_chat_template\": true}'")
     finally:
         server.stop()
 

@@ -17,11 +17,14 @@ from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
 from conftest import make_llama
 from specinfer import SamplingParams, SpecInferEngine
 from specinfer.serving.launcher import Server, start_server
+from specinfer.tokenizer import TextTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCH = 8
 PROMPTS = ["def main():", "import os\n", "class Foo(object):\n    ", "for i in range(10):", "x = [1, 2, 3]",
            "return None", "# comment: é ü 日本", "while True:\n"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<s>' + m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<s>assistant: ' }}{% endif %}")
 
 
 def make_repository(root: Path) -> tuple[Path, Path]:
@@ -35,7 +38,7 @@ def make_repository(root: Path) -> tuple[Path, Path]:
         show_progress=False))
     vocab = tok.get_vocab_size()
     llm = make_llama(root / "llm", seed=60, vocab=vocab, max_position_embeddings=4096)
-    tok.save(str(llm / "tokenizer.json"))
+    TextTokenizer(tok, CHAT_TEMPLATE, {"eos_token": "</s>"}).save(llm)
     ssms = [make_llama(root / "ssm-close", seed=61, noise_from=llm, noise=0.25),
             make_llama(root / "ssm-other", seed=62, vocab=vocab, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)]

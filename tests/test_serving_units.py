@@ -1,6 +1,8 @@
 """Serving helpers without a server: request parsing, stop words, streamed detokenization, repository."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
 
 from specinfer.serving.detokenize import sendable, text_delta
 from specinfer.serving.repository import RepositoryOptions, repository_files, repository_path
-from specinfer.serving.requests import (Limits, decode_prompt, decode_stop_ids, encode_stop_words, require,
+from specinfer.serving.requests import (Limits, chat_messages, decode_prompt, decode_stop_ids, encode_stop_words, require,
                                         sampling_from_inputs)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +138,11 @@ def test_repository_paths_are_relative_to_the_repository(tmp_path):
     model_dir = tmp_path / "repo" / "specinfer_llm"
     assert repository_path("../engines/demo/llm", model_dir) == (tmp_path / "engines" / "demo" / "llm").resolve()
     assert repository_path("/abs/llm", model_dir) == Path("/abs/llm")
+
+
+def test_chat_messages_from_text_input():
+    assert chat_messages("hello") == [{"role": "user", "content": "hello"}]
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u", "extra": 1}]
+    assert chat_messages(json.dumps(msgs)) == [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    for text in ("[1, 2, 3] sorted?", "[]", '[{"role": "user"}]', "{not json"):  # not a message list: one message
+        assert chat_messages(text) == [{"role": "user", "content": text}]

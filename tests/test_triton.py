@@ -29,6 +29,22 @@ def test_http_generate_equals_incremental_engine(served):
         assert out["total_accepted_draft_tokens"] <= out["total_draft_tokens"]
 
 
+@pytest.mark.parametrize("model", ["specinfer", "specinfer_bls"])
+def test_chat_template_input_formats_the_prompt(served, model):
+    server, engine, _ = served
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def main():"}]
+    for text, chat in (("def main():", [messages[1]]), (json.dumps(messages), messages)):
+        status, out = post(server, f"/v2/models/{model}/generate",
+                           {"text_input": text, "max_tokens": 10, "apply_chat_template": True})
+        assert status == 200, out
+        prompt = engine.tokenizer.apply_chat_template(chat)
+        assert prompt.startswith("<s>") and prompt.endswith("<s>assistant: ")
+        assert ids(out) == expected(engine, prompt, 10)
+    status, out = post(server, f"/v2/models/{model}/generate",
+                       {"text_input": "def main():", "max_tokens": 10, "apply_chat_template": False})
+    assert status == 200 and ids(out) == expected(engine, "def main():", 10)
+
+
 def test_incremental_model_has_the_same_interface_and_output(served):
     server, engine, _ = served
     status, out = post(server, "/v2/models/incremental/generate", {"text_input": PROMPTS[0], "max_tokens": 12})

@@ -1,4 +1,5 @@
-"""Triton Python model: ``text_input`` (and ``stop_words``) -> token ids, with the LLM's tokenizer.
+"""Triton Python model: ``text_input`` (and ``stop_words``) -> token ids, with the LLM's tokenizer;
+with ``apply_chat_template`` true the text is first formatted by the tokenizer's chat template.
 
 It is the first step every request reaches (ensemble or BLS), so it enforces the required inputs by
 name and the repository's size limits before tokenising anything; ``max_tokens`` passes through it
@@ -13,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..tokenizer import TextTokenizer
 from .repository import model_parameters, repository_path
-from .requests import Limits, decode_prompt, encode_stop_words, require
+from .requests import Limits, chat_messages, decode_prompt, encode_stop_words, require, scalar
 
 REQUIRED = ("text_input", "max_tokens")
 
@@ -41,10 +42,13 @@ class TritonPythonModel(TokenizerModel):
     def respond(self, request):
         try:
             tensors = {name: pb_utils.get_input_tensor_by_name(request, name)
-                       for name in (*REQUIRED, "stop_words")}
+                       for name in (*REQUIRED, "stop_words", "apply_chat_template")}
             tensors = {name: None if t is None else t.as_numpy() for name, t in tensors.items()}
             require(tensors, REQUIRED)
             text = decode_prompt(tensors["text_input"], self.limits)
+            chat = tensors["apply_chat_template"]
+            if chat is not None and bool(scalar("apply_chat_template", chat)):
+                text = self.tokenizer.apply_chat_template(chat_messages(text))
             stop_ids = encode_stop_words(tensors["stop_words"], self.tokenizer.encode, self.limits)
             ids = np.array(self.tokenizer.encode(text), dtype=np.int32)
             if ids.size == 0:

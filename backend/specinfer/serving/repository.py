@@ -20,7 +20,7 @@ POST_COUNTER_INPUTS = ["NUM_OUTPUT_TOKENS", "NUM_LLM_STEPS", "DRAFT_TOKENS", "AC
 SAMPLING_INPUTS = [("stream", "TYPE_BOOL"), ("temperature", "TYPE_FP32"), ("top_k", "TYPE_INT32"),
                    ("top_p", "TYPE_FP32"), ("random_seed", "TYPE_UINT64"), ("end_id", "TYPE_INT32")]
 # The pipeline both the ensemble and the BLS model run, as tensor names (one definition for both).
-PRE_INPUTS = ["text_input", "max_tokens", "stop_words"]
+PRE_INPUTS = ["text_input", "max_tokens", "stop_words", "apply_chat_template"]
 PRE_OUTPUTS = ["input_ids", "stop_ids", "max_tokens"]  # the decoding model's inputs of the same names
 DECODE_OUTPUTS = ["output_ids", "context_ids"] + [n for n, _ in COUNTERS]
 POST_INPUTS = {"TOKENS": "output_ids", "CONTEXT": "context_ids",  # postprocessing input <- decoding output
@@ -37,12 +37,13 @@ ENTRY = {
 @dataclass(frozen=True)
 class RepositoryOptions:
     llm: str = "../engines/demo/llm"
-    ssms: tuple[str, ...] = ("../engines/demo/ssm-b",)  # the fastest demo set measured (README, Benchmarks)
-    expansion: tuple[int, ...] = (1, 1, 3, 1, 1, 1, 1, 1)
+    ssms: tuple[str, ...] = ("../engines/demo/ssm-a",)  # the fastest demo set measured (README, Benchmarks)
+    expansion: tuple[int, ...] = (1, 1)  # a short chain: the demo SSMs agree with the LLM on ~40% of tokens
     device: str = "cpu"
     dtype: str = "float32"
     max_batch_size: int = 16  # concurrent requests per decoding model; more wait in its queue
-    max_context: int = 0  # 0: the LLM's max_position_embeddings
+    max_context: int = 2048  # tokens per request (0: the LLM's max_position_embeddings, 8192 for SmolLM2:
+    # 6 GB of KV cache per decoding model at 16 rows in fp32)
     draft_sampling: str = "with_replacement"
     verifier: str = "mss"
     attention: str = ""  # "sdpa" | "triton"; empty: the engine's default for the device (triton on CUDA)
@@ -110,7 +111,8 @@ def client_tensors() -> tuple[list[str], list[str]]:
     response at all), so preprocessing checks them by name and answers 400."""
     inputs = [tensor("text_input", "TYPE_STRING", "1", optional=True), tensor("max_tokens", "TYPE_INT32", "1", optional=True)]
     inputs += [tensor(n, t, "1", optional=True) for n, t in SAMPLING_INPUTS]
-    inputs += [tensor("stop_words", "TYPE_STRING", "-1", optional=True)]
+    inputs += [tensor("stop_words", "TYPE_STRING", "-1", optional=True),
+               tensor("apply_chat_template", "TYPE_BOOL", "1", optional=True)]
     outputs = [tensor("text_output", "TYPE_STRING", "-1"), tensor("output_ids", "TYPE_INT32", "-1")]
     outputs += [tensor(n, t, "1") for n, t in COUNTERS]
     return inputs, outputs
@@ -139,7 +141,8 @@ def repository_files(opts: RepositoryOptions) -> dict[str, str]:
     pre = python_model(
         "preprocessing",
         [tensor("text_input", "TYPE_STRING", "1", optional=True), tensor("max_tokens", "TYPE_INT32", "1", optional=True),
-         tensor("stop_words", "TYPE_STRING", "-1", optional=True)],
+         tensor("stop_words", "TYPE_STRING", "-1", optional=True),
+         tensor("apply_chat_template", "TYPE_BOOL", "1", optional=True)],
         [tensor("input_ids", "TYPE_INT32", "-1"), tensor("stop_ids", "TYPE_INT32", "-1"),
          tensor("max_tokens", "TYPE_INT32", "1")], tok | opts.limits.parameters(), instances=2)
     post = python_model(

@@ -1,6 +1,8 @@
 """Triton request tensors -> engine inputs, with errors that name the field (no Triton imports)."""
 from __future__ import annotations
 
+import json
+
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
@@ -120,3 +122,16 @@ def sampling_from_inputs(inputs: dict[str, np.ndarray | None], limits: Limits) -
     kwargs["stop_sequences"] = decode_stop_ids(inputs.get("stop_ids"), limits)
     stream = bool(scalar("stream", inputs["stream"])) if inputs.get("stream") is not None else False
     return SamplingParams(**kwargs), stream
+
+
+def chat_messages(text: str) -> list[dict[str, str]]:
+    """``text_input`` as chat messages for ``apply_chat_template``: a JSON list of ``{"role", "content"}``
+    objects where it is one, else a single user message."""
+    try:
+        messages = json.loads(text)
+    except json.JSONDecodeError:
+        messages = None
+    if isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [{"role": "user", "content": text}]
