@@ -81,7 +81,7 @@ CODE_TASKS = [
     "checks whether a year is a leap year", "counts how often each character occurs", "rotates a list by k positions",
 ]
 CODE_TEMPLATES = ["Write a Python function that {}.", "Show me Python code that {}, with a docstring."]
-COUNTS = dict(code_windows=448, prompt_tokens=48, new_tokens=96, chat_tokens=128)
+COUNTS = dict(prompt_tokens=48, new_tokens=96, chat_tokens=128)
 
 
 def log(msg: str) -> None:
@@ -115,7 +115,7 @@ def code_windows(files: list[Path], tok, n: int, seed: int) -> list[list[int]]:
     return out
 
 
-def prompt_sets(tok) -> dict[str, dict[str, list]]:
+def prompt_sets(tok, windows: int) -> dict[str, dict[str, list]]:
     """Train and held-out prompts (token ids) with their kind and the new tokens they get."""
     chat = lambda q: tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))  # noqa: E731
     sets: dict[str, dict[str, list]] = {"train": {}, "held_out": {}}
@@ -130,7 +130,7 @@ def prompt_sets(tok) -> dict[str, dict[str, list]]:
         split = sets["held_out" if held_out(task) else "train"]
         split["code_chat"] += [(t.format(task), chat(t.format(task))) for t in CODE_TEMPLATES]
     train_files, held_files = stdlib_files()
-    sets["train"]["code"] = [(None, ids) for ids in code_windows(train_files, tok, COUNTS["code_windows"], seed=1)]
+    sets["train"]["code"] = [(None, ids) for ids in code_windows(train_files, tok, windows, seed=1)]
     sets["held_out"]["code"] = [(None, ids) for ids in code_windows(held_files, tok, 64, seed=2)]
     return sets
 
@@ -148,11 +148,12 @@ def generate(engine, prompts: list[list[int]], limits: list[int], temperature: f
     return out
 
 
-def teacher_labels(engine, seqs: list[list[int]], batch: int) -> list[list[int]]:
-    """The LLM's greedy next token after every prefix of each sequence (one causal forward each)."""
+def greedy_next(model, seqs: list[list[int]], batch: int) -> list[list[int]]:
+    """A model's greedy next token after every prefix of each sequence (one causal forward each):
+    the LLM's labels for the SSMs, and an SSM's predictions when its agreement is measured."""
     from specinfer.runner import ModelRunner, chain_batch
 
-    runner = ModelRunner(engine.llm.model, batch, SEQ + 2)
+    runner = ModelRunner(model, batch, max(len(s) for s in seqs) + 1)
     labels = []
     with torch.no_grad():
         for i in range(0, len(seqs), batch):
@@ -172,8 +173,7 @@ def stage_data(llm: Path, device: str, repeats: int, windows: int) -> None:
     batch = 256 if device.startswith("cuda") else 64
     engine = SpecInferEngine.from_pretrained(llm, device=device, max_batch_size=batch, max_context=SEQ)
     tok = engine.tokenizer
-    COUNTS["code_windows"] = windows
-    sets = prompt_sets(tok)
+    sets = prompt_sets(tok, windows)
     prompts, limits, kinds = [], [], []
     for kind, items in sets["train"].items():
         prompts += [ids[: SEQ - COUNTS["chat_tokens"]] for _, ids in items]
@@ -189,7 +189,7 @@ def stage_data(llm: Path, device: str, repeats: int, windows: int) -> None:
         for i, out in zip(pick, outs):
             seqs.append((prompts[i] + out)[:SEQ + 1])
             starts.append(0 if kinds[i] in ("code", "prose") else len(prompts[i]) - 1)
-    labels = teacher_labels(engine, seqs, 64)
+    labels = greedy_next(engine.llm.model, seqs, 64)
     tokens = np.zeros((len(seqs), SEQ + 1), np.int32)
     targets = np.zeros((len(seqs), SEQ + 1), np.int32)
     mask = np.zeros((len(seqs), SEQ + 1), np.uint8)
@@ -314,10 +314,11 @@ def stage_save(trained: Path, llm: Path) -> None:
     log(f"saved {', '.join(ARCH)} in {DEMO}")
 
 
-def latency_ms(engine, tokens: int = 32) -> float:
+def latency_ms(model, tokens: int = 32) -> float:
     """Incremental decoding at batch size 1 in this engine, fp32: ms per generated token."""
-    from specinfer import SamplingParams
+    from specinfer import EngineConfig, SamplingParams, SpecInferEngine
 
+    engine = SpecInferEngine(model, [], EngineConfig(max_batch_size=1, max_context=512))
     engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, ignore_eos=True), speculate=False)
     start = time.perf_counter()
     engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=tokens, ignore_eos=True), speculate=False)
@@ -335,20 +336,18 @@ def stage_report(llm: Path) -> None:
     results = engine.generate(prompts, SamplingParams(max_tokens=48), speculate=False)
     seqs = [p + r.token_ids for p, r in zip(prompts, results)]
     report = {"llm": {"parameters": sum(p.numel() for p in engine.llm.model.parameters()),
-                      "ms_per_token_cpu_fp32": round(latency_ms(SpecInferEngine.from_pretrained(llm, max_batch_size=1, max_context=512)), 2)},
+                      "ms_per_token_cpu_fp32": round(latency_ms(engine.llm.model), 2)},
               "held_out": {"prompts": len(prompts), "llm_tokens": sum(len(r.token_ids) for r in results)}}
     for name in ARCH:
         ssm = Transformer.from_pretrained(DEMO / name)
         hits = total = 0
-        with torch.no_grad():
-            for p, seq in zip(prompts, seqs):
-                pred = hf_free_argmax(ssm, seq)
-                hits += int((pred[len(p) - 1:-1] == torch.tensor(seq[len(p):])).sum())
-                total += len(seq) - len(p)
+        for p, seq, pred in zip(prompts, seqs, greedy_next(ssm, seqs, 32)):
+            hits += sum(a == b for a, b in zip(pred[len(p) - 1:-1], seq[len(p):]))
+            total += len(seq) - len(p)
         info = json.loads((DEMO / name / "train.json").read_text())
         report[name] = {"parameters": sum(p.numel() for p in ssm.parameters()), "training": info,
                         "held_out_top1_agreement": round(hits / total, 4),
-                        "ms_per_token_cpu_fp32": round(latency_ms(SpecInferEngine.from_pretrained(DEMO / name, max_batch_size=1, max_context=512)), 2)}
+                        "ms_per_token_cpu_fp32": round(latency_ms(ssm), 2)}
         log(f"{name}: {report[name]}")
     report["llm_over_ssm_cost"] = {n: round(report["llm"]["ms_per_token_cpu_fp32"] / report[n]["ms_per_token_cpu_fp32"], 1) for n in ARCH}
     (DEMO / "models.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -357,15 +356,6 @@ def stage_report(llm: Path) -> None:
                     "code": [engine.tokenizer.decode(p["ids"]) for p in held["code"][:4]]}
     (DEMO / "prompts.json").write_text(json.dumps(eval_prompts, indent=2) + "\n")
     log(json.dumps(report, indent=2))
-
-
-def hf_free_argmax(model, ids: list[int]) -> torch.Tensor:
-    """Greedy next token at every position of ``ids`` (one causal prefill in this engine's model)."""
-    from specinfer.runner import ModelRunner, chain_batch
-
-    runner = ModelRunner(model, 1, len(ids) + 1)
-    logits = runner.forward([0], [0], chain_batch([ids]))
-    return logits[0].argmax(-1)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 The ``gguf`` package reads the file and dequantises every tensor type it knows (F32, F16, BF16,
 Q4_0 ... Q8_0, the K-quants); this module maps llama.cpp's names and metadata onto a Hugging Face
 ``config.json`` dictionary and state dict, so the rest of the engine sees one checkpoint format.
-The tokenizer is converted by ``transformers`` (its GGUF tokenizer converters).
+The file's tokenizer is read in ``tokenizer.py``.
 """
 from __future__ import annotations
 
@@ -155,14 +155,3 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             weight = unpermute_rope(weight, config["num_key_value_heads"])
         state[name] = torch.from_numpy(np.array(weight, dtype=np.float32))  # a copy: the file is memory-mapped read-only
     return GGUFCheckpoint(config, state)
-
-
-def gguf_tokenizer(path: str | Path):
-    """The file's tokenizer as ``transformers`` converts it: (``tokenizers.Tokenizer``, special tokens, chat template)."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    _config(_reader(path), path)  # the architecture check, before transformers' own messages
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    special = {k: getattr(tok, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if getattr(tok, k, None)}
-    return tok.backend_tokenizer, special, getattr(tok, "chat_template", None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .gguf_checkpoint import gguf_tokenizer, is_gguf
+from .gguf_checkpoint import is_gguf, read_gguf_config
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -22,8 +22,7 @@ class TextTokenizer:
     def from_checkpoint(cls, path: str | Path) -> "TextTokenizer | None":
         """The tokenizer of a checkpoint folder or ``.gguf`` file; None where the folder has none."""
         if is_gguf(path):
-            tok, special, template = gguf_tokenizer(path)
-            return cls(tok, template, special)
+            return cls.from_gguf(path)
         folder = Path(path)
         if not (folder / "tokenizer.json").is_file():
             return None
@@ -40,6 +39,18 @@ class TextTokenizer:
             if value:
                 special[key] = value
         return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), template, special)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> "TextTokenizer":
+        """A ``.gguf`` file's tokenizer, special tokens and chat template, as ``transformers``' GGUF
+        tokenizer converters make them."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        read_gguf_config(path)  # the architecture check, before transformers' own messages
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        special = {k: getattr(tok, k) for k in SPECIAL_TOKENS if getattr(tok, k, None)}
+        return cls(tok.backend_tokenizer, getattr(tok, "chat_template", None), special)
 
     def save(self, folder: str | Path) -> None:
         """``tokenizer.json`` and a ``tokenizer_config.json`` (special tokens, chat template) that
