@@ -49,6 +49,21 @@ def test_sharded_checkpoint_loads_and_matches(tmp_path):
         torch.testing.assert_close(logits, hf(torch.tensor([seq])).logits[0], rtol=1e-4, atol=1e-4)
 
 
+def test_scattered_rows_equal_consecutive_rows(tmp_path):
+    """Consecutive rows are read as cache views (a slice), others gathered: same logits either way."""
+    model = Transformer.from_pretrained(make_llama(tmp_path / "m", seed=8))
+    seqs = prompts(2, seed=9, lo=4, hi=20)
+    views, gathered = ModelRunner(model, 4, 64), ModelRunner(model, 4, 64)
+    assert isinstance(views.cache.rows_index([1, 2], torch.device("cpu")), slice)
+    assert isinstance(gathered.cache.rows_index([3, 0], torch.device("cpu")), torch.Tensor)
+    first = [views.forward([1, 2], [0, 0], chain_batch(seqs)), gathered.forward([3, 0], [0, 0], chain_batch(seqs))]
+    torch.testing.assert_close(first[0], first[1])
+    step = chain_batch([[5], [7]])  # decoding over the cached prompts
+    lens = [len(s) for s in seqs]
+    torch.testing.assert_close(views.forward([1, 2], lens, step), gathered.forward([3, 0], lens, step))
+    torch.testing.assert_close(views.cache.k[0][1:3], gathered.cache.k[0][[3, 0]])
+
+
 @pytest.mark.parametrize("speculate", [False, True])
 def test_greedy_output_equals_hf_generate(models, speculate):
     hf = LlamaForCausalLM.from_pretrained(models["llm"]).eval()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Rows
 from .tree import packed_mask
 
 @dataclass
@@ -39,7 +39,7 @@ class DenseMask:
     def to(self, device: torch.device) -> "DenseMask":
         return DenseMask(self.mask.to(device))
 
-    def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: Rows) -> torch.Tensor:
         """``[B, T, H, D]`` attention output of ``q [B, T, H, D]``."""
         keys, values = cache.read(layer, rows, self.mask.shape[-1])
         out = F.scaled_dot_product_attention(
@@ -64,9 +64,11 @@ class PackedTreeMask:
     def to(self, device: torch.device) -> "PackedTreeMask":
         return PackedTreeMask(self.lengths.to(device), self.bits.to(device), self.region)
 
-    def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: Rows) -> torch.Tensor:
         from .kernels import tree_attention  # triton is imported only where this backend is chosen
 
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop, device=q.device)
         return tree_attention(q, cache.k[layer], cache.v[layer], rows, self.lengths, self.bits, self.region)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .attention import Visibility
 from .checkpoint import ModelArgs, read_checkpoint
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Rows
 
 
 class RMSNorm(nn.Module):
@@ -62,19 +62,19 @@ class Attention(nn.Module):
         self.layer = layer
         self.heads, self.kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.qkv_proj = nn.Linear(args.hidden_size, sum(self.split), bias=bias)  # q, k, v fused (one matmul)
         self.o_proj = nn.Linear(self.heads * self.head_dim, args.hidden_size, bias=bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-        rows: torch.Tensor, slots: torch.Tensor, visibility: Visibility,
+        rows: Rows, slots: torch.Tensor, visibility: Visibility,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(b, t, self.heads, self.head_dim)
+        k = k.view(b, t, self.kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         cache.write(self.layer, rows, slots, k, v)
@@ -86,12 +86,12 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         h, i, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)  # gate and up fused (one matmul)
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -115,6 +115,25 @@ class LlamaBody(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face's separate q/k/v and gate/up weights (and biases) as this model's fused ones.
+
+    A layer missing one of the parts is left as it is, for the load's name check to report.
+    """
+    state = dict(state)
+    for fused, parts in FUSED.items():
+        for name in [k for k in state if f".{parts[0]}." in k]:
+            prefix, suffix = name.split(f".{parts[0]}.")
+            names = [f"{prefix}.{part}.{suffix}" for part in parts]
+            if all(n in state for n in names):
+                state[f"{prefix}.{fused}.{suffix}"] = torch.cat([state.pop(n) for n in names])
+    return state
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -130,7 +149,7 @@ class Transformer(nn.Module):
         args, state = read_checkpoint(folder)
         with torch.device("meta"):
             model = cls(args)
-        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+        state = fuse_projections({k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")})
         expected = set(model.state_dict())
         if args.tie_word_embeddings:
             state.pop("lm_head.weight", None)
@@ -156,7 +175,7 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: Rows,
         slots: torch.Tensor, visibility: Visibility, output_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, V]`` for ``tokens [B, T]`` at ``positions``, written to ``slots`` of ``rows``.

@@ -77,7 +77,7 @@ class ModelRunner:
         dev = self.device
         start = time.perf_counter()
         logits = self.model(
-            nodes.tokens.to(dev), positions.to(dev), self.cache, torch.tensor(rows, device=dev),
+            nodes.tokens.to(dev), positions.to(dev), self.cache, self.cache.rows_index(rows, dev),
             slots.to(dev), visibility.to(dev), None if output_index is None else output_index.to(dev),
         )
         if dev.type == "cuda":

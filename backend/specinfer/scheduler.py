@@ -26,6 +26,7 @@ class Scheduler:
             seq.row = self.free_rows.pop()
             admitted.append(seq)
         self.running.extend(admitted)
+        self.running.sort(key=lambda s: s.row)  # consecutive rows let the cache be read without copies
         return admitted
 
     def abort(self, seq: Sequence) -> None:
