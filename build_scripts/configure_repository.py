@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=0, help="tokens per request (0: the LLM's maximum)")
     ap.add_argument("--draft-sampling", default="with_replacement", choices=["with_replacement", "without_replacement"])
     ap.add_argument("--verifier", default="mss", choices=["mss", "naive"])
+    ap.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                    help="adaptive trees: the expansion is the largest tree, each step drafts and verifies what pays off")
     ap.add_argument("--bls-name", default="specinfer_bls",
                     help="name of the BLS model (tensorrt_llm_bls is the name TensorRT-LLM's clients know)")
     limits = Limits()
@@ -52,7 +54,7 @@ def main() -> None:
     opts = RepositoryOptions(
         llm=str(llm), ssms=tuple(str(Path(s).resolve()) for s in args.ssm), expansion=expansion,
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_context=args.max_context,
-        draft_sampling=args.draft_sampling, verifier=args.verifier, bls_name=args.bls_name, attention=args.attention or "",
+        draft_sampling=args.draft_sampling, verifier=args.verifier, adaptive=args.adaptive, bls_name=args.bls_name, attention=args.attention or "",
         limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )
     out = write_repository(args.output, opts)

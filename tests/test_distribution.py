@@ -1,7 +1,7 @@
 """Stochastic verification emits tokens distributed exactly as the LLM samples them.
 
 A mock LLM and mock SSMs have known distributions at every prefix over a 5-token vocabulary. The
-real drafting (``draft.expand``), merging and verifiers decode the first two tokens many times; the
+real drafting (``draft.expand``), merging, adaptive pruning and verifiers decode the first two tokens many times; the
 empirical joint distribution must lie within a total-variation bound of the exact one. The bound is
 E[TV] (from the exact distribution and the sample count) plus a McDiarmid deviation at 1e-5, so a
 correct verifier fails it with probability < 1e-5 (and never, given the fixed seeds); a verifier
@@ -16,11 +16,14 @@ from functools import lru_cache
 import pytest
 import torch
 
+from dataclasses import replace
+
 from specinfer import SamplingParams
+from specinfer.adaptive import best_nodes, path_probability
 from specinfer.draft import expand
 from specinfer.sampling import make_generator
 from specinfer.sequence import Sequence
-from specinfer.tree import TreeBuilder, merge_trees
+from specinfer.tree import TreeBuilder, merge_trees, prune
 from specinfer.verify import mss_verify, naive_verify
 
 V = 5
@@ -43,8 +46,9 @@ def ssm_logits(ssm: int, prefix: tuple[int, ...]) -> torch.Tensor:
     return 1.5 * base_logits(0, prefix) + 2.0 * base_logits(ssm + 1, prefix)
 
 
-def draft(root_prefix: tuple[int, ...], ssm: int, expansion: tuple[int, ...], replacement: bool, seq: Sequence):
-    builder = TreeBuilder(root_prefix[-1])
+def draft(root_prefix: tuple[int, ...], ssm: int, expansion: tuple[int, ...], replacement: bool, seq: Sequence,
+          selected: bool = False):
+    builder = TreeBuilder(root_prefix[-1], selected=selected)
     prefixes = {0: root_prefix}
     level = [0]
     for width in expansion:
@@ -59,11 +63,19 @@ def decode_two(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence, 
     committed: tuple[int, ...] = (0,)
     out: list[int] = []
     while len(out) < 2:
-        built = [draft(committed, s, shape, method != "mss_without", seq) for s, shape in enumerate(shapes)]
+        adaptive = method.startswith("adaptive")
+        built = [draft(committed, s, shape, method != "mss_without", seq, adaptive) for s, shape in enumerate(shapes)]
         tree = merge_trees([t for t, _ in built])
+        if adaptive:  # the nodes most likely accepted, as many as a random cost model would take
+            keep = int(torch.randint(0, tree.size, (), generator=seq.generator))
+            tree = prune(tree, best_nodes(tree, path_probability(tree, tree.confidence), keep))
         node_prefix = {0: committed}
         for i in range(1, tree.size):
             node_prefix[i] = node_prefix[int(tree.parents[i])] + (int(tree.tokens[i]),)
+        if method == "adaptive_as_sampled":  # the deliberate bug: selected candidates tested as draws from q
+            q = torch.stack([torch.stack([torch.softmax(ssm_logits(s, node_prefix[u]), -1) for u in range(tree.size)])
+                             for s in range(len(shapes))])
+            tree = replace(tree, selected=False, draft_probs=q)
         p = torch.softmax(torch.stack([llm_logits(node_prefix[i]) for i in range(tree.size)]), dim=-1)
         if method == "naive":
             path, bonus = naive_verify(tree, p, seq.generator)
@@ -108,6 +120,19 @@ TREES = {
 def test_verifier_preserves_llm_distribution(tree, method):
     tv, bound = tv_and_bound(empirical(TREES[tree], method, seed=1234), SAMPLES)
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+
+
+@pytest.mark.parametrize("tree", sorted(TREES))
+def test_adaptive_trees_preserve_llm_distribution(tree):
+    """Candidates selected by confidence and pruned, tested as one-hot draws: still exact."""
+    tv, bound = tv_and_bound(empirical(TREES[tree], "adaptive", seed=1234), SAMPLES)
+    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+
+
+@pytest.mark.parametrize("tree", ["star"])
+def test_selected_candidates_tested_as_sampled_fail_the_same_test(tree):
+    tv, bound = tv_and_bound(empirical(TREES[tree], "adaptive_as_sampled", seed=1234), SAMPLES)
+    assert tv > bound, f"wrong verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"
 
 
 @pytest.mark.parametrize("tree", ["star", "two_ssms_merged"])

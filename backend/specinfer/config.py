@@ -68,12 +68,18 @@ class TreeConfig:
     ``expansion[i]`` children are added under every leaf at speculation step ``i`` (SpecInfer's
     expansion configuration); with several SSMs each builds such a tree and they are merged.
     ``max_tree_tokens`` bounds the merged tree, root included.
+
+    ``adaptive``: the expansion is the largest tree allowed; every step the engine decides how deep
+    the SSMs draft (0: plain decoding) and which nodes the LLM verifies, from draft confidence and a
+    cost model of the forwards measured on this machine (``adaptive.py``). Candidates are then
+    selected by confidence, never sampled, for every request.
     """
 
     expansion: tuple[int, ...] = (1, 1, 3, 1, 1, 1, 1, 1)
     max_tree_tokens: int = 128
     draft_sampling: str = "with_replacement"
     verifier: str = "mss"
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "expansion", tuple(self.expansion))
@@ -92,13 +98,17 @@ class TreeConfig:
     def depth(self) -> int:
         return len(self.expansion)
 
-    def nodes_per_ssm(self) -> int:
-        """Draft nodes one SSM proposes at most (root excluded)."""
-        total, width = 0, 1
+    def level_widths(self) -> tuple[int, ...]:
+        """Nodes one SSM proposes at most at each depth 1, 2, ..."""
+        widths, width = [], 1
         for k in self.expansion:
             width *= k
-            total += width
-        return total
+            widths.append(width)
+        return tuple(widths)
+
+    def nodes_per_ssm(self) -> int:
+        """Draft nodes one SSM proposes at most (root excluded)."""
+        return sum(self.level_widths())
 
     def check_size(self, num_ssms: int) -> None:
         size = 1 + num_ssms * self.nodes_per_ssm()

@@ -30,19 +30,25 @@ def catch_up(runner: ModelRunner, seqs: list[Sequence], ssm: int) -> torch.Tenso
 
 def expand(builder: TreeBuilder, seq: Sequence, parents: list[int], logits: torch.Tensor, width: int,
            replacement: bool) -> list[int]:
-    """Add ``width`` children under each node of ``parents`` (logits ``[len(parents), V]``)."""
+    """Add ``width`` children under each node of ``parents`` (logits ``[len(parents), V]``).
+
+    A ``selected`` builder takes the ``width`` most probable tokens (greedy requests: of the raw
+    logits; sampled ones: of the distribution after the request's settings); otherwise children are
+    drawn from that distribution. Each child records its draft probability as its confidence.
+    """
     params = seq.params
+    probs = torch.softmax(logits.float(), dim=-1) if params.greedy else target_probs(logits, params)
     new: list[int] = []
-    if params.greedy:
-        top = torch.topk(logits, width, dim=-1).indices.tolist()
-        for parent, tokens in zip(parents, top):
-            new.extend(builder.add(parent, tok) for tok in tokens)
+    if builder.selected:
+        top = torch.topk(probs, width, dim=-1)
+        for parent, conf, tokens in zip(parents, top.values.tolist(), top.indices.tolist()):
+            new.extend(builder.add(parent, tok, confidence=c) for tok, c in zip(tokens, conf) if c > 0)
         return new
-    probs = target_probs(logits, params).cpu()
+    probs = probs.cpu()
     for parent, q in zip(parents, probs):
         builder.set_draft_probs(parent, q)
         for tok in draw_children(q, width, replacement, seq.generator):
-            node = builder.add(parent, tok)
+            node = builder.add(parent, tok, confidence=float(q[tok]))
             if node not in new:
                 new.append(node)  # a token drawn twice is one node with two proposals
     return new
@@ -68,19 +74,23 @@ def level_batch(builders: list[TreeBuilder], levels: list[list[int]], region: in
     return NodeBatch(as_long(tokens), as_long(node_ids), as_long(depths), attend, valid)
 
 
-def draft_trees(runner: ModelRunner, seqs: list[Sequence], ssm: int, tree: TreeConfig) -> list[Tree]:
-    """Each request's tree from SSM ``ssm``; the last level is proposed but not fed to the SSM."""
+def draft_trees(runner: ModelRunner, seqs: list[Sequence], ssm: int, tree: TreeConfig,
+                depth: int | None = None) -> list[Tree]:
+    """Each request's tree from SSM ``ssm``, ``depth`` levels deep (default: the whole expansion);
+    the last level is proposed but not fed to the SSM. Greedy requests and adaptive trees select
+    candidates, others sample them."""
+    depth = tree.depth if depth is None else depth
     logits = catch_up(runner, seqs, ssm)[:, None]
-    builders = [TreeBuilder(s.tokens[-1]) for s in seqs]
+    builders = [TreeBuilder(s.tokens[-1], selected=tree.adaptive or s.params.greedy) for s in seqs]
     levels = [[0] for _ in seqs]
     region = tree.nodes_per_ssm() + 1
     replacement = tree.draft_sampling == "with_replacement"
-    for step, width in enumerate(tree.expansion):
+    for step, width in enumerate(tree.expansion[:depth]):
         levels = [
             expand(builder, seq, level, logits[i, : len(level)], width, replacement)
             for i, (builder, seq, level) in enumerate(zip(builders, seqs, levels))
         ]
-        if step + 1 < tree.depth:
+        if step + 1 < depth and any(levels):
             logits = runner.forward(
                 [s.row for s in seqs], [s.ssm_lens[ssm] for s in seqs], level_batch(builders, levels, region)
             )

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from .adaptive import AcceptanceModel, best_nodes, choose_depth, choose_verify_size, path_probability
 from .config import EngineConfig, SamplingParams, TreeConfig
+from .cost_model import ForwardCosts, calibration_sizes
 from .draft import draft_trees, ssm_accepted
 from .model import Transformer
 from .runner import ModelRunner, NodeBatch, chain_batch
@@ -24,10 +26,12 @@ from .sampling import make_generator, sample, target_probs
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .tokenizer import TextTokenizer
-from .tree import Tree, TreeBatch, merge_trees, pad_trees, root_only
+from .tree import Tree, TreeBatch, merge_trees, pad_trees, prune, root_only
 from .verify import Verdict, greedy_verify, mss_verify, naive_verify
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CALIBRATION_TOKENS = 256  # adaptive trees measure forwards up to this many tokens at start-up
+MAX_PROBE_WAIT = 64  # steps without drafting before the SSMs are tried again, at most
 
 
 @dataclass
@@ -38,6 +42,7 @@ class EngineStats:
     verify_forwards: int = 0
     verify_requests: int = 0  # requests summed over verification forwards
     accepted_lengths: Counter = field(default_factory=Counter)  # accepted draft path length -> count
+    tree_sizes: Counter = field(default_factory=Counter)  # tree tokens verified per request and step -> count
     step_seconds: float = 0.0  # wall time in step()
     forward_seconds: float = 0.0  # of which inside model forwards (LLM and SSMs)
 
@@ -85,6 +90,11 @@ class SpecInferEngine:
         self.scheduler = Scheduler(config.max_batch_size)
         self.stats = EngineStats()
         self._ids = count()
+        self.acceptance = AcceptanceModel()
+        self.depth_gains = [0.5 ** (j + 1) for j in range(tree.depth)]  # prior until drafts are seen
+        self.probe_wait, self.since_draft = 2, 0
+        if tree.adaptive and self.ssms:
+            self.calibrate()
 
     @classmethod
     def from_pretrained(
@@ -174,7 +184,7 @@ class SpecInferEngine:
             self.prefill(new, use_ssms)
         active = [s for s in self.scheduler.running if not s.finished and s not in new]
         if active:
-            trees = self.speculate(active) if use_ssms else [root_only(s.tokens[-1], len(self.ssms)) for s in active]
+            trees, depth = self.speculate(active) if use_ssms else (self.no_trees(active), 0)
             batch = pad_trees(trees)
             logits = self.score(active, batch)
             self.stats.verify_forwards += 1
@@ -182,7 +192,7 @@ class SpecInferEngine:
             verdicts = self.verify(active, trees, batch, logits)
             ok = [i for i, v in enumerate(verdicts) if v is not None]  # a failed request leaves alone
             if ok:
-                self.commit([active[i] for i in ok], [trees[i] for i in ok], [verdicts[i] for i in ok], use_ssms)
+                self.commit([active[i] for i in ok], [trees[i] for i in ok], [verdicts[i] for i in ok], depth)
         self.scheduler.retire()
         self.stats.step_seconds += time.perf_counter() - start
         self.stats.forward_seconds += self.forward_seconds() - forwards_before
@@ -217,9 +227,68 @@ class SpecInferEngine:
             return int(torch.argmax(logits))
         return sample(target_probs(logits, seq.params).cpu(), seq.generator)
 
-    def speculate(self, seqs: list[Sequence]) -> list[Tree]:
-        per_ssm = [draft_trees(runner, seqs, i, self.tree) for i, runner in enumerate(self.ssms)]
+    def no_trees(self, seqs: list[Sequence]) -> list[Tree]:
+        return [root_only(s.tokens[-1], len(self.ssms)) for s in seqs]
+
+    def speculate(self, seqs: list[Sequence]) -> tuple[list[Tree], int]:
+        """Each request's merged tree and the depth drafted (0: no SSM ran, lone roots)."""
+        if not self.tree.adaptive:
+            return self.draft(seqs, self.tree.depth), self.tree.depth
+        depth = self.draft_depth(seqs)
+        if depth == 0:
+            return self.no_trees(seqs), 0
+        before = sum(r.seconds for r in self.ssms)
+        trees = self.draft(seqs, depth)
+        probs = [path_probability(t, self.acceptance.rate(t.confidence)) for t in trees]
+        self.learn_depth_gains(seqs, trees, probs)
+        gains = [torch.sort(p[1:], descending=True).values for p in probs]
+        size = choose_verify_size(gains, self.llm.costs.predict, sum(r.seconds for r in self.ssms) - before)
+        return [prune(t, best_nodes(t, p, size - 1)) for t, p in zip(trees, probs)], depth
+
+    def draft(self, seqs: list[Sequence], depth: int) -> list[Tree]:
+        per_ssm = [draft_trees(runner, seqs, i, self.tree, depth) for i, runner in enumerate(self.ssms)]
         return [merge_trees(list(trees)) for trees in zip(*per_ssm)]
+
+    def draft_depth(self, seqs: list[Sequence]) -> int:
+        """Adaptive trees: how deep to draft, from recent gains and measured costs; while drafting
+        does not pay, the SSMs still draft one level now and then (ever more rarely) to notice
+        when it starts to."""
+        catch_up = max(len(s.tokens) - min(s.ssm_lens) for s in seqs)
+        depth = choose_depth([s.depth_gains or self.depth_gains for s in seqs], self.llm.costs.predict,
+                             lambda n: sum(r.costs.predict(n) for r in self.ssms), catch_up,
+                             self.tree.level_widths())
+        if depth > 0:
+            self.probe_wait, self.since_draft = 2, 0
+            return depth
+        self.since_draft += 1
+        if self.since_draft < self.probe_wait:
+            return 0
+        self.probe_wait, self.since_draft = min(2 * self.probe_wait, MAX_PROBE_WAIT), 0
+        return 1
+
+    def learn_depth_gains(self, seqs: list[Sequence], trees: list[Tree], probs: list[torch.Tensor]) -> None:
+        """Each request's best path probability per drafted depth, averaged with its recent ones."""
+        for seq, tree, prob in zip(seqs, trees, probs):
+            gains = list(seq.depth_gains or self.depth_gains)
+            for d in range(1, int(tree.depths.max()) + 1):
+                seen = float(prob[tree.depths == d].max())
+                gains[d - 1] = 0.5 * (gains[d - 1] + seen)
+                self.depth_gains[d - 1] += 0.1 * (seen - self.depth_gains[d - 1])
+            seq.depth_gains = gains
+
+    def calibrate(self) -> None:
+        """Measure, before serving, the forwards adaptive trees choose between: every model at
+        token counts up to its largest step (a warm-up pass, then the measured one)."""
+        rows = self.config.max_batch_size
+        tree = len(self.ssms) * self.tree.nodes_per_ssm() + 1
+        level = max(self.tree.level_widths())
+        for runner, largest in [(self.llm, rows * tree)] + [(r, rows * level) for r in self.ssms]:
+            sizes = calibration_sizes(min(largest, CALIBRATION_TOKENS))
+            for _ in range(2):
+                runner.costs = ForwardCosts()
+                for n in sizes:
+                    b = min(rows, n)
+                    runner.forward(list(range(b)), [0] * b, chain_batch([[0] * -(-n // b)] * b))
 
     def score(self, seqs: list[Sequence], batch: TreeBatch) -> torch.Tensor:
         """One LLM forward over every request's tree: logits ``[B, N, V]`` at every node."""
@@ -248,12 +317,14 @@ class SpecInferEngine:
                 verdicts.append(None)
         return verdicts
 
-    def commit(self, seqs: list[Sequence], trees: list[Tree], verdicts: list[Verdict], use_ssms: bool) -> None:
-        """Emit accepted tokens + bonus, then move accepted K/V into every model's committed cache."""
+    def commit(self, seqs: list[Sequence], trees: list[Tree], verdicts: list[Verdict], depth: int) -> None:
+        """Emit accepted tokens + bonus, then move accepted K/V into every model's committed cache.
+
+        ``depth``: how deep the SSMs drafted (0: they did not run this step)."""
         rows = [s.row for s in seqs]
         self.llm.commit(rows, [s.llm_len for s in seqs], [[0] + path for path, _ in verdicts])
-        for i, runner in enumerate(self.ssms if use_ssms else []):
-            own = [ssm_accepted(t, path, i, self.tree.depth) for t, (path, _) in zip(trees, verdicts)]
+        for i, runner in enumerate(self.ssms if depth else []):
+            own = [ssm_accepted(t, path, i, depth) for t, (path, _) in zip(trees, verdicts)]
             runner.commit(rows, [s.ssm_lens[i] for s in seqs], own)
             for seq, nodes in zip(seqs, own):
                 seq.ssm_lens[i] += len(nodes)
@@ -263,5 +334,9 @@ class SpecInferEngine:
             seq.llm_steps += 1
             seq.draft_tokens += tree.size - 1
             seq.accepted_draft_tokens += min(len(path), kept)
-            if use_ssms:
+            seq.tree_sizes.append(tree.size)
+            self.stats.tree_sizes[tree.size] += 1
+            if depth:
                 self.stats.accepted_lengths[min(len(path), kept)] += 1
+                if self.tree.adaptive:
+                    self.acceptance.observe(tree, path)

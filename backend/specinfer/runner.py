@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import MASKS, Visibility
+from .cost_model import FixedCosts, ForwardCosts
 from .model import Transformer
 
 
@@ -64,6 +65,7 @@ class ModelRunner:
         self.cache = model.new_cache(rows, slots)
         self.device = model.lm_head.weight.device
         self.seconds = 0.0  # wall time spent in forwards, for the overhead figure of benchmarks
+        self.costs: ForwardCosts | FixedCosts = ForwardCosts()  # what forwards cost here, by tokens fed
 
     def forward(
         self, rows: list[int], lengths: list[int], nodes: NodeBatch, output_index: torch.Tensor | None = None
@@ -82,7 +84,9 @@ class ModelRunner:
         )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.costs.observe(nodes.tokens.numel(), seconds)
         return logits
 
     def commit(self, rows: list[int], lengths: list[int], accepted: list[list[int]]) -> None:

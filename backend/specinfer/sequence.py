@@ -25,6 +25,8 @@ class Sequence:
     accepted_draft_tokens: int = 0
     finish_reason: str | None = None  # "length", "stop", "cancelled" or "error" once finished
     error: str | None = None  # why this request failed alone (finish_reason "error")
+    tree_sizes: list[int] = field(default_factory=list)  # tree tokens the LLM verified, per step
+    depth_gains: list[float] | None = None  # adaptive trees: recent expected accepted tokens per depth
 
     def __post_init__(self) -> None:
         self.ssm_lens = [0] * self.num_ssms

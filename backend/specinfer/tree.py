@@ -4,10 +4,14 @@ Node 0 is the root (the last committed token, not yet seen by the LLM). Every ot
 distinct token sequence and remembers its proposals: how many times each SSM drew it and, on its
 parent, that SSM's draft distribution, which the stochastic verifier needs. Merging trees of several
 SSMs is a prefix-trie union of their nodes with the proposals added up.
+
+A tree's candidates are either sampled from the SSMs' distributions or *selected* (the top-k by
+draft confidence, as adaptive trees and greedy decoding draft them); the stochastic verifier tests a
+selected candidate as a draw from a one-hot distribution, which keeps it exact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,7 +23,9 @@ class Tree:
     depths: torch.Tensor  # [N] 0 for the root
     proposals: torch.Tensor  # [N, S] times SSM s proposed node i (0 for the root)
     ssm_nodes: torch.Tensor  # [N, S] index of node i in SSM s's own tree, -1 where it has none
-    draft_probs: torch.Tensor | None  # [S, N, V] SSM s's distribution at node u (stochastic only)
+    draft_probs: torch.Tensor | None  # [S, N, V] SSM s's distribution at node u (sampled candidates only)
+    confidence: torch.Tensor | None = None  # [N] draft probability of node i given its parent (root 1)
+    selected: bool = False  # candidates were selected by confidence, not sampled
 
     @property
     def size(self) -> int:
@@ -35,16 +41,20 @@ class Tree:
 class TreeBuilder:
     """Grows one trie; ``add`` of an existing (parent, token) adds a proposal to that node."""
 
-    def __init__(self, root_token: int, num_ssms: int = 1) -> None:
-        self.num_ssms = num_ssms
+    def __init__(self, root_token: int, num_ssms: int = 1, selected: bool = False) -> None:
+        self.num_ssms, self.selected = num_ssms, selected
         self.tokens, self.parents, self.depths = [root_token], [-1], [0]
+        self.confidence = [1.0]
         self.paths = [[0]]  # node -> the nodes from the root to it
         self.proposals = [[0] * num_ssms]
         self.ssm_nodes = [[0] * num_ssms]
         self.index: dict[tuple[int, int], int] = {}
         self.draft_probs: dict[tuple[int, int], torch.Tensor] = {}
 
-    def add(self, parent: int, token: int, ssm: int = 0, count: int = 1, ssm_node: int = -1) -> int:
+    def add(self, parent: int, token: int, ssm: int = 0, count: int = 1, ssm_node: int = -1,
+            confidence: float = 0.0) -> int:
+        """``confidence``: the proposing SSM's probability of ``token`` after ``parent`` (the
+        largest over SSMs is kept)."""
         node = self.index.get((parent, token))
         if node is None:
             node = len(self.tokens)
@@ -55,6 +65,8 @@ class TreeBuilder:
             self.paths.append(self.paths[parent] + [node])
             self.proposals.append([0] * self.num_ssms)
             self.ssm_nodes.append([-1] * self.num_ssms)
+            self.confidence.append(confidence)
+        self.confidence[node] = max(self.confidence[node], confidence)
         self.proposals[node][ssm] += count
         if ssm_node >= 0:
             self.ssm_nodes[node][ssm] = ssm_node
@@ -78,26 +90,47 @@ class TreeBuilder:
             proposals=torch.tensor(self.proposals, dtype=torch.long),
             ssm_nodes=torch.tensor(self.ssm_nodes, dtype=torch.long),
             draft_probs=draft,
+            confidence=torch.tensor(self.confidence),
+            selected=self.selected,
         )
 
 
 def merge_trees(trees: list[Tree]) -> Tree:
     """Prefix-trie union of single-SSM trees (SSM ``s`` built ``trees[s]``), sharing one root."""
+    if len(trees) == 1:  # already its own union, node ids the SSM's own
+        return replace(trees[0], ssm_nodes=torch.arange(trees[0].size)[:, None])
     root = int(trees[0].tokens[0])
-    builder = TreeBuilder(root, num_ssms=len(trees))
+    builder = TreeBuilder(root, num_ssms=len(trees), selected=trees[0].selected)
     for s, tree in enumerate(trees):
         if int(tree.tokens[0]) != root:
             raise ValueError("trees to merge must share their root token")
         remap = [0] * tree.size
         counts = tree.proposals.sum(dim=1).tolist()
+        conf = tree.confidence.tolist() if tree.confidence is not None else [0.0] * tree.size
         for i, (tok, par) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
             if i > 0:
-                remap[i] = builder.add(remap[par], tok, ssm=s, count=counts[i], ssm_node=i)
+                remap[i] = builder.add(remap[par], tok, ssm=s, count=counts[i], ssm_node=i, confidence=conf[i])
         if tree.draft_probs is not None:
             expanded = tree.draft_probs[0].sum(dim=-1) > 0
             for u in torch.nonzero(expanded).flatten().tolist():
                 builder.set_draft_probs(remap[u], tree.draft_probs[0, u], ssm=s)
     return builder.build()
+
+
+def prune(tree: Tree, keep: list[int]) -> Tree:
+    """The sub-tree of nodes ``keep`` (ascending, root first, every kept node's parent kept)."""
+    if len(keep) == tree.size:
+        return tree
+    index = torch.tensor(keep, dtype=torch.long)
+    remap = torch.full((tree.size,), -1, dtype=torch.long)
+    remap[index] = torch.arange(len(keep))
+    parents = tree.parents[index]
+    parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
+    return Tree(
+        tokens=tree.tokens[index], parents=parents, depths=tree.depths[index], proposals=tree.proposals[index],
+        ssm_nodes=tree.ssm_nodes[index], draft_probs=None if tree.draft_probs is None else tree.draft_probs[:, index],
+        confidence=None if tree.confidence is None else tree.confidence[index], selected=tree.selected,
+    )
 
 
 def root_only(token: int, num_ssms: int = 0) -> Tree:

@@ -69,23 +69,30 @@ def mss_verify(
     ``p [N, V]`` is the LLM's target distribution at every node; ``tree.draft_probs [S, N, V]`` the
     SSMs'. Every proposal of a child is a candidate, tested against the current target, which
     becomes the residual after each rejection. ``without_replacement``: each SSM drew distinct
-    children, so its ``q`` loses a rejected token and is renormalised.
+    children, so its ``q`` loses a rejected token and is renormalised. Candidates of a ``selected``
+    tree were chosen, not drawn: each is tested once, in node order, as a draw from a one-hot ``q``
+    (accepted with the target's probability of it; its rejection removes it from the target).
     """
     kids = tree.children()
     tokens = tree.tokens.tolist()
     u, path = 0, []
     while True:
         target = p[u]
-        candidates = candidate_order(tree, kids[u], without_replacement, generator) if kids[u] else []
-        draft = {s: tree.draft_probs[s, u] for _, s in candidates}
+        if tree.selected:
+            candidates = [(c, None) for c in kids[u]]
+            draft = {}
+        else:
+            candidates = candidate_order(tree, kids[u], without_replacement, generator) if kids[u] else []
+            draft = {s: tree.draft_probs[s, u] for _, s in candidates}
         for child, s in candidates:
-            x, q = tokens[child], draft[s]
+            x = tokens[child]
+            q = draft[s] if s is not None else torch.nn.functional.one_hot(torch.tensor(x), target.shape[-1]).to(target)
             if float(torch.rand((), generator=generator)) * float(q[x]) < float(target[x]):
                 path.append(child)
                 u = child
                 break
             target = residual(target, q)
-            if without_replacement:
+            if without_replacement and s is not None:
                 q = q.clone()
                 q[x] = 0.0
                 draft[s] = q / q.sum() if q.sum() > 0 else q

@@ -53,6 +53,7 @@ def engine_from_parameters(params: dict[str, str], model_dir: Path) -> tuple[Spe
         max_tree_tokens=int(params.get("max_tree_tokens", 128)),
         draft_sampling=params.get("draft_sampling", "with_replacement"),
         verifier=params.get("verifier", "mss"),
+        adaptive=params.get("adaptive", "false").lower() == "true",
     )
     max_context = int(params["max_context"]) if params.get("max_context") else None
     engine = SpecInferEngine.from_pretrained(
@@ -82,7 +83,7 @@ class TritonPythonModel:
         cache = self.engine.config.max_batch_size * self.engine.llm.cache.slots
         pb_utils.Logger.log_info(
             f"{self.model_name}: speculate={self.speculate} ssms={len(self.engine.ssms)} "
-            f"tree={self.engine.tree.expansion} max_batch_size={self.engine.config.max_batch_size} "
+            f"tree={self.engine.tree.expansion} adaptive={self.engine.tree.adaptive} max_batch_size={self.engine.config.max_batch_size} "
             f"context={self.engine.max_context} kv_cache_tokens={cache}"
         )
 
@@ -164,7 +165,7 @@ class TritonPythonModel:
     def respond(self, live: Live) -> None:
         seq = live.seq
         if seq.llm_steps > 1:  # a verification step, not the prefill
-            self.metrics.step_tokens(len(seq.output) - live.seen)
+            self.metrics.step_tokens(len(seq.output) - live.seen, seq.tree_sizes[-1])
         live.seen = len(seq.output)
         pending = seq.output[live.sent:]
         if seq.error:

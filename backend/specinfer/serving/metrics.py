@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..sequence import Sequence
 
 STEP_BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16]
+TREE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 
 
 class ServingMetrics:
@@ -35,6 +36,10 @@ class ServingMetrics:
         self.tokens_per_step = family(
             "specinfer_tokens_per_step", "Tokens a request emits per verification step",
             pb_utils.MetricFamily.HISTOGRAM).Metric(labels=labels, buckets=STEP_BUCKETS)
+        self.tree_size = family(
+            "specinfer_tree_size", "Tree tokens (root included) the LLM verified per request and step; "
+            "adaptive trees choose it every step, 1 is plain decoding",
+            pb_utils.MetricFamily.HISTOGRAM).Metric(labels=labels, buckets=TREE_BUCKETS)
 
     def finished(self, seq: Sequence, failed: bool = False) -> None:
         if failed:  # an internal error or an unload: not counted as served
@@ -60,5 +65,6 @@ class ServingMetrics:
         self.running.set(running)
         self.waiting.set(waiting)
 
-    def step_tokens(self, n: int) -> None:
+    def step_tokens(self, n: int, tree_size: int) -> None:
         self.tokens_per_step.observe(n)
+        self.tree_size.observe(tree_size)

@@ -46,6 +46,7 @@ class RepositoryOptions:
     # 6 GB of KV cache per decoding model at 16 rows in fp32)
     draft_sampling: str = "with_replacement"
     verifier: str = "mss"
+    adaptive: bool = True  # the expansion is the largest tree; each step verifies what pays off here
     attention: str = ""  # "sdpa" | "triton"; empty: the engine's default for the device (triton on CUDA)
     bls_name: str = "specinfer_bls"  # TensorRT-LLM's clients know theirs as tensorrt_llm_bls
     limits: Limits = field(default_factory=Limits)
@@ -99,7 +100,7 @@ def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
         "expansion": ",".join(map(str, opts.expansion)), "device": opts.device, "dtype": opts.dtype,
         "max_batch_size": str(opts.max_batch_size), "max_context": str(opts.max_context or ""),
         "draft_sampling": opts.draft_sampling, "verifier": opts.verifier, "attention": opts.attention,
-        **opts.limits.parameters(),
+        "adaptive": str(opts.adaptive and speculate).lower(), **opts.limits.parameters(),
     }
     return python_model(name, inputs, outputs, params, decoupled=True)
 

@@ -1,0 +1,135 @@
+"""Adaptive trees: the cost model's choices, and output unchanged whatever they are."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import prompts
+from specinfer import SamplingParams, SpecInferEngine, TreeConfig
+from specinfer.adaptive import (AcceptanceModel, best_nodes, choose_depth, choose_verify_size,
+                                path_probability)
+from specinfer.cost_model import FixedCosts, ForwardCosts, calibration_sizes
+from specinfer.tree import TreeBuilder, prune
+
+PROMPTS = prompts(12, seed=31)
+PARAMS = [SamplingParams(max_tokens=5 + (i * 5) % 13, ignore_eos=True) for i in range(len(PROMPTS))]
+TREES = {"chain": (1, 1, 1, 1), "paper": (1, 1, 3, 1, 1, 1, 1, 1)}
+
+
+def sample_tree():
+    """root -> a (0.9) -> c (0.5); root -> b (0.3)."""
+    b = TreeBuilder(7, selected=True)
+    a = b.add(0, 10, confidence=0.9)
+    b.add(0, 11, confidence=0.3)
+    b.add(a, 12, confidence=0.5)
+    return b.build()
+
+
+def test_forward_costs_interpolate_and_extrapolate():
+    costs = ForwardCosts()
+    assert costs.predict(5) == 0.0
+    costs.observe(2, 1.0)
+    costs.observe(10, 3.0)
+    assert costs.predict(2) == 1.0 and costs.predict(1) == 1.0
+    assert costs.predict(6) == pytest.approx(2.0)
+    assert costs.predict(20) == pytest.approx(6.0)
+    costs.observe(2, 2.0)  # a moving average follows the machine
+    assert 1.0 < costs.predict(2) < 2.0
+    assert calibration_sizes(20) == [1, 2, 3, 4, 6, 9, 13, 19, 20]
+
+
+def test_path_probability_and_best_nodes_keep_parents():
+    tree = sample_tree()
+    prob = path_probability(tree, tree.confidence)
+    torch.testing.assert_close(prob, torch.tensor([1.0, 0.9, 0.3, 0.45]))
+    assert best_nodes(tree, prob, 1) == [0, 1]
+    assert best_nodes(tree, prob, 2) == [0, 1, 3]  # a's child before the weaker sibling b
+    small = prune(tree, best_nodes(tree, prob, 2))
+    assert small.tokens.tolist() == [7, 10, 12] and small.parents.tolist() == [-1, 0, 1]
+    assert small.selected and small.confidence.tolist() == pytest.approx([1.0, 0.9, 0.5])
+
+
+def test_acceptance_model_learns_from_tested_nodes_only():
+    model = AcceptanceModel()
+    tree = sample_tree()
+    before = model.rate(tree.confidence).clone()
+    for _ in range(50):
+        model.observe(tree, [1])  # a accepted, then c rejected; b rejected
+    after = model.rate(tree.confidence)
+    assert after[1] > before[1] and after[2] < before[2] and after[3] < before[3]
+    untested = AcceptanceModel()
+    for _ in range(50):
+        untested.observe(tree, [2])  # b accepted: a rejected, c (under a) never tested
+    assert untested.rate(tree.confidence)[3] == before[3]
+
+
+def test_verify_size_follows_costs():
+    gains = [torch.tensor([0.9, 0.8, 0.1]), torch.tensor([0.5])]
+    assert choose_verify_size(gains, lambda n: 1.0, spent=0.0) == 4  # free: everything
+    assert choose_verify_size(gains, lambda n: float(n), spent=0.0) == 1  # each token a full forward
+    assert choose_verify_size(gains, lambda n: 1.0 + 0.1 * n, spent=0.0) == 3  # the 0.1 gain does not pay
+
+
+def test_depth_follows_costs():
+    gains = [[0.8, 0.6, 0.4], [0.7, 0.5, 0.1]]
+    assert choose_depth(gains, lambda n: 1.0, lambda n: 0.0, 3, (1, 1, 1)) == 3
+    assert choose_depth(gains, lambda n: float(n), lambda n: 0.0, 3, (1, 1, 1)) == 0
+    assert choose_depth(gains, lambda n: 1.0, lambda n: 1.0, 3, (1, 1, 1)) == 0  # drafting costs too much
+    assert choose_depth(gains, lambda n: 1.0, lambda n: 0.2, 3, (1, 1, 1)) == 2  # depth 3 gains too little
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    engine = SpecInferEngine.from_pretrained(models["llm"], max_batch_size=8)
+    return [r.token_ids for r in engine.generate(PROMPTS, PARAMS, speculate=False)]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("ssms", [("close",), ("close", "other")])
+@pytest.mark.parametrize("tree", sorted(TREES))
+def test_adaptive_greedy_equals_incremental(models, reference, tree, ssms, batch):
+    engine = SpecInferEngine.from_pretrained(
+        models["llm"], [models[s] for s in ssms], tree=TreeConfig(expansion=TREES[tree], adaptive=True),
+        max_batch_size=batch,
+    )
+    results = engine.generate(PROMPTS, PARAMS)
+    assert [r.token_ids for r in results] == reference
+    assert sum(engine.stats.tree_sizes.values()) == engine.stats.verify_requests
+
+
+def engine_with_costs(models, llm_cost, ssm_cost, expansion=(1, 1, 1)):
+    engine = SpecInferEngine.from_pretrained(
+        models["llm"], [models["close"]], tree=TreeConfig(expansion=expansion, adaptive=True), max_batch_size=4)
+    engine.llm.costs = FixedCosts(llm_cost)
+    engine.ssms[0].costs = FixedCosts(ssm_cost)
+    calls = []
+    forward = engine.ssms[0].forward
+    engine.ssms[0].forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    return engine, calls
+
+
+def test_expensive_verification_means_no_speculation(models, reference):
+    engine, calls = engine_with_costs(models, lambda n: float(n), lambda n: 0.01)
+    results = engine.generate(PROMPTS[:4], PARAMS[:4])
+    assert [r.token_ids for r in results] == reference[:4]
+    assert set(engine.stats.tree_sizes) == {1}  # only lone roots verified
+    steps = engine.stats.verify_forwards
+    assert len(calls) <= 1 + steps.bit_length()  # prompts, then rarer and rarer one-level probes
+
+
+def test_free_verification_means_the_full_tree(models, reference):
+    engine, _ = engine_with_costs(models, lambda n: 1.0, lambda n: 0.0, expansion=(2, 1, 2))
+    results = engine.generate(PROMPTS[:4], PARAMS[:4])
+    assert [r.token_ids for r in results] == reference[:4]
+    full = 1 + TreeConfig(expansion=(2, 1, 2)).nodes_per_ssm()
+    assert set(engine.stats.tree_sizes) == {full}
+
+
+def test_adaptive_sampling_is_reproducible_for_the_same_decisions(models):
+    """A seed fixes the output where the trees' sizes repeat (measured costs may choose others)."""
+    def run():
+        engine, _ = engine_with_costs(models, lambda n: 1.0 + 0.01 * n, lambda n: 0.1, expansion=(1, 2, 1))
+        params = SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+        return [r.token_ids for r in engine.generate(PROMPTS[:4], params)]
+
+    assert run() == run()
