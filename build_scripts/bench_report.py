@@ -60,6 +60,7 @@ def write_plots(report: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "engine.png", dpi=110)
     plt.close(fig)
+    write_load_plot(report, out)
     if report["triton"]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for model in ("specinfer", "incremental"):
@@ -75,3 +76,31 @@ def write_plots(report: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "triton.png", dpi=110)
         plt.close(fig)
+
+
+def write_load_plot(report: dict, out: Path) -> None:
+    """Speedup over incremental decoding against load: engine batch size, Triton concurrency."""
+    engine = report["engine"]
+    inc = {r["batch"]: r["ms_per_token"] for r in engine if r["name"].startswith("incremental")}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label in ("adaptive", "chain depth 2 (a)", "paper tree (a+b)"):
+        rows = sorted((r for r in engine if r["name"].startswith(label) and r["temperature"] == 0),
+                      key=lambda r: r["batch"])
+        by_batch = {r["batch"]: inc[r["batch"]] / r["ms_per_token"] for r in rows}
+        if len(by_batch) > 1:
+            axes[0].plot(list(by_batch), list(by_batch.values()), "o-", label=label)
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[0].set(title="engine: speedup over incremental", xlabel="batch size", ylabel="x", xscale="log")
+    axes[0].legend(fontsize=8)
+    triton = report["triton"]
+    if triton:
+        base = {r["concurrency"]: r["output_tokens_per_s"] for r in triton if r["model"] == "incremental"}
+        rows = [r for r in triton if r["model"] == "specinfer"]
+        axes[1].plot([r["concurrency"] for r in rows], [r["output_tokens_per_s"] / base[r["concurrency"]] for r in rows],
+                     "o-", label="specinfer (adaptive) / incremental")
+        axes[1].axhline(1.0, color="k", lw=0.8)
+        axes[1].set(title="Triton: output tokens/s ratio", xlabel="concurrency", xscale="log")
+        axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "load.png", dpi=110)
+    plt.close(fig)

@@ -1,66 +1,79 @@
-"""Through Triton: perf_analyzer against `specinfer` and `incremental` at several concurrencies.
+"""Through Triton: closed-loop clients against `specinfer` and `incremental` at several concurrencies.
 
-Reports requests/s and latency p50/p99 (perf_analyzer, gRPC streaming), and output tokens/s
-(requests/s times the mean tokens per request, from the server's specinfer_* counters).
+``C`` clients each send a request over HTTP (`/generate`), wait for its answer and send the next,
+until ``C x rounds`` requests are done. Reports output tokens/s (wall time of the whole run), latency
+p50/p99 and tokens per LLM step (from the server's specinfer_* counters). perf_analyzer measures
+windows of fixed length, and requests of several seconds (CPU) left its windows nearly empty.
 
   .venv/bin/python build_scripts/bench_triton.py --concurrency 1,4 --max-tokens 32
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import subprocess
-import sys
-import tempfile
+import statistics
+import threading
+import time
+import urllib.request
+from itertools import count
 from pathlib import Path
 
-from specinfer.serving.launcher import server_env, start_server
+from specinfer.serving.launcher import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 def counters(server, model: str) -> dict[str, float]:
     """One model's ``specinfer_*`` counters by name."""
     return {key.split("{")[0]: value for key, value in server.metrics().items() if key.endswith(f'{{model="{model}"}}')}
 
 
-def run_perf(server, model: str, concurrency: int, data: Path, interval_ms: int) -> dict:
-    report = data.parent / f"{model}-{concurrency}.csv"
-    decoder = f"{model}_llm"
-    before = counters(server, decoder)
-    cmd = [str(Path(sys.executable).parent / "perf_analyzer"), "-m", model, "-u", server.grpc_url, "-i", "grpc",
-           "--streaming", "--input-data", str(data), "--concurrency-range", f"{concurrency}:{concurrency}",
-           "-p", str(interval_ms), "-s", "25", "-r", "6", "--percentile", "50", "-f", str(report)]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=server_env())
-    if run.returncode != 0:
-        raise RuntimeError(f"perf_analyzer failed:\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
-    after = counters(server, decoder)
-    row = next(csv.DictReader(report.open()))
+def closed_loop(server, model: str, prompts: list[str], max_tokens: int, concurrency: int, rounds: int) -> dict:
+    url = f"http://{server.http_url}/v2/models/{model}/generate"
+    jobs, latencies, lock = count(), [], threading.Lock()
+    total = concurrency * rounds
+
+    def client() -> None:
+        while (i := next(jobs)) < total:
+            body = json.dumps({"text_input": prompts[i % len(prompts)], "max_tokens": max_tokens}).encode()
+            start = time.perf_counter()
+            urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"})).read()
+            with lock:
+                latencies.append(time.perf_counter() - start)
+
+    before = counters(server, f"{model}_llm")
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    after = counters(server, f"{model}_llm")
     tokens = after["specinfer_output_tokens"] - before["specinfer_output_tokens"]
-    requests = after["specinfer_requests_finished"] - before["specinfer_requests_finished"]
     steps = after["specinfer_llm_steps"] - before["specinfer_llm_steps"]
-    rps = float(row["Inferences/Second"])
-    return {"model": model, "concurrency": concurrency, "requests_per_s": rps,
-            "output_tokens_per_s": rps * tokens / requests, "tokens_per_request": tokens / requests,
-            "tokens_per_llm_step": tokens / steps, "p50_ms": float(row["p50 latency"]) / 1000,
-            "p99_ms": float(row["p99 latency"]) / 1000, "command": " ".join(cmd)}
+    ms = sorted(1000 * x for x in latencies)
+    return {"model": model, "concurrency": concurrency, "requests": len(ms), "seconds": round(seconds, 2),
+            "requests_per_s": len(ms) / seconds, "output_tokens_per_s": tokens / seconds,
+            "tokens_per_llm_step": tokens / steps, "p50_ms": statistics.median(ms),
+            "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))]}
 
 
 def run_triton(repository: Path, prompts: list[str], max_tokens: int, concurrencies: tuple[int, ...],
-               interval_ms: int = 8000) -> list[dict]:
-    """Start a server on ``repository`` and profile both models at each concurrency."""
+               rounds: int = 2) -> list[dict]:
+    """Start a server on ``repository`` and load both models at each concurrency, alternating."""
     server = start_server(repository)
     rows = []
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            data = Path(tmp) / "input.json"
-            data.write_text(json.dumps({"data": [{"text_input": [p], "max_tokens": [max_tokens]} for p in prompts]}))
-            for c in concurrencies:
-                for model in ("specinfer", "incremental"):
-                    rows.append(run_perf(server, model, c, data, interval_ms))
-                    r = rows[-1]
-                    print(f"  {model:<12} concurrency {c:>2}: {r['requests_per_s']:6.2f} req/s "
-                          f"{r['output_tokens_per_s']:7.1f} tok/s  p50 {r['p50_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms",
-                          flush=True)
+        for model in ("specinfer", "incremental"):  # warm-up: first requests pay one-time costs
+            closed_loop(server, model, prompts, 8, 1, 1)
+        for c in concurrencies:
+            for model in ("specinfer", "incremental"):
+                rows.append(closed_loop(server, model, prompts, max_tokens, c, rounds))
+                r = rows[-1]
+                print(f"  {model:<12} concurrency {c:>2}: {r['output_tokens_per_s']:7.1f} tok/s  "
+                      f"{r['tokens_per_llm_step']:.2f} tok/step  p50 {r['p50_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms",
+                      flush=True)
     finally:
         server.stop()
     return rows
@@ -71,7 +84,7 @@ def main() -> None:
     ap.add_argument("--model-repository", default=str(ROOT / "model_repository"))
     ap.add_argument("--concurrency", default="1,4")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--interval-ms", type=int, default=8000)
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     from benchmark import held_out_prompts
@@ -79,8 +92,7 @@ def main() -> None:
 
     demo = ROOT / "engines" / "demo"
     rows = run_triton(Path(args.model_repository), held_out_prompts(demo, TextTokenizer.from_checkpoint(demo / "llm"))[:8], args.max_tokens,
-                      tuple(int(x) for x in args.concurrency.split(",")), args.interval_ms)
-    print("command (per model and concurrency):", rows[0]["command"].replace(rows[0]["model"], "MODEL", 1))
+                      tuple(int(x) for x in args.concurrency.split(",")), args.rounds)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -6,9 +6,11 @@ with the demo pair (SmolLM2-135M-Instruct, ssm-a, ssm-b):
 - engine, greedy, batch 1: incremental; chain (depth 8); the paper's tree <1,1,3,1,1,1,1,1> with
   each SSM and both merged; a width sweep <1,1,w,1,1,1,1,1>, w = 1..5;
 - engine, sampling at temperature 1: MSS with replacement, without replacement, naive sampling;
-- engine, batch sizes 1, 4, 16: incremental against the paper's tree;
+- engine, batch sizes 1, 4, 16, 32: adaptive trees (at most ADAPTIVE) against the static trees and
+  incremental decoding;
 - peer: transformers `generate` plain and assisted (the SSM as assistant), greedy, batch 1;
-- through Triton: perf_analyzer against `specinfer` and `incremental` at several concurrencies.
+- through Triton: closed-loop clients against `specinfer` (adaptive) and `incremental` at
+  concurrency 1 to 32.
 Writes results.json, results.md and PNG plots into --output.
 
   .venv/bin/python build_scripts/benchmark.py            # full
@@ -35,6 +37,7 @@ from specinfer.tokenizer import TextTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = (1, 1, 3, 1, 1, 1, 1, 1)
+ADAPTIVE = (1, 1, 3, 1)  # the largest tree adaptive runs may verify (the served repository's)
 
 
 def held_out_prompts(models: Path, tokenizer: TextTokenizer) -> list[str]:
@@ -63,9 +66,10 @@ class Bench:
 
     def run(self, name: str, ssms: tuple[str, ...] = (), expansion: tuple[int, ...] = PAPER, batch: int = 1,
             temperature: float = 0.0, draft_sampling: str = "with_replacement", verifier: str = "mss",
-            n_prompts: int | None = None) -> dict:
-        prompts = self.prompts[: n_prompts or len(self.prompts)]
-        tree = TreeConfig(expansion=expansion, draft_sampling=draft_sampling, verifier=verifier)
+            n_prompts: int | None = None, adaptive: bool = False) -> dict:
+        n_prompts = n_prompts or len(self.prompts)
+        prompts = (self.prompts * -(-n_prompts // len(self.prompts)))[:n_prompts]  # repeated where too few
+        tree = TreeConfig(expansion=expansion, draft_sampling=draft_sampling, verifier=verifier, adaptive=adaptive)
         engine = self.engine(ssms, tree, batch)
         params = SamplingParams(max_tokens=self.max_tokens, temperature=temperature, seed=0, ignore_eos=True)
         engine.generate(prompts[:1], replace(params, max_tokens=8), speculate=bool(ssms))  # warm-up
@@ -85,7 +89,7 @@ class Bench:
         if is_reference:
             self.reference[batch] = ids
         row = {
-            "name": name, "ssms": list(ssms), "expansion": list(expansion), "batch": batch,
+            "name": name, "ssms": list(ssms), "expansion": list(expansion), "batch": batch, "adaptive": adaptive,
             "temperature": temperature, "draft_sampling": draft_sampling, "verifier": verifier,
             "prompts": len(prompts), "output_tokens": tokens, "llm_steps": steps,
             "tokens_per_step": round(tokens / steps, 3),
@@ -95,6 +99,7 @@ class Bench:
             "ms_per_token": round(1000 * seconds / tokens, 3),
             "overhead_ms_per_step": round(1000 * (st.step_seconds - st.forward_seconds)
                                           / max(1, st.verify_forwards + st.prefill_forwards), 3),
+            "tree_sizes": {str(k): v for k, v in sorted(st.tree_sizes.items())},
             "identical_to_incremental": None if is_reference or temperature > 0
             else ids == self.reference[batch][: len(ids)],
         }
@@ -157,19 +162,24 @@ def main() -> None:
         for w in ((1, 3) if not args.quick else (3,)):
             bench.run(f"{label} w{w}", ("ssm-a", "ssm-b"), (1, 1, w, 1, 1, 1, 1, 1), temperature=1.0,
                       draft_sampling=sampling, verifier=verifier, n_prompts=n)
-    print("[bench] engine, greedy, batch sizes")
-    for batch in (4, 16):
-        bench.run(f"incremental batch {batch}", batch=batch, n_prompts=batch)
-        bench.run(f"paper tree (a+b) batch {batch}", ("ssm-a", "ssm-b"), PAPER, batch=batch, n_prompts=batch)
+    print("[bench] engine, greedy, batch sizes: adaptive trees against static ones and incremental")
+    for batch in (1, 4, 16, 32):
+        if batch > 1:
+            bench.run(f"incremental batch {batch}", batch=batch, n_prompts=batch)
+            bench.run(f"chain depth 2 (a) batch {batch}", ("ssm-a",), (1, 1), batch=batch, n_prompts=batch)
+            if not args.quick:
+                bench.run(f"paper tree (a+b) batch {batch}", ("ssm-a", "ssm-b"), PAPER, batch=batch, n_prompts=batch)
+        bench.run(f"adaptive <{','.join(map(str, ADAPTIVE))}> (a) batch {batch}", ("ssm-a",), ADAPTIVE, batch=batch,
+                  n_prompts=batch if batch > 1 else n, adaptive=True)
     print("[bench] peer: Hugging Face transformers, greedy, batch 1")
     peer = hf_peer(models, bench.prompts[:n], max_tokens, bench.reference[1][:n])
     triton = []
     if not args.no_triton:
         from bench_triton import run_triton
 
-        print("[bench] through Triton (perf_analyzer, gRPC streaming)")
-        triton = run_triton(ROOT / "model_repository", bench.texts[:8], max_tokens,
-                            (1, 4) if args.quick else (1, 4, 16), interval_ms=15000)  # requests take seconds here: shorter windows see none finish
+        print("[bench] through Triton (closed-loop HTTP clients, the served repository: adaptive specinfer)")
+        triton = run_triton(ROOT / "model_repository", bench.texts, max_tokens,
+                            (1, 4, 16, 32) if args.quick else (1, 2, 4, 8, 16, 32), rounds=1 if args.quick else 2)
     report = {"machine": {"arch": platform.machine(), "threads": torch.get_num_threads(), "device": args.device,
                           "dtype": args.dtype, "torch": torch.__version__},
               "quick": args.quick, "engine": bench.rows, "hf": peer, "triton": triton,

@@ -32,13 +32,19 @@ def expand(builder: TreeBuilder, seq: Sequence, parents: list[int], logits: torc
            replacement: bool) -> list[int]:
     """Add ``width`` children under each node of ``parents`` (logits ``[len(parents), V]``).
 
-    A ``selected`` builder takes the ``width`` most probable tokens (greedy requests: of the raw
-    logits; sampled ones: of the distribution after the request's settings); otherwise children are
-    drawn from that distribution. Each child records its draft probability as its confidence.
+    Greedy requests take the ``width`` most probable tokens; sampled ones too in a ``selected``
+    builder (of the distribution after the request's settings), otherwise they draw children from
+    that distribution. Each child records its draft probability as its confidence.
     """
     params = seq.params
-    probs = torch.softmax(logits.float(), dim=-1) if params.greedy else target_probs(logits, params)
     new: list[int] = []
+    if params.greedy:  # the top-k logits and their probabilities, without a softmax over the vocabulary
+        top = torch.topk(logits, width, dim=-1)
+        conf = torch.exp(top.values.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True))
+        for parent, c, tokens in zip(parents, conf.tolist(), top.indices.tolist()):
+            new.extend(builder.add(parent, tok, confidence=x) for tok, x in zip(tokens, c))
+        return new
+    probs = target_probs(logits, params)
     if builder.selected:
         top = torch.topk(probs, width, dim=-1)
         for parent, conf, tokens in zip(parents, top.values.tolist(), top.indices.tolist()):

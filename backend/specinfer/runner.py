@@ -90,14 +90,20 @@ class ModelRunner:
         return logits
 
     def commit(self, rows: list[int], lengths: list[int], accepted: list[list[int]]) -> None:
-        """Move each row's accepted region nodes (root first) to the slots right after its prefix."""
-        width = max(len(a) for a in accepted)
-        src = torch.zeros(len(rows), width, dtype=torch.long)
-        dst = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, (length, nodes) in enumerate(zip(lengths, accepted)):
-            src[b] = length  # padding copies the root slot onto itself
-            dst[b] = length
-            src[b, : len(nodes)] += torch.tensor(nodes, dtype=torch.long)
-            dst[b, : len(nodes)] += torch.arange(len(nodes))
+        """Move each row's accepted region nodes (root first) to the slots right after its prefix.
+
+        Nodes already in place (a chain's accepted prefix always is) are not copied; most steps
+        copy nothing."""
+        moves = [(b, length + node, length + i) for b, (length, nodes) in enumerate(zip(lengths, accepted))
+                 for i, node in enumerate(nodes) if node != i]
+        if not moves:
+            return
+        width = max(sum(1 for m in moves if m[0] == b) for b in {m[0] for m in moves})
+        src = torch.tensor([[length] * width for length in lengths], dtype=torch.long)  # padding: root onto itself
+        dst = src.clone()
+        filled = [0] * len(rows)
+        for b, a, z in moves:
+            src[b, filled[b]], dst[b, filled[b]] = a, z
+            filled[b] += 1
         dev = self.device
         self.cache.move(torch.tensor(rows, device=dev), src.to(dev), dst.to(dev))

@@ -12,6 +12,7 @@ selected candidate as a draw from a one-hot distribution, which keeps it exact.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 
@@ -179,19 +180,28 @@ class TreeBatch:
     ancestors: torch.Tensor  # [B, N, N]
 
 
-def pad_trees(trees: list[Tree]) -> TreeBatch:
-    n = max(t.size for t in trees)
-    b = len(trees)
-    tokens = torch.zeros(b, n, dtype=torch.long)
+@lru_cache(maxsize=256)
+def tree_layout(shapes: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Parents, depths, valid and ancestors of a batch of tree shapes (each a tuple of parents).
+
+    A static expansion has one shape per step and adaptive trees a handful: computed once each.
+    """
+    n, b = max(len(s) for s in shapes), len(shapes)
     parents = torch.full((b, n), -1, dtype=torch.long)
-    depths = torch.zeros(b, n, dtype=torch.long)
     valid = torch.zeros(b, n, dtype=torch.bool)
+    for i, shape in enumerate(shapes):
+        parents[i, : len(shape)] = torch.tensor(shape, dtype=torch.long)
+        valid[i, : len(shape)] = True
+    anc = ancestor_mask(parents)
+    return parents, (anc.sum(dim=-1) - 1) * valid, valid, anc
+
+
+def pad_trees(trees: list[Tree]) -> TreeBatch:
+    parents, depths, valid, anc = tree_layout(tuple(tuple(t.parents.tolist()) for t in trees))
+    tokens = torch.zeros(valid.shape, dtype=torch.long)
     for i, t in enumerate(trees):
         tokens[i, : t.size] = t.tokens
-        parents[i, : t.size] = t.parents
-        depths[i, : t.size] = t.depths
-        valid[i, : t.size] = True
-    return TreeBatch(tokens, parents, depths, valid, ancestor_mask(parents))
+    return TreeBatch(tokens, parents, depths, valid, anc)
 
 
 def path_to(parents: list[int], node: int) -> list[int]:
