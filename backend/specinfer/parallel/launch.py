@@ -76,14 +76,18 @@ class SpawnedWorkers:
                 raise WorkerFailure(f"tensor-parallel workers not ready after {self.start_timeout:.0f} s")
             time.sleep(0.05)
 
-    def dead(self) -> str | None:
-        """Which worker has exited (and how), if any."""
-        for rank, p in enumerate(self.procs, start=1):
-            code = p.poll()
-            if code is not None:
-                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-                return f"rank {rank} (pid {p.pid}) ended with {how}"
-        return None
+    def dead(self, within: float = 0.0) -> str | None:
+        """Which worker has exited (and how), if any, waiting up to ``within`` seconds for one to."""
+        deadline = time.monotonic() + within
+        while True:
+            for rank, p in enumerate(self.procs, start=1):
+                code = p.poll()
+                if code is not None:
+                    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                    return f"worker rank {rank} (pid {p.pid}) ended with {how}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def stop(self, grace: float = 5.0) -> None:
         """Wait up to ``grace`` seconds for the workers to exit (after ``STOP``), then kill them."""
@@ -118,7 +122,8 @@ class MpiWorkers:
     def wait_ready(self, store: dist.Store, size: int) -> None:
         store.wait([f"ready/{rank}" for rank in range(1, size)])
 
-    def dead(self) -> str | None:
+    def dead(self, within: float = 0.0) -> str | None:
+        del within
         return None  # other hosts' processes: a failure shows as a closed connection or a timeout
 
     def stop(self, grace: float = 5.0) -> None:

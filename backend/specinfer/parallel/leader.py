@@ -97,10 +97,10 @@ class TensorParallelLLM:
                 self.restart()
             dead = self.workers.dead()
             if dead:
-                raise WorkerFailure(f"worker {dead}")
+                raise WorkerFailure(dead)
             yield
         except BaseException as exc:
-            self.broken = f"{type(exc).__name__}: {exc}"
+            self.broken = self.workers.dead(within=1.0) or f"{type(exc).__name__}: {exc}"  # a death explains it best
             self.comm.group = self.control = None
             self.workers.stop(grace=0)
             if not isinstance(exc, Exception):  # KeyboardInterrupt and the like pass as they are
