@@ -21,6 +21,17 @@ VARIANTS = {
 }
 
 
+def randomize_biases(folder):
+    """``transformers`` initialises biases to zero, which would hide where a rank adds its bias."""
+    model = LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
 def same_on_both(one: ModelRunner, two: ModelRunner, *args, **kwargs) -> torch.Tensor:
     a, b = one.forward(*args, **kwargs), two.forward(*args, **kwargs)
     assert a.shape == b.shape
@@ -28,14 +39,17 @@ def same_on_both(one: ModelRunner, two: ModelRunner, *args, **kwargs) -> torch.T
     return a
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_two_ranks_give_the_logits_of_one(tmp_path, variant):
-    """Prefill, tree verification, the commit of accepted nodes and decoding over a ragged batch."""
+@pytest.mark.parametrize("variant, attention", [(v, "sdpa") for v in sorted(VARIANTS)] + [("gqa_untied", "triton")])
+def test_two_ranks_give_the_logits_of_one(tmp_path, variant, attention):
+    """Prefill, tree verification, the commit of accepted nodes and decoding over a ragged batch; with
+    ``triton`` the workers receive the packed tree mask instead of the dense one."""
     folder = make_llama(tmp_path / variant, seed=21, **VARIANTS[variant])
+    if VARIANTS[variant].get("attention_bias"):
+        randomize_biases(folder)
     tp = TensorParallelLLM(folder, 2)
     try:
-        one = ModelRunner(Transformer.from_pretrained(folder), rows=5, slots=96)
-        two = ModelRunner(tp, rows=5, slots=96)
+        one = ModelRunner(Transformer.from_pretrained(folder), rows=5, slots=96, attention=attention)
+        two = ModelRunner(tp, rows=5, slots=96, attention=attention)
         g = torch.Generator().manual_seed(5)
         rows = [4, 0, 2]  # scattered rows: an index tensor; [1, 2] below: a slice
         prefixes = [torch.randint(3, 90, (n,), generator=g).tolist() for n in (1, 17, 40)]
