@@ -107,3 +107,17 @@ def test_sampled_output_is_reproducible_for_a_seed(tp_engine):
     first = [r.token_ids for r in tp_engine.generate(batch, params)]
     assert first == [r.token_ids for r in tp_engine.generate(batch, params)]
     assert len({tuple(t) for t in first}) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL: one GPU per rank)")
+def test_nccl_ranks_give_the_greedy_output_of_one_gpu(models):
+    """The CUDA path (NCCL data group, the tree-attention kernel): not run yet, no multi-GPU machine."""
+    batch = prompts(4, seed=7)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    one = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], tree=TreeConfig(expansion=(1, 2, 1)),
+                                          device="cuda")
+    want = [r.token_ids for r in one.generate(batch, params)]
+    with SpecInferEngine.from_pretrained(models["llm"], [models["close"]], tree=TreeConfig(expansion=(1, 2, 1)),
+                                         device="cuda", tensor_parallel_size=2) as two:
+        assert [r.token_ids for r in two.generate(batch, params)] == want

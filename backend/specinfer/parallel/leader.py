@@ -47,12 +47,14 @@ class ShardedCache(KVCache):
 
 
 class TensorParallelLLM:
+    """The LLM sharded over ``size`` ranks; this process is rank 0 (see the module docstring)."""
+
     def __init__(self, llm: str | Path, size: int, device: str = "cpu", dtype: str = "float32",
                  workers: Workers | None = None) -> None:
-        self.args = read_model_args(llm)
-        check_size(self.args, size)
         if size < 2:
             raise ValueError(f"a tensor-parallel LLM needs at least 2 ranks, got {size}")
+        self.args = read_model_args(llm)
+        check_size(self.args, size)
         self.spec = WorkerSpec(str(llm), size, device, dtype)
         self.workers = workers or SpawnedWorkers()
         self.timeout = timedelta(seconds=self.workers.timeout)
@@ -78,13 +80,9 @@ class TensorParallelLLM:
 
     def connect(self, store) -> None:
         self.workers.wait_ready(store, self.spec.size)
-        self.control, self.comm.group = connect(store, 0, self.spec.size, self.lm_device, self.timeout)
+        self.control, self.comm.group = connect(store, 0, self.spec.size, torch.device(self.spec.device), self.timeout)
         if self.cache_shape is not None:
             protocol.send(self.control, Op.NEW_CACHE, list(self.cache_shape), [], self.timeout)
-
-    @property
-    def lm_device(self) -> torch.device:
-        return torch.device(self.spec.device)
 
     @contextmanager
     def guard(self, what: str):
@@ -105,9 +103,9 @@ class TensorParallelLLM:
             self.workers.stop(grace=0)
             if not isinstance(exc, Exception):  # KeyboardInterrupt and the like pass as they are
                 raise
+            then = "the workers restart at the next forward" if self.workers.restartable else "restart the MPI job"
             raise WorkerFailure(
-                f"tensor-parallel LLM {what} failed ({self.broken}); the requests in flight fail and the "
-                "workers restart at the next forward"
+                f"tensor-parallel LLM {what} failed ({self.broken}); the requests in flight fail and {then}"
             ) from exc
 
     def restart(self) -> None:
