@@ -7,12 +7,14 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
 
-from served import PROMPTS, expected, grpc_inputs, grpc_stream, ids, post, serve, wait_for
+from conftest import make_llama
+from served import PROMPTS, ROOT, expected, grpc_inputs, grpc_stream, ids, post, serve, wait_for
 
 WORKER = "specinfer.parallel.worker"
 
@@ -88,3 +90,12 @@ def test_a_killed_worker_fails_its_request_and_the_next_one_is_served(tp_served)
     assert status == 200 and ids(out) == want, out
     assert wait_for(lambda: len(workers_of("specinfer_llm", llm)) == 1)  # a new worker, not the killed one
     assert workers_of("specinfer_llm", llm) != [victim]
+
+
+def test_configure_repository_refuses_a_size_the_heads_do_not_allow(tmp_path):
+    llm = make_llama(tmp_path / "llm", seed=1)  # 4 heads, 2 KV heads
+    (llm / "tokenizer.json").write_text("{}")  # only its presence is checked
+    out = subprocess.run([sys.executable, str(ROOT / "build_scripts" / "configure_repository.py"), "--llm", str(llm),
+                          "--output", str(tmp_path / "repo"), "--tensor-parallel", "3"], capture_output=True, text=True)
+    assert out.returncode != 0 and "sizes that work are [1, 2, 4]" in out.stderr, out.stderr
+    assert not (tmp_path / "repo").exists()
