@@ -15,6 +15,7 @@ from specinfer import TreeConfig
 from specinfer.config import ATTENTION, parse_expansion
 from specinfer.checkpoint import read_model_args
 from specinfer.gguf_checkpoint import is_gguf
+from specinfer.parallel.shard import check_size
 from specinfer.serving.repository import RepositoryOptions, write_repository
 from specinfer.serving.requests import Limits
 
@@ -41,11 +42,18 @@ def main() -> None:
     ap.add_argument("--max-stop-word-bytes", type=int, default=limits.max_stop_word_bytes, help="a longer stop word: 400")
     ap.add_argument("--attention", choices=ATTENTION,
                     help="tree attention: triton (the kernel) or sdpa; default: triton on CUDA, sdpa on CPU")
+    ap.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                    help="shard each decoding model's LLM over N processes (GPUs device, device+1, ... on CUDA)")
     args = ap.parse_args()
     expansion = parse_expansion(args.expansion)
     TreeConfig(expansion=expansion).check_size(max(1, len(args.ssm)))  # fail here, not at server start
     llm = Path(args.llm).resolve()
-    vocab = read_model_args(llm).vocab_size
+    llm_args = read_model_args(llm)
+    vocab = llm_args.vocab_size
+    try:
+        check_size(llm_args, args.tensor_parallel)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if not is_gguf(llm) and not (llm / "tokenizer.json").is_file():
         raise SystemExit(f"error: {llm} has no tokenizer.json")
     for ssm in args.ssm:
@@ -54,7 +62,8 @@ def main() -> None:
     opts = RepositoryOptions(
         llm=str(llm), ssms=tuple(str(Path(s).resolve()) for s in args.ssm), expansion=expansion,
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_context=args.max_context,
-        draft_sampling=args.draft_sampling, verifier=args.verifier, adaptive=args.adaptive, bls_name=args.bls_name, attention=args.attention or "",
+        draft_sampling=args.draft_sampling, verifier=args.verifier, adaptive=args.adaptive, bls_name=args.bls_name,
+        attention=args.attention or "", tensor_parallel=args.tensor_parallel,
         limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )
     out = write_repository(args.output, opts)

@@ -27,8 +27,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ '<s>' + m['role'] + ': ' + m['conten
                  "{% if add_generation_prompt %}{{ '<s>assistant: ' }}{% endif %}")
 
 
-def make_repository(root: Path) -> tuple[Path, Path]:
-    """Tiny LLM + tokenizer + two SSMs, and a repository for them; returns (repository, LLM folder)."""
+def make_repository(root: Path, *options: str) -> tuple[Path, Path]:
+    """Tiny LLM + tokenizer + two SSMs, and a repository for them (more ``configure_repository.py``
+    ``options`` where given); returns (repository, LLM folder)."""
     tok = Tokenizer(tok_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -45,13 +46,13 @@ def make_repository(root: Path) -> tuple[Path, Path]:
     repo = root / "repo"
     subprocess.run([sys.executable, str(ROOT / "build_scripts" / "configure_repository.py"), "--llm", str(llm),
                     "--ssm", str(ssms[0]), "--ssm", str(ssms[1]), "--expansion", "1,2,1", "--output", str(repo),
-                    "--max-batch-size", str(MAX_BATCH)], check=True)
+                    "--max-batch-size", str(MAX_BATCH), *options], check=True)
     return repo, llm
 
 
-def serve(root: Path):
+def serve(root: Path, *options: str):
     """Yields (server, engine, repository); the server must then stop cleanly."""
-    repo, llm = make_repository(root)
+    repo, llm = make_repository(root, *options)
     server = start_server(repo, log_path=root / "server.log", exit_timeout=60)  # time to unload cleanly
     yield server, SpecInferEngine.from_pretrained(llm), repo
     code = server.stop(grace=120)  # a clean exit is asserted: no SIGKILL on a slow machine

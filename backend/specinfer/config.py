@@ -134,8 +134,11 @@ class EngineConfig:
     dtype: str = "float32"
     tree: TreeConfig = field(default_factory=TreeConfig)
     attention: str | None = None
+    tensor_parallel_size: int = 1  # processes the LLM is sharded over (``parallel/``); SSMs stay on the leader
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_context is not None and self.max_context < 2:

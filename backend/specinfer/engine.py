@@ -13,6 +13,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from .sequence import Sequence
 from .tokenizer import TextTokenizer
 from .tree import Tree, TreeBatch, merge_trees, pad_trees, prune, root_only
 from .verify import Verdict, greedy_verify, mss_verify, naive_verify
+
+if TYPE_CHECKING:
+    from .parallel.leader import Workers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CALIBRATION_TOKENS = 256  # adaptive trees measure forwards up to this many tokens at start-up
@@ -100,12 +104,36 @@ class SpecInferEngine:
     def from_pretrained(
         cls, llm: str | Path, ssms: Seq[str | Path] = (), tree: TreeConfig = TreeConfig(),
         device: str = "cpu", dtype: str = "float32", max_batch_size: int = 16, max_context: int | None = None,
-        attention: str | None = None,
+        attention: str | None = None, tensor_parallel_size: int = 1, workers: "Workers | None" = None,
     ) -> "SpecInferEngine":
+        """``tensor_parallel_size > 1`` shards the LLM over that many processes (``parallel/``), spawned
+        here unless ``workers`` says otherwise (``parallel.MpiWorkers`` under mpiexec); ``close()`` stops them."""
         config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree,
-                              attention=attention)
+                              attention=attention, tensor_parallel_size=tensor_parallel_size)
         load = lambda folder: Transformer.from_pretrained(folder, device=device, dtype=DTYPES[dtype])  # noqa: E731
-        return cls(load(llm), [load(s) for s in ssms], config, TextTokenizer.from_checkpoint(llm))
+        ssm_models = [load(s) for s in ssms]
+        if tensor_parallel_size == 1:
+            return cls(load(llm), ssm_models, config, TextTokenizer.from_checkpoint(llm))
+        from .parallel import TensorParallelLLM
+
+        model = TensorParallelLLM(llm, tensor_parallel_size, device, dtype, workers)
+        try:
+            return cls(model, ssm_models, config, TextTokenizer.from_checkpoint(llm))
+        except BaseException:
+            model.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the LLM's tensor-parallel workers, if it has any; the engine is unusable afterwards."""
+        close = getattr(self.llm.model, "close", None)  # a TensorParallelLLM's; a Transformer has none
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "SpecInferEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ----- requests -------------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:

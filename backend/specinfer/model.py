@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from torch import nn
 from .attention import Visibility
 from .checkpoint import ModelArgs, read_checkpoint
 from .kv_cache import KVCache, Rows
+
+if TYPE_CHECKING:
+    from .parallel.layers import Shard
 
 
 class RMSNorm(nn.Module):
@@ -145,11 +149,15 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "Transformer":
+    def from_pretrained(cls, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        shard: "Shard | None" = None) -> "Transformer":
+        """The checkpoint's model; with ``shard``, one rank's slice of it (``parallel/``)."""
         args, state = read_checkpoint(folder)
         with torch.device("meta"):
-            model = cls(args)
+            model = cls(args) if shard is None else shard.build(cls, args)
         state = fuse_projections({k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")})
+        if shard is not None:
+            state = shard.state(state, args)
         expected = set(model.state_dict())
         if args.tie_word_embeddings:
             state.pop("lm_head.weight", None)

@@ -22,6 +22,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..config import TreeConfig, parse_expansion
 from ..engine import SpecInferEngine
+from ..parallel import WorkerFailure
 from ..sequence import Sequence
 from .detokenize import sendable
 from .metrics import ServingMetrics
@@ -60,6 +61,7 @@ def engine_from_parameters(params: dict[str, str], model_dir: Path) -> tuple[Spe
         repository_path(params["llm"], model_dir), ssms if speculate else [], tree=tree, device=params.get("device", "cpu"),
         dtype=params.get("dtype", "float32"), max_batch_size=int(params.get("max_batch_size", 16)),
         max_context=max_context, attention=params.get("attention") or None,
+        tensor_parallel_size=int(params.get("tensor_parallel_size", 1)),
     )
     return engine, speculate
 
@@ -133,11 +135,12 @@ class TritonPythonModel:
                 stops, self.stops = self.stops, set()
             try:
                 self.iterate(incoming, stops)
-            except Exception:  # a bug in a batched forward fails the requests in flight, never the server
+            except Exception as exc:  # a bug in a batched forward fails the requests in flight, never the server
                 pb_utils.Logger.log_error(traceback.format_exc())
+                message = str(exc) if isinstance(exc, WorkerFailure) else "internal error in the decoding engine; see the server log"
                 for live in list(self.live.values()):
                     self.engine.abort(live.seq)
-                    self.fail(live, "internal error in the decoding engine; see the server log")
+                    self.fail(live, message)
                 self.engine.scheduler.retire()
             finally:
                 scheduler = self.engine.scheduler
@@ -212,3 +215,4 @@ class TritonPythonModel:
         self.thread.join()  # it stops after the current iteration; only then is self.live ours
         for live in list(self.live.values()) + self.incoming:
             self.fail(live, "the model is being unloaded")
+        self.engine.close()  # tensor-parallel workers end with the model

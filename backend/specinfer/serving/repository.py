@@ -48,6 +48,7 @@ class RepositoryOptions:
     verifier: str = "mss"
     adaptive: bool = True  # the expansion is the largest tree; each step verifies what pays off here
     attention: str = ""  # "sdpa" | "triton"; empty: the engine's default for the device (triton on CUDA)
+    tensor_parallel: int = 1  # processes each decoding model's LLM is sharded over (written only when > 1)
     bls_name: str = "specinfer_bls"  # TensorRT-LLM's clients know theirs as tensorrt_llm_bls
     limits: Limits = field(default_factory=Limits)
 
@@ -102,6 +103,8 @@ def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
         "draft_sampling": opts.draft_sampling, "verifier": opts.verifier, "attention": opts.attention,
         "adaptive": str(opts.adaptive and speculate).lower(), **opts.limits.parameters(),
     }
+    if opts.tensor_parallel > 1:  # workers started at load on the devices after ``device``, stopped at unload
+        params["tensor_parallel_size"] = str(opts.tensor_parallel)
     return python_model(name, inputs, outputs, params, decoupled=True)
 
 
