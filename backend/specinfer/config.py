@@ -9,6 +9,7 @@ DRAFT_SAMPLING = ("with_replacement", "without_replacement")
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would overflow float32
 VERIFIERS = ("mss", "naive")
 ATTENTION = ("sdpa", "triton")
+SSM_ENGINES = ("torch", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class EngineConfig:
     ``attention``: ``"triton"`` (the tree-attention kernel, ``kernels/``) or ``"sdpa"`` (PyTorch's
     attention over a dense mask); ``None`` picks the kernel on CUDA and SDPA elsewhere. The kernel
     runs on CPU only under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
+    ``ssm_engine``: what runs the SSMs (``runtimes/``): ``"torch"``, or their exported ONNX graph run by
+    ``"onnxruntime"`` or ``"tensorrt"``.
     """
 
     max_batch_size: int = 16
@@ -124,6 +127,7 @@ class EngineConfig:
     dtype: str = "float32"
     tree: TreeConfig = field(default_factory=TreeConfig)
     attention: str | None = None
+    ssm_engine: str = "torch"
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -138,5 +142,7 @@ class EngineConfig:
             object.__setattr__(self, "attention", "sdpa" if self.device == "cpu" else "triton")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.ssm_engine not in SSM_ENGINES:
+            raise ValueError(f"ssm_engine must be one of {SSM_ENGINES}, got {self.ssm_engine!r}")
         if self.attention == "triton" and self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention='triton' needs a CUDA device (on CPU only under TRITON_INTERPRET=1, for tests)")

@@ -20,6 +20,7 @@ from .config import EngineConfig, SamplingParams, TreeConfig
 from .draft import draft_trees, ssm_accepted
 from .model import Transformer
 from .runner import ModelRunner, NodeBatch, chain_batch
+from .runtimes import load_model
 from .sampling import make_generator, sample, target_probs
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -80,7 +81,7 @@ class SpecInferEngine:
         self.max_context = config.max_context or llm.args.max_position_embeddings
         slots = self.max_context + tree.max_tree_tokens + 1
         self.llm = ModelRunner(llm, config.max_batch_size, slots, config.attention)
-        self.ssms = [ModelRunner(m, config.max_batch_size, slots, config.attention) for m in ssms]
+        self.ssms = [ModelRunner(m, config.max_batch_size, slots, getattr(m, "attention", config.attention)) for m in ssms]
         self.eos_ids = frozenset(llm.args.eos_token_ids)
         self.scheduler = Scheduler(config.max_batch_size)
         self.stats = EngineStats()
@@ -90,12 +91,15 @@ class SpecInferEngine:
     def from_pretrained(
         cls, llm: str | Path, ssms: Seq[str | Path] = (), tree: TreeConfig = TreeConfig(),
         device: str = "cpu", dtype: str = "float32", max_batch_size: int = 16, max_context: int | None = None,
-        attention: str | None = None,
+        attention: str | None = None, ssm_engine: str = "torch",
     ) -> "SpecInferEngine":
         config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree,
-                              attention=attention)
-        load = lambda folder: Transformer.from_pretrained(folder, device=device, dtype=DTYPES[dtype])  # noqa: E731
-        return cls(load(llm), [load(s) for s in ssms], config, TextTokenizer.from_checkpoint(llm))
+                              attention=attention, ssm_engine=ssm_engine)
+        target = Transformer.from_pretrained(llm, device=device, dtype=DTYPES[dtype])
+        context = max_context or target.args.max_position_embeddings
+        drafts = [load_model(ssm_engine, s, device, DTYPES[dtype], dtype, max_batch_size, context + tree.max_tree_tokens + 1,
+                             context) for s in ssms]
+        return cls(target, drafts, config, TextTokenizer.from_checkpoint(llm))
 
     # ----- requests -------------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:
