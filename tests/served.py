@@ -27,7 +27,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ '<s>' + m['role'] + ': ' + m['conten
                  "{% if add_generation_prompt %}{{ '<s>assistant: ' }}{% endif %}")
 
 
-def make_repository(root: Path) -> tuple[Path, Path]:
+def make_repository(root: Path, ssm_engine: str = "torch") -> tuple[Path, Path]:
     """Tiny LLM + tokenizer + two SSMs, and a repository for them; returns (repository, LLM folder)."""
     tok = Tokenizer(tok_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,7 +45,7 @@ def make_repository(root: Path) -> tuple[Path, Path]:
     repo = root / "repo"
     subprocess.run([sys.executable, str(ROOT / "build_scripts" / "configure_repository.py"), "--llm", str(llm),
                     "--ssm", str(ssms[0]), "--ssm", str(ssms[1]), "--expansion", "1,2,1", "--output", str(repo),
-                    "--max-batch-size", str(MAX_BATCH)], check=True)
+                    "--max-batch-size", str(MAX_BATCH), "--ssm-engine", ssm_engine], check=True)
     return repo, llm
 
 

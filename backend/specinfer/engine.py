@@ -97,8 +97,8 @@ class SpecInferEngine:
                               attention=attention, ssm_engine=ssm_engine)
         target = Transformer.from_pretrained(llm, device=device, dtype=DTYPES[dtype])
         context = max_context or target.args.max_position_embeddings
-        drafts = [load_model(ssm_engine, s, device, DTYPES[dtype], dtype, max_batch_size, context + tree.max_tree_tokens + 1,
-                             context) for s in ssms]
+        slots = context + tree.max_tree_tokens + 1
+        drafts = [load_model(ssm_engine, s, device, DTYPES[dtype], max_batch_size, slots, context, tree) for s in ssms]
         return cls(target, drafts, config, TextTokenizer.from_checkpoint(llm))
 
     # ----- requests -------------------------------------------------------------------------

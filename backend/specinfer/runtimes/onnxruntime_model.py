@@ -41,6 +41,8 @@ class OnnxRuntimeModel(CompiledModel):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
+        # ONNX Runtime's threads otherwise spin after each run, taking the cores from the LLM's torch threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(graph), opts, providers=providers_for(self.device, ort.get_available_providers()))
         self.binding = self.session.io_binding()
         self.device_id = self.device.index or 0

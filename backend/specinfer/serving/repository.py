@@ -47,6 +47,7 @@ class RepositoryOptions:
     draft_sampling: str = "with_replacement"
     verifier: str = "mss"
     attention: str = ""  # "sdpa" | "triton"; empty: the engine's default for the device (triton on CUDA)
+    ssm_engine: str = "torch"  # "torch" | "onnxruntime" | "tensorrt": what runs the SSMs (runtimes/)
     bls_name: str = "specinfer_bls"  # TensorRT-LLM's clients know theirs as tensorrt_llm_bls
     limits: Limits = field(default_factory=Limits)
 
@@ -99,6 +100,7 @@ def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
         "expansion": ",".join(map(str, opts.expansion)), "device": opts.device, "dtype": opts.dtype,
         "max_batch_size": str(opts.max_batch_size), "max_context": str(opts.max_context or ""),
         "draft_sampling": opts.draft_sampling, "verifier": opts.verifier, "attention": opts.attention,
+        "ssm_engine": opts.ssm_engine,
         **opts.limits.parameters(),
     }
     return python_model(name, inputs, outputs, params, decoupled=True)
