@@ -99,3 +99,19 @@ def test_bad_settings_are_refused(tmp_path):
         providers_for(torch.device("cuda"), ["CPUExecutionProvider"])
     assert providers_for(torch.device("cuda"), ["CPUExecutionProvider", "CUDAExecutionProvider"]) == [
         "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_onnxruntime_cuda_provider_gives_the_torch_ssms_tokens(models):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA execution provider (onnxruntime-gpu)")
+    from specinfer import SamplingParams, SpecInferEngine, TreeConfig
+    from conftest import prompts
+
+    batch, params = prompts(8, seed=4), SamplingParams(max_tokens=8, ignore_eos=True)
+    outs = [[r.token_ids for r in SpecInferEngine.from_pretrained(
+        models["llm"], [models["close"]], tree=TreeConfig(expansion=(1, 2, 1)), device="cuda", ssm_engine=kind,
+        max_batch_size=8).generate(batch, params)] for kind in ("torch", "onnxruntime")]
+    assert outs[0] == outs[1]

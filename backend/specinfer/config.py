@@ -118,7 +118,8 @@ class EngineConfig:
     attention over a dense mask); ``None`` picks the kernel on CUDA and SDPA elsewhere. The kernel
     runs on CPU only under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
     ``ssm_engine``: what runs the SSMs (``runtimes/``): ``"torch"``, or their exported ONNX graph run by
-    ``"onnxruntime"`` or ``"tensorrt"``.
+    ``"onnxruntime"`` or ``"tensorrt"``. ``cuda_graphs``: replay the PyTorch models' forwards as CUDA
+    graphs at bucketed shapes (``cuda_graphs.py``; with ``attention="triton"``); ``None``: on CUDA.
     """
 
     max_batch_size: int = 16
@@ -128,6 +129,7 @@ class EngineConfig:
     tree: TreeConfig = field(default_factory=TreeConfig)
     attention: str | None = None
     ssm_engine: str = "torch"
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -144,5 +146,9 @@ class EngineConfig:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.ssm_engine not in SSM_ENGINES:
             raise ValueError(f"ssm_engine must be one of {SSM_ENGINES}, got {self.ssm_engine!r}")
+        if self.cuda_graphs is None:
+            object.__setattr__(self, "cuda_graphs", self.device != "cpu")
+        if self.cuda_graphs and self.device == "cpu":
+            raise ValueError("cuda_graphs=True needs a CUDA device")
         if self.attention == "triton" and self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention='triton' needs a CUDA device (on CPU only under TRITON_INTERPRET=1, for tests)")

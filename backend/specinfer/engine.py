@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import EngineConfig, SamplingParams, TreeConfig
+from .cuda_graphs import GraphedModel
 from .draft import draft_trees, ssm_accepted
 from .model import Transformer
 from .runner import ModelRunner, NodeBatch, chain_batch
@@ -80,6 +81,9 @@ class SpecInferEngine:
         self.vocab = vocab
         self.max_context = config.max_context or llm.args.max_position_embeddings
         slots = self.max_context + tree.max_tree_tokens + 1
+        if config.cuda_graphs and config.attention == "triton":  # graphs need the kernel's device-side lengths
+            llm = GraphedModel(llm)
+            ssms = [GraphedModel(m) if isinstance(m, Transformer) else m for m in ssms]
         self.llm = ModelRunner(llm, config.max_batch_size, slots, config.attention)
         self.ssms = [ModelRunner(m, config.max_batch_size, slots, getattr(m, "attention", config.attention)) for m in ssms]
         self.eos_ids = frozenset(llm.args.eos_token_ids)
@@ -91,10 +95,10 @@ class SpecInferEngine:
     def from_pretrained(
         cls, llm: str | Path, ssms: Seq[str | Path] = (), tree: TreeConfig = TreeConfig(),
         device: str = "cpu", dtype: str = "float32", max_batch_size: int = 16, max_context: int | None = None,
-        attention: str | None = None, ssm_engine: str = "torch",
+        attention: str | None = None, ssm_engine: str = "torch", cuda_graphs: bool | None = None,
     ) -> "SpecInferEngine":
         config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree,
-                              attention=attention, ssm_engine=ssm_engine)
+                              attention=attention, ssm_engine=ssm_engine, cuda_graphs=cuda_graphs)
         target = Transformer.from_pretrained(llm, device=device, dtype=DTYPES[dtype])
         context = max_context or target.args.max_position_embeddings
         slots = context + tree.max_tree_tokens + 1
