@@ -13,16 +13,10 @@ from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.cuda_graphs import GraphedModel, bucket
 from specinfer.model import Transformer
 from specinfer.runner import ModelRunner, NodeBatch, chain_batch
-from specinfer.tree import TreeBuilder, pad_trees
+from specinfer.tree import pad_trees
+from test_tree_attention import random_tree
 
 CUDA = torch.cuda.is_available()
-
-
-def random_tree(size: int, g: torch.Generator):
-    b = TreeBuilder(int(torch.randint(3, VOCAB, (1,), generator=g)))
-    while len(b.tokens) < size:
-        b.add(int(torch.randint(0, len(b.tokens), (1,), generator=g)), int(torch.randint(3, VOCAB, (1,), generator=g)))
-    return b.build()
 
 
 def test_buckets():
@@ -36,6 +30,7 @@ def test_padded_forwards_equal_eager_ones(models, rows):
     graphed_model = GraphedModel(Transformer.from_pretrained(models["llm"]), capture=False)
     graphed = ModelRunner(graphed_model, rows=6, slots=128, attention="triton")
     assert graphed.cache.k[0].shape[0] == 7  # the spare row padding writes to
+    assert graphed_model.lm_head is graphed_model.model.lm_head  # the wrapped model's attributes stay reachable
     g = torch.Generator().manual_seed(9)
     chunks = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 9, 23)]  # 23 tokens -> bucket 32
     last = torch.tensor([len(c) - 1 for c in chunks])

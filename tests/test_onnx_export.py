@@ -12,20 +12,14 @@ from specinfer.model import Transformer
 from specinfer.runner import ModelRunner, NodeBatch, chain_batch
 from specinfer.runtimes.onnx_export import compiled_dir, ensure_onnx
 from specinfer.runtimes.onnxruntime_model import OnnxRuntimeModel, providers_for
-from specinfer.tree import TreeBuilder, pad_trees
+from specinfer.tree import pad_trees
+from test_tree_attention import random_tree
 
 TOL = 1e-4
 CONFIGS = {
     "gqa": {},
     "mha-tied-bias": dict(num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
 }
-
-
-def random_tree(size: int, g: torch.Generator):
-    b = TreeBuilder(int(torch.randint(3, VOCAB, (1,), generator=g)))
-    while len(b.tokens) < size:
-        b.add(int(torch.randint(0, len(b.tokens), (1,), generator=g)), int(torch.randint(3, VOCAB, (1,), generator=g)))
-    return b.build()
 
 
 def runners(folder):

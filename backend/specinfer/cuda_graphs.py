@@ -58,6 +58,12 @@ class GraphedModel:
         self.spare = -1
         self.replays = 0  # forwards served by a graph (or, with capture=False, by the padded path)
 
+    def __getattr__(self, name: str):
+        """The wrapped model's attributes (weights, ``parameters()``) stay reachable, e.g. from build scripts."""
+        if name == "model":  # not set yet: no recursion
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
     def new_cache(self, rows: int, slots: int) -> KVCache:
         self.spare = rows  # the extra row takes padded rows' writes
         return self.model.new_cache(rows + 1, slots)
