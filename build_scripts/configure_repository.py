@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from specinfer import TreeConfig
-from specinfer.config import ATTENTION, parse_expansion
+from specinfer.config import ATTENTION, SSM_ENGINES, parse_expansion
 from specinfer.checkpoint import read_model_args
 from specinfer.gguf_checkpoint import is_gguf
 from specinfer.parallel.shard import check_size
@@ -44,6 +44,8 @@ def main() -> None:
                     help="tree attention: triton (the kernel) or sdpa; default: triton on CUDA, sdpa on CPU")
     ap.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                     help="shard each decoding model's LLM over N processes (GPUs device, device+1, ... on CUDA)")
+    ap.add_argument("--ssm-engine", default="torch", choices=SSM_ENGINES,
+                    help="what runs the SSMs: PyTorch, or their ONNX graph under onnxruntime or tensorrt")
     args = ap.parse_args()
     expansion = parse_expansion(args.expansion)
     TreeConfig(expansion=expansion).check_size(max(1, len(args.ssm)))  # fail here, not at server start
@@ -63,7 +65,7 @@ def main() -> None:
         llm=str(llm), ssms=tuple(str(Path(s).resolve()) for s in args.ssm), expansion=expansion,
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_context=args.max_context,
         draft_sampling=args.draft_sampling, verifier=args.verifier, adaptive=args.adaptive, bls_name=args.bls_name,
-        attention=args.attention or "", tensor_parallel=args.tensor_parallel,
+        attention=args.attention or "", tensor_parallel=args.tensor_parallel, ssm_engine=args.ssm_engine,
         limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )
     out = write_repository(args.output, opts)

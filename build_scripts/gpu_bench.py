@@ -8,7 +8,7 @@ acceptance it reaches is part of the table.
 
 Prints one table (and writes it as JSON with ``--json``): per attention backend, batch size and mode,
 tokens/s, LLM forwards, tokens per forward per request, ms per step and the host (non-forward) part of
-it; then the attention kernel alone against SDPA at a verification shape, with bytes moved per call.
+it (``triton-eager``: the kernel without CUDA graphs); then the attention kernel alone against SDPA at a verification shape, with bytes moved per call.
 """
 from __future__ import annotations
 
@@ -109,7 +109,8 @@ def main() -> None:
     ap.add_argument("--residual", type=float, default=0.025, help="scale of the LLM's layers after the first")
     ap.add_argument("--expansion", default="1,1,3,1,1,1,1,1")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--attention", default="sdpa,triton")
+    ap.add_argument("--attention", default="sdpa,triton-eager,triton",
+                    help="backends; -eager: without CUDA graphs (on by default on CUDA, with triton)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tree = TreeConfig(expansion=tuple(int(k) for k in args.expansion.split(",")))
@@ -123,7 +124,9 @@ def main() -> None:
         print(f"built the pair in {time.perf_counter() - t0:.1f} s", flush=True)
         for attention in args.attention.split(","):
             engine = SpecInferEngine.from_pretrained(llm, [ssm], tree=tree, device=args.device, dtype=args.dtype,
-                                                     max_batch_size=16, max_context=256, attention=attention)
+                                                     max_batch_size=16, max_context=256,
+                                                     attention=attention.removesuffix("-eager"),
+                                                     cuda_graphs=False if attention.endswith("-eager") else None)
             for batch in (1, 16):  # warm-up: every kernel variant compiled, allocator primed
                 run(engine, prompts[:batch], batch, True, 8)
                 run(engine, prompts[:batch], batch, False, 8)
@@ -136,12 +139,12 @@ def main() -> None:
     kernel = kernel_timing(getattr(torch, args.dtype), args.device) if args.device.startswith("cuda") else []
     print(f"\n{args.dtype}, LLM {args.layers} layers d{args.hidden} GQA {args.heads}/{args.kv_heads}, SSM 1 layer, "
           f"tree {args.expansion}, {args.max_tokens} tokens per request")
-    print(f"{'attention':9} {'batch':>5} {'mode':11} {'tok/s':>8} {'speedup':>7} {'tok/step':>8} {'ms/step':>8} "
+    print(f"{'attention':12} {'batch':>5} {'mode':11} {'tok/s':>8} {'speedup':>7} {'tok/step':>8} {'ms/step':>8} "
           f"{'host ms':>8}")
     for r in rows:
         base = next(x for x in rows if x["attention"] == r["attention"] and x["batch"] == r["batch"]
                     and x["mode"] == "incremental")
-        print(f"{r['attention']:9} {r['batch']:5d} {r['mode']:11} {r['tokens_per_s']:8.1f} "
+        print(f"{r['attention']:12} {r['batch']:5d} {r['mode']:11} {r['tokens_per_s']:8.1f} "
               f"{r['tokens_per_s'] / base['tokens_per_s']:7.2f} {r['tokens_per_step']:8.2f} {r['ms_per_step']:8.2f} "
               f"{r['host_ms_per_step']:8.2f}")
     if kernel:

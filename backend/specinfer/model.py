@@ -190,7 +190,7 @@ class Transformer(nn.Module):
 
         ``visibility`` says which cache slots each token attends to (its own slot included), in the
         form of the chosen attention backend (``attention.py``). With ``output_index [B]`` only that token of each row reaches the LM head
-        and the result is ``[B, V]``.
+        and the result is ``[B, V]``; ``output_index [B, G]`` gives ``[B, G, V]`` (exported graphs take that form).
         """
         freqs = positions[..., None].float() * self.inv_freq
         cos = torch.cat((freqs, freqs), dim=-1).cos()[:, :, None].to(self.lm_head.weight.dtype)
@@ -199,5 +199,6 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, rows, slots, visibility)
         if output_index is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), output_index]
+            batch = torch.arange(x.shape[0], device=x.device).view(-1, *[1] * (output_index.dim() - 1))
+            x = x[batch, output_index]
         return self.lm_head(self.model.norm(x)).float()

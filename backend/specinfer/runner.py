@@ -63,7 +63,7 @@ class ModelRunner:
         self.model = model
         self.attention = attention
         self.cache = model.new_cache(rows, slots)
-        self.device = model.lm_head.weight.device
+        self.device = self.cache.batch_index.device  # the model's (a compiled one has no torch weights)
         self.seconds = 0.0  # wall time spent in forwards, for the overhead figure of benchmarks
         self.costs: ForwardCosts | FixedCosts = ForwardCosts()  # what forwards cost here, by tokens fed
 

@@ -61,7 +61,7 @@ def engine_from_parameters(params: dict[str, str], model_dir: Path) -> tuple[Spe
         repository_path(params["llm"], model_dir), ssms if speculate else [], tree=tree, device=params.get("device", "cpu"),
         dtype=params.get("dtype", "float32"), max_batch_size=int(params.get("max_batch_size", 16)),
         max_context=max_context, attention=params.get("attention") or None,
-        tensor_parallel_size=int(params.get("tensor_parallel_size", 1)),
+        tensor_parallel_size=int(params.get("tensor_parallel_size", 1)), ssm_engine=params.get("ssm_engine") or "torch",
     )
     return engine, speculate
 

@@ -49,6 +49,7 @@ class RepositoryOptions:
     adaptive: bool = True  # the expansion is the largest tree; each step verifies what pays off here
     attention: str = ""  # "sdpa" | "triton"; empty: the engine's default for the device (triton on CUDA)
     tensor_parallel: int = 1  # processes each decoding model's LLM is sharded over (written only when > 1)
+    ssm_engine: str = "torch"  # "torch" | "onnxruntime" | "tensorrt": what runs the SSMs (runtimes/)
     bls_name: str = "specinfer_bls"  # TensorRT-LLM's clients know theirs as tensorrt_llm_bls
     limits: Limits = field(default_factory=Limits)
 
@@ -101,7 +102,8 @@ def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
         "expansion": ",".join(map(str, opts.expansion)), "device": opts.device, "dtype": opts.dtype,
         "max_batch_size": str(opts.max_batch_size), "max_context": str(opts.max_context or ""),
         "draft_sampling": opts.draft_sampling, "verifier": opts.verifier, "attention": opts.attention,
-        "adaptive": str(opts.adaptive and speculate).lower(), **opts.limits.parameters(),
+        "adaptive": str(opts.adaptive and speculate).lower(), "ssm_engine": opts.ssm_engine,
+        **opts.limits.parameters(),
     }
     if opts.tensor_parallel > 1:  # workers started at load on the devices after ``device``, stopped at unload
         params["tensor_parallel_size"] = str(opts.tensor_parallel)
