@@ -25,6 +25,7 @@ class Sequence:
     accepted_draft_tokens: int = 0
     finish_reason: str | None = None  # "length", "stop", "cancelled" or "error" once finished
     error: str | None = None  # why this request failed alone (finish_reason "error")
+    log_probs: list[float] = field(default_factory=list)  # of the output tokens, where params.log_probs asks
 
     def __post_init__(self) -> None:
         self.ssm_lens = [0] * self.num_ssms
