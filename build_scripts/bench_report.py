@@ -31,6 +31,12 @@ def write_markdown(report: dict, path: Path) -> None:
         for r in report["triton"]:
             lines.append(f"| {r['model']} | {r['concurrency']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
                          f"{r['tokens_per_llm_step']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
+    if report.get("genai_perf"):
+        lines += ["", "| genai-perf model | concurrency | TTFT ms | inter-token ms | output tokens/s |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in report["genai_perf"]:
+            lines.append(f"| {r['model']} | {r['concurrency']} | {r['ttft_ms']:.1f} | {r['itl_ms']:.1f} | "
+                         f"{r['output_tok_s']:.1f} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -11,6 +11,7 @@ with the demo pair (SmolLM2-135M-Instruct, ssm-a, ssm-b):
 - peer: transformers `generate` plain and assisted (the SSM as assistant), greedy, batch 1;
 - through Triton: closed-loop clients against `specinfer` (adaptive) and `incremental` at
   concurrency 1 to 32.
+  With --genai-perf also genai-perf (TTFT, inter-token latency, output token throughput; its own venv).
 Writes results.json, results.md and PNG plots into --output.
 
   .venv/bin/python build_scripts/benchmark.py            # full
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -138,6 +140,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton part")
+    ap.add_argument("--genai-perf", action="store_true",
+                    help="also run bench_genai_perf.py (creates .venv-genai-perf with genai-perf 0.0.16 once)")
     args = ap.parse_args()
     models, out = Path(args.models), Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,9 +184,17 @@ def main() -> None:
         print("[bench] through Triton (closed-loop HTTP clients, the served repository: adaptive specinfer)")
         triton = run_triton(ROOT / "model_repository", bench.texts, max_tokens,
                             (1, 4, 16, 32) if args.quick else (1, 2, 4, 8, 16, 32), rounds=1 if args.quick else 2)
+    genai_perf = []
+    if args.genai_perf:
+        print("[bench] through Triton (genai-perf, kserve + tensorrtllm, streaming)")
+        figures = out / "genai_perf.json"
+        subprocess.run([sys.executable, str(ROOT / "build_scripts" / "bench_genai_perf.py"), "--install",
+                        "--concurrency", "1,4" if args.quick else "1,2,4,8,16", "--output-tokens", str(max_tokens),
+                        "--json", str(figures)], check=True)
+        genai_perf = json.loads(figures.read_text())
     report = {"machine": {"arch": platform.machine(), "threads": torch.get_num_threads(), "device": args.device,
                           "dtype": args.dtype, "torch": torch.__version__},
-              "quick": args.quick, "engine": bench.rows, "hf": peer, "triton": triton,
+              "quick": args.quick, "engine": bench.rows, "hf": peer, "triton": triton, "genai_perf": genai_perf,
               "models": json.loads((models / "models.json").read_text()) if (models / "models.json").is_file() else None,
               "seconds": round(time.monotonic() - started, 1)}
     (out / "results.json").write_text(json.dumps(report, indent=2))

@@ -36,6 +36,10 @@ def main() -> None:
                     help="adaptive trees: the expansion is the largest tree, each step drafts and verifies what pays off")
     ap.add_argument("--bls-name", default="specinfer_bls",
                     help="name of the BLS model (tensorrt_llm_bls is the name TensorRT-LLM's clients know)")
+    ap.add_argument("--ensemble-name", default="specinfer",
+                    help="name of the speculative ensemble (ensemble is the name TensorRT-LLM's clients and docs use)")
+    ap.add_argument("--unary-name", default="specinfer_unary",
+                    help="name of the non-decoupled BLS model, for plain infer() and perf_analyzer without --streaming")
     limits = Limits()
     ap.add_argument("--max-prompt-bytes", type=int, default=limits.max_prompt_bytes, help="larger text_input: 400")
     ap.add_argument("--max-stop-words", type=int, default=limits.max_stop_words, help="more stop_words: 400")
@@ -65,11 +69,13 @@ def main() -> None:
         llm=str(llm), ssms=tuple(str(Path(s).resolve()) for s in args.ssm), expansion=expansion,
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_context=args.max_context,
         draft_sampling=args.draft_sampling, verifier=args.verifier, adaptive=args.adaptive, bls_name=args.bls_name,
-        attention=args.attention or "", tensor_parallel=args.tensor_parallel, ssm_engine=args.ssm_engine,
+        ensemble_name=args.ensemble_name, unary_name=args.unary_name, attention=args.attention or "",
+        tensor_parallel=args.tensor_parallel, ssm_engine=args.ssm_engine,
         limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )
     out = write_repository(args.output, opts)
-    print(f"wrote a model repository to {out}: models specinfer, incremental (ensembles), {args.bls_name} (BLS), "
+    print(f"wrote a model repository to {out}: models {args.ensemble_name}, incremental (ensembles), {args.bls_name} (BLS), "
+          f"{args.unary_name} (BLS, not decoupled), "
           "preprocessing, specinfer_llm, incremental_llm, postprocessing")
 
 

@@ -30,8 +30,8 @@ def stream(client, model: str, prompt: str, max_tokens: int, chat: bool, echo: b
                                ("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"),
                                ("stream", np.array([True]), "BOOL"),
                                ("apply_chat_template", np.array([chat]), "BOOL")]:
-        t = grpcclient.InferInput(name, [1], dtype)
-        t.set_data_from_numpy(value)
+        t = grpcclient.InferInput(name, [1, 1], dtype)  # a leading batch dimension, as TensorRT-LLM's clients send
+        t.set_data_from_numpy(value[None])
         inputs.append(t)
     start = time.perf_counter()
     client.async_stream_infer(model, inputs, enable_empty_final_response=True)

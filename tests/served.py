@@ -84,12 +84,12 @@ def stream_events(server: Server, model: str, body: dict) -> list[dict]:
 
 
 def ids(result: dict) -> list[int]:
-    value = result["output_ids"]
-    return value if isinstance(value, list) else [value]
+    return np.array(result["output_ids"], dtype=np.int64).reshape(-1).tolist()
 
 
 def grpc_inputs(prompt: str | list[int], max_tokens: int, **extra: np.ndarray) -> list:
-    """A streamed request; a list prompt goes to a decoding model's own ``input_ids``."""
+    """A streamed request; a list prompt goes to a decoding model's own ``input_ids``. Every tensor
+    gets the leading batch dimension of 1 (TensorRT-LLM's ``[1, 1]`` shapes)."""
     if isinstance(prompt, str):
         tensors = {"text_input": np.array([prompt.encode()], dtype=np.object_)}
     else:
@@ -97,6 +97,7 @@ def grpc_inputs(prompt: str | list[int], max_tokens: int, **extra: np.ndarray) -
     tensors |= {"max_tokens": np.array([max_tokens], dtype=np.int32), "stream": np.array([True]), **extra}
     inputs = []
     for name, value in tensors.items():
+        value = value[None]
         dtype = "BYTES" if value.dtype == np.object_ else grpcclient.np_to_triton_dtype(value.dtype)
         t = grpcclient.InferInput(name, list(value.shape), dtype)
         t.set_data_from_numpy(value)
@@ -117,7 +118,7 @@ def grpc_stream(server: Server, prompt: str | list[int], max_tokens: int, cancel
         assert error is None, error
         if result.as_numpy("output_ids") is not None:
             text = result.as_numpy("text_output")
-            chunks.append((result.as_numpy("output_ids").tolist(), None if text is None else text[0].decode()))
+            chunks.append((result.as_numpy("output_ids").reshape(-1).tolist(), None if text is None else text[0].decode()))
         if cancel_after is not None and len(chunks) >= cancel_after:
             client.stop_stream(cancel_requests=True)
             return chunks

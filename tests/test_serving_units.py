@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
 
+from specinfer.serving.conventions import echo_prompt
 from specinfer.serving.detokenize import sendable, text_delta
 from specinfer.serving.repository import RepositoryOptions, repository_files, repository_path
-from specinfer.serving.requests import (Limits, chat_messages, decode_prompt, decode_stop_ids, encode_stop_words, require,
+from specinfer.serving.requests import (Limits, chat_messages, decode_prompt, decode_word_ids, encode_words, require,
                                         sampling_from_inputs)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,11 +81,44 @@ def test_sampling_from_inputs_defaults_and_values():
     assert params.stop_sequences == ((4, 5), (6,))
 
 
+@pytest.mark.parametrize("given, greedy, top_p", [
+    ({"temperature": 1.0}, True, 1.0),  # TensorRT-LLM: neither top_k nor top_p means greedy
+    ({"temperature": 0.8, "top_k": 0, "top_p": 0.0}, True, 1.0),
+    ({"temperature": 0.8, "top_k": 5}, False, 1.0),  # top_k alone: no top-p filter
+    ({"temperature": 0.8, "top_k": 5, "top_p": 0.0}, False, 1.0),
+    ({"temperature": 0.8, "top_p": 0.9}, False, 0.9),
+])
+def test_tensorrt_llm_greedy_rule(given, greedy, top_p):
+    dtypes = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32}
+    inputs = {"max_tokens": np.array([[3]], np.int32)} | {k: np.array([[v]], dtypes[k]) for k, v in given.items()}
+    params, _ = sampling_from_inputs(inputs, LIMITS)
+    assert params.greedy == greedy and abs(params.top_p - top_p) < 1e-6
+
+
+def test_tensorrt_llm_conventions():
+    def t(value, dtype=np.int32):
+        return np.array([[value]], dtype)
+
+    assert echo_prompt({}, 100)
+    assert not echo_prompt({"stream": t(True, bool)}, 100)
+    assert not echo_prompt({"exclude_input_in_output": t(True, bool)}, 100)
+    assert echo_prompt({"beam_width": t(1), "pad_id": t(99),
+                        "return_context_logits": t(False, bool)}, 100)
+    for inputs, message in [({"beam_width": t(2)}, "beam_width 2 is not supported"),
+                            ({"pad_id": t(100)}, "pad_id 100 is outside the vocabulary"),
+                            ({"return_context_logits": t(True, bool)}, "return_context_logits is not supported"),
+                            ({"return_generation_logits": t(True, bool)}, "return_generation_logits is not supported")]:
+        with pytest.raises(ValueError, match=message):
+            echo_prompt(inputs, 100)
+
+
 @pytest.mark.parametrize("inputs, message", [
     ({}, "missing required input\\(s\\) \\['max_tokens'\\]"),
     ({"max_tokens": np.array([3], np.int32), "stop_ids": np.zeros(64 * 257 + 1, np.int32)}, "stop_ids has 16449 values"),
     ({"max_tokens": np.array([1, 2], np.int32)}, "max_tokens must hold exactly one value"),
-    ({"max_tokens": np.array([3], np.int32), "top_p": np.array([0.0], np.float32)}, "top_p must be in"),
+    ({"max_tokens": np.array([3], np.int32), "top_p": np.array([1.5], np.float32)}, "top_p must be in"),
+    ({"max_tokens": np.array([3], np.int32), "repetition_penalty": np.array([0.0], np.float32)}, "repetition_penalty"),
+    ({"max_tokens": np.array([3], np.int32), "min_length": np.array([-1], np.int32)}, "min_length must be"),
 ])
 def test_sampling_from_inputs_errors(inputs, message):
     with pytest.raises(ValueError, match=message):
@@ -97,10 +131,10 @@ def test_prompt_and_stop_word_errors():
         decode_prompt(np.array([b"\xff"], dtype=np.object_), LIMITS)
     with pytest.raises(ValueError, match="text_input is empty"):
         decode_prompt(np.array([b""], dtype=np.object_), LIMITS)
-    flat = encode_stop_words(np.array([b"ab", b"c"], dtype=np.object_), lambda s: [ord(ch) for ch in s], LIMITS)
-    assert flat.tolist() == [97, 98, -1, 99, -1] and decode_stop_ids(flat, LIMITS) == ((97, 98), (99,))
-    with pytest.raises(ValueError, match="empty string"):
-        encode_stop_words(np.array([b""], dtype=np.object_), lambda s: [1], LIMITS)
+    flat = encode_words("stop_words", np.array([b"ab", b"", b"c"], dtype=np.object_), lambda s: [ord(ch) for ch in s],
+                        LIMITS)
+    assert flat.tolist() == [97, 98, -1, 99, -1] and decode_word_ids("stop_ids", flat, LIMITS) == ((97, 98), (99,))
+    assert encode_words("bad_words", np.array([b""], dtype=np.object_), lambda s: [1], LIMITS).size == 0  # none
 
 
 def test_limits_are_checked_before_any_tokenisation():
@@ -115,9 +149,9 @@ def test_limits_are_checked_before_any_tokenisation():
         raise AssertionError("tokenised a request past its limits")
 
     with pytest.raises(ValueError, match="stop_words has 3 words, more than the limit max_stop_words=2"):
-        encode_stop_words(np.array([b"a", b"b", b"c"], dtype=np.object_), never, small)
+        encode_words("stop_words", np.array([b"a", b"b", b"c"], dtype=np.object_), never, small)
     with pytest.raises(ValueError, match="a word of 4 bytes, more than the limit max_stop_word_bytes=3"):
-        encode_stop_words(np.array([b"a", "éé".encode()], dtype=np.object_), never, small)
+        encode_words("stop_words", np.array([b"a", "éé".encode()], dtype=np.object_), never, small)
 
 
 def test_required_inputs_are_checked_by_name():

@@ -21,6 +21,8 @@ class SamplingParams:
     Generation stops after ``max_tokens`` tokens or on a stop token (the tokenizer's EOS unless
     ``ignore_eos``, ``end_id``, any of ``stop_token_ids``, or the output ending with one of the
     token sequences in ``stop_sequences``); the stop token (or sequence) is part of the output.
+    ``bad_sequences``, ``min_length`` and the three penalties change the target distribution from
+    each token's context (``logits_processors.py``); their defaults change nothing.
     """
 
     max_tokens: int = 64
@@ -32,6 +34,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     ignore_eos: bool = False
+    bad_sequences: tuple[tuple[int, ...], ...] = ()
+    min_length: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    log_probs: bool = False  # record each output token's log-probability under the target (log_probs.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -48,6 +56,16 @@ class SamplingParams:
         object.__setattr__(self, "stop_sequences", tuple(tuple(s) for s in self.stop_sequences))
         if any(len(s) == 0 for s in self.stop_sequences):
             raise ValueError("stop_sequences must not contain an empty sequence")
+        object.__setattr__(self, "bad_sequences", tuple(tuple(s) for s in self.bad_sequences))
+        if any(len(s) == 0 for s in self.bad_sequences):
+            raise ValueError("bad_sequences must not contain an empty sequence")
+        if not isinstance(self.min_length, int) or self.min_length < 0:
+            raise ValueError(f"min_length must be an integer >= 0, got {self.min_length!r}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number (0 disables it), got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

@@ -22,6 +22,8 @@ from .config import EngineConfig, SamplingParams, TreeConfig
 from .cost_model import ForwardCosts, calibration_sizes
 from .cuda_graphs import GraphedModel
 from .draft import draft_trees, ssm_accepted
+from .log_probs import record
+from .logits_processors import process_batch
 from .model import Transformer
 from .runner import ModelRunner, NodeBatch, chain_batch
 from .runtimes import load_model
@@ -61,6 +63,7 @@ class GenerationResult:
     draft_tokens: int
     accepted_draft_tokens: int
     finish_reason: str
+    log_probs: list[float] = field(default_factory=list)  # per token, where SamplingParams.log_probs asks
 
     @property
     def tokens_per_step(self) -> float:
@@ -208,7 +211,8 @@ class SpecInferEngine:
     def result(self, seq: Sequence) -> GenerationResult:
         text = self.tokenizer.decode(seq.output) if self.tokenizer else None
         return GenerationResult(
-            list(seq.output), text, seq.llm_steps, seq.draft_tokens, seq.accepted_draft_tokens, seq.finish_reason or ""
+            list(seq.output), text, seq.llm_steps, seq.draft_tokens, seq.accepted_draft_tokens, seq.finish_reason or "",
+            list(seq.log_probs),
         )
 
     # ----- one iteration --------------------------------------------------------------------
@@ -225,13 +229,16 @@ class SpecInferEngine:
         if active:
             trees, depth = self.speculate(active) if use_ssms else (self.no_trees(active), 0)
             batch = pad_trees(trees)
-            logits = self.score(active, batch)
+            logits = process_batch(self.score(active, batch), active, trees)
             self.stats.verify_forwards += 1
             self.stats.verify_requests += len(active)
             verdicts = self.verify(active, trees, batch, logits)
             ok = [i for i, v in enumerate(verdicts) if v is not None]  # a failed request leaves alone
             if ok:
+                before = [len(active[i].output) for i in ok]
                 self.commit([active[i] for i in ok], [trees[i] for i in ok], [verdicts[i] for i in ok], depth)
+                for i, n in zip(ok, before):
+                    record(active[i], logits[i], trees[i], *verdicts[i], len(active[i].output) - n)
         self.scheduler.retire()
         self.stats.step_seconds += time.perf_counter() - start
         self.stats.forward_seconds += self.forward_seconds() - forwards_before
@@ -262,9 +269,14 @@ class SpecInferEngine:
                 seq.fail(exc)
 
     def pick(self, logits: torch.Tensor, seq: Sequence) -> int:
+        root = root_only(seq.tokens[-1])
+        logits = process_batch(logits[None, None], [seq], [root])[0]
         if seq.params.greedy:
-            return int(torch.argmax(logits))
-        return sample(target_probs(logits, seq.params).cpu(), seq.generator)
+            token = int(torch.argmax(logits[0]))
+        else:
+            token = sample(target_probs(logits[0], seq.params).cpu(), seq.generator)
+        record(seq, logits, root, [], token, 1)
+        return token
 
     def no_trees(self, seqs: list[Sequence]) -> list[Tree]:
         return [root_only(s.tokens[-1], len(self.ssms)) for s in seqs]

@@ -27,6 +27,7 @@ class Sequence:
     error: str | None = None  # why this request failed alone (finish_reason "error")
     tree_sizes: list[int] = field(default_factory=list)  # tree tokens the LLM verified, per step
     depth_gains: list[float] | None = None  # adaptive trees: recent expected accepted tokens per depth
+    log_probs: list[float] = field(default_factory=list)  # of the output tokens, where params.log_probs asks
 
     def __post_init__(self) -> None:
         self.ssm_lens = [0] * self.num_ssms

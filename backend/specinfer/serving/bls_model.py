@@ -7,9 +7,16 @@ after every decoding response, and a watcher checks every ``WATCH_SECONDS`` whil
 queued request, a long prefill). Once cancelled, it sends the decoding model a ``stop`` request with
 the request id it gave the decoding request, and the engine drops that request at its next iteration.
 Each client request runs in its own thread, so a slow one holds up nobody.
+
+The same model configured ``decoupled: false`` is the non-decoupled variant (``specinfer_unary``,
+TensorRT-LLM's ``decoupled_mode: false``): plain ``infer()`` calls and perf_analyzer without
+``--streaming`` reach it, it answers each request with exactly one response through the request's
+response sender (so ``execute`` still returns at once and concurrent requests still meet in the one
+decoding model's continuous batch), and it refuses ``stream=true``.
 """
 from __future__ import annotations
 
+import json
 import threading
 import traceback
 import uuid
@@ -72,6 +79,8 @@ def outputs(response) -> dict[str, np.ndarray]:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.decoder = model_parameters(args)["decoder"]
+        policy = json.loads(args["model_config"]).get("model_transaction_policy", {})
+        self.decoupled = bool(policy.get("decoupled", False))
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
         self.closing = threading.Event()
@@ -106,21 +115,28 @@ class TritonPythonModel:
                 self.jobs.pop(job.id, None)
 
     def run(self, job: Job, inputs: dict[str, np.ndarray]) -> None:
-        pre = self.call("preprocessing", {n: inputs[n] for n in PRE_INPUTS if n in inputs}, PRE_OUTPUTS)
         stream = bool(inputs["stream"].any()) if "stream" in inputs else False
+        n = int(inputs["num_return_sequences"].reshape(-1)[0]) if "num_return_sequences" in inputs else 1
+        for asked, why in ((stream, "stream=true"), (n > 1, f"num_return_sequences {n}")):
+            if asked and not self.decoupled:
+                raise StepFailed(pb_utils.TritonError(
+                    f"{why} needs a decoupled model (specinfer, specinfer_bls); this one sends one response",
+                    pb_utils.TritonError.INVALID_ARG))
+        pre = self.call("preprocessing", {n: inputs[n] for n in PRE_INPUTS if n in inputs}, PRE_OUTPUTS)
         decode_in = {n: pre[n] for n in PRE_OUTPUTS} | {n: inputs[n] for n, _ in SAMPLING_INPUTS if n in inputs}
         responses = pb_utils.InferenceRequest(
             model_name=self.decoder, inputs=tensors(decode_in), requested_output_names=DECODE_OUTPUTS,
             request_id=job.id).exec(decoupled=True)
         job.decoding = True
-        final_sent = False
+        final_sent, received = False, 0
         for response in responses:
             self.stop_if_cancelled(job)
             out = outputs(response)
             if not out:  # the decoding model's empty final response (a stopped request)
                 continue
             post = self.call("postprocessing", {k: out[v] for k, v in POST_INPUTS.items()}, CLIENT_OUTPUTS)
-            final_sent = not stream  # a non-streamed request gets exactly one response, its last
+            received += 1
+            final_sent = not stream and received >= n  # non-streamed: one response per sequence, the last final
             job.send(pb_utils.InferenceResponse(output_tensors=tensors(post)), final=final_sent)
         if not final_sent:
             job.send()
@@ -140,7 +156,7 @@ class TritonPythonModel:
                 return
             job.stopped = True
         try:
-            stop = pb_utils.InferenceRequest(model_name=self.decoder, inputs=tensors({"stop": np.array([True])}),
+            stop = pb_utils.InferenceRequest(model_name=self.decoder, inputs=tensors({"stop": np.array([[True]])}),
                                              requested_output_names=[], request_id=job.id)
             for _ in stop.exec(decoupled=True):
                 pass

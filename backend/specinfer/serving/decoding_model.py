@@ -13,8 +13,9 @@ client's cancellation, which Triton 2.51 does not forward to the requests a mode
 from __future__ import annotations
 
 import threading
+import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,27 @@ from ..parallel import WorkerFailure
 from ..sequence import Sequence
 from .detokenize import sendable
 from .metrics import ServingMetrics
-from .repository import model_parameters, repository_path
-from .requests import Limits, require, sampling_from_inputs
+from .repository import PERF_METRICS, SAMPLING_INPUTS, model_parameters, repository_path
+from .requests import Limits, require, sampling_from_inputs, scalar
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-INPUTS = ("input_ids", "stop_ids", "max_tokens", "stream", "temperature", "top_k", "top_p", "random_seed", "end_id")
+INPUTS = ("input_ids", "stop_ids", "bad_ids", "max_tokens", "echo") + tuple(n for n, _ in SAMPLING_INPUTS)
 REQUIRED = ("input_ids", "max_tokens")
+
+
+@dataclass
+class Group:
+    """The sequences of one Triton request (``num_return_sequences``), which share its response sender:
+    only the last one to end sends the final flag, and after an error none sends anything more."""
+
+    members: list["Live"] = field(default_factory=list)
+    open: int = 0  # members not ended yet
+    closed: bool = False  # the final response (or an error) is sent
+
+    def end(self) -> bool:
+        """One member ended; whether it was the last (its response must carry the final flag)."""
+        self.open -= 1
+        return self.open == 0
 
 
 @dataclass
@@ -41,8 +57,17 @@ class Live:
     client_id: str  # the Triton request id ("" when the client gave none): a ``stop`` request names it
     stream: bool
     context: list[int]  # tokens before the next chunk (the prompt, then the last chunk sent)
+    echo: bytes  # passed back with every response for postprocessing (the prompt text or empty)
+    group: Group
+    index: int = 0  # sequence_index within the group
     sent: int = 0
     seen: int = 0  # output length after the previous step, for the tokens-per-step histogram
+    # TensorRT-LLM's perf metrics (ns since the epoch): execute() took it, the start of the engine
+    # iteration that prefilled it, the end of that iteration, the end of the latest one that gave it tokens
+    arrival_ns: int = field(default_factory=time.time_ns)
+    scheduled_ns: int = 0
+    first_token_ns: int = 0
+    last_token_ns: int = 0
 
 
 def engine_from_parameters(params: dict[str, str], model_dir: Path) -> tuple[SpecInferEngine, bool]:
@@ -101,18 +126,18 @@ class TritonPythonModel:
                 sender.send(flags=FINAL)
                 continue
             try:
-                live = self.parse(request, sender)
+                group = self.parse(request, sender)
             except ValueError as exc:
                 error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
                 sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
                 self.metrics.rejected()
                 continue
             with self.cv:
-                self.incoming.append(live)
+                self.incoming += group.members
                 self.cv.notify()
         return None
 
-    def parse(self, request, sender) -> Live:
+    def parse(self, request, sender) -> Group:
         tensors = {}
         for name in INPUTS:
             t = pb_utils.get_input_tensor_by_name(request, name)
@@ -120,8 +145,19 @@ class TritonPythonModel:
         require(tensors, REQUIRED)
         params, stream = sampling_from_inputs(tensors, self.limits)
         prompt = [int(t) for t in tensors["input_ids"].reshape(-1)]
-        seq = self.engine.new_sequence(prompt, params)
-        return Live(seq, sender, request.request_id(), stream, context=prompt)
+        n = tensors["num_return_sequences"]
+        n = int(scalar("num_return_sequences", n)) if n is not None else 1
+        if not 1 <= n <= self.engine.config.max_batch_size:
+            raise ValueError(f"num_return_sequences must be in [1, {self.engine.config.max_batch_size}] "
+                             f"(max_batch_size), got {n}")
+        # n independent sequences; with a seed, sequence i draws from seed + i (the same seed would repeat one)
+        seqs = [self.engine.new_sequence(prompt, params if params.seed is None else
+                                         replace(params, seed=(params.seed + i) % 2**64)) for i in range(n)]
+        echo = tensors["echo"].reshape(-1)[0] if tensors["echo"] is not None else b""
+        group = Group(open=n)
+        group.members = [Live(seq, sender, request.request_id(), stream, context=list(prompt), echo=echo, group=group,
+                              index=i) for i, seq in enumerate(seqs)]
+        return group
 
     # ----- the engine thread ------------------------------------------------------------------
     def loop(self) -> None:
@@ -155,14 +191,21 @@ class TritonPythonModel:
             if (live.client_id and live.client_id in stops) or live.sender.is_cancelled():
                 self.engine.abort(live.seq)
                 self.finish(live)
-                live.sender.send(flags=FINAL)
+                if live.group.end() and not live.group.closed:
+                    live.group.closed = True
+                    live.sender.send(flags=FINAL)
         before = (self.engine.stats.verify_forwards, self.engine.stats.verify_requests)
+        started = time.time_ns()
         progressed = self.engine.step(self.speculate)
+        ended = time.time_ns()
         stats = self.engine.stats
         self.metrics.forwards(stats.verify_forwards - before[0], stats.verify_requests - before[1])
         for seq in progressed:
             live = self.live.get(seq.request_id)
             if live is not None:
+                if not live.scheduled_ns:
+                    live.scheduled_ns, live.first_token_ns = started, ended
+                live.last_token_ns = ended
                 self.respond(live)
 
     def respond(self, live: Live) -> None:
@@ -175,8 +218,8 @@ class TritonPythonModel:
             pb_utils.Logger.log_error(f"{self.model_name}: request {live.client_id!r} failed alone: {seq.error}")
             self.fail(live, "internal error in the decoding engine for this request; see the server log")
         elif seq.finished:
-            self.send(live, pending, final=True)
             self.finish(live)
+            self.send(live, pending, final=live.group.end())
         elif live.stream:
             n = sendable(self.engine.tokenizer.decode, live.context, pending)
             if n:
@@ -185,15 +228,25 @@ class TritonPythonModel:
     def send(self, live: Live, chunk: list[int], final: bool) -> None:
         seq = live.seq
         rate = seq.accepted_draft_tokens / seq.draft_tokens if seq.draft_tokens else 0.0
-        outputs = [
-            pb_utils.Tensor("output_ids", np.array(chunk, dtype=np.int32)),
-            pb_utils.Tensor("context_ids", np.array(live.context, dtype=np.int32)),
-            pb_utils.Tensor("num_output_tokens", np.array([len(seq.output)], dtype=np.int32)),
-            pb_utils.Tensor("num_llm_steps", np.array([seq.llm_steps], dtype=np.int32)),
-            pb_utils.Tensor("total_draft_tokens", np.array([seq.draft_tokens], dtype=np.int32)),
-            pb_utils.Tensor("total_accepted_draft_tokens", np.array([seq.accepted_draft_tokens], dtype=np.int32)),
-            pb_utils.Tensor("acceptance_rate", np.array([rate], dtype=np.float32)),
-        ]
+        end = live.sent + len(chunk)  # log-probs: the chunk's, and the sum up to its end (empty unless asked)
+        chunk_log_probs, cum = seq.log_probs[live.sent:end], float(sum(seq.log_probs[:end]))
+        perf = [live.arrival_ns, live.scheduled_ns, live.first_token_ns, live.last_token_ns, 1, 0, 1]  # one cache row
+        outputs = [  # [1, ...]: the batch dimension (repository.MAX_BATCH)
+            pb_utils.Tensor("output_ids", np.array([chunk], dtype=np.int32)),
+            pb_utils.Tensor("context_ids", np.array([live.context], dtype=np.int32)),
+            pb_utils.Tensor("echo", np.array([[live.echo]], dtype=np.object_)),
+            pb_utils.Tensor("num_output_tokens", np.array([[len(seq.output)]], dtype=np.int32)),
+            pb_utils.Tensor("num_llm_steps", np.array([[seq.llm_steps]], dtype=np.int32)),
+            pb_utils.Tensor("total_draft_tokens", np.array([[seq.draft_tokens]], dtype=np.int32)),
+            pb_utils.Tensor("total_accepted_draft_tokens", np.array([[seq.accepted_draft_tokens]], dtype=np.int32)),
+            pb_utils.Tensor("acceptance_rate", np.array([[rate]], dtype=np.float32)),
+            pb_utils.Tensor("cum_log_probs", np.array([[cum]], dtype=np.float32)),
+            pb_utils.Tensor("output_log_probs", np.array([[chunk_log_probs]], dtype=np.float32).reshape(1, 1, -1)),
+            pb_utils.Tensor("sequence_index", np.array([[live.index]], dtype=np.int32)),
+        ] + [pb_utils.Tensor(name, np.array([[value]], dtype=np.int64)) for (name, _, _), value in zip(PERF_METRICS, perf)]
+        if live.group.closed:  # a sibling failed: the client has its answer
+            return
+        live.group.closed = final
         live.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if final else 0)
         live.sent += len(chunk)
         if chunk:
@@ -204,7 +257,17 @@ class TritonPythonModel:
         self.metrics.finished(live.seq, failed)
 
     def fail(self, live: Live, message: str) -> None:
-        self.finish(live, failed=True)
+        """End ``live`` with an error, and its siblings with it: one response ends their shared request."""
+        group = live.group
+        if group.closed:  # a sibling failed first and ended this one too
+            return
+        group.closed = True
+        for member in group.members:
+            if member is live:
+                self.finish(live, failed=True)
+            elif member.seq.request_id in self.live:
+                self.engine.abort(member.seq)
+                self.finish(member)
         error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
         live.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 

@@ -1,5 +1,7 @@
-"""Triton Python model: ``text_input`` (and ``stop_words``) -> token ids, with the LLM's tokenizer;
-with ``apply_chat_template`` true the text is first formatted by the tokenizer's chat template.
+"""Triton Python model: ``text_input`` (and ``stop_words``, ``bad_words``) -> token ids, with the LLM's
+tokenizer; with ``apply_chat_template`` true the text is first formatted by the tokenizer's chat template.
+It also settles TensorRT-LLM's optional inputs (``conventions.py``) and passes on the prompt text that
+a non-streamed ``text_output`` starts with (empty where none is echoed).
 
 It is the first step every request reaches (ensemble or BLS), so it enforces the required inputs by
 name and the repository's size limits before tokenising anything; ``max_tokens`` passes through it
@@ -13,8 +15,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..tokenizer import TextTokenizer
-from .repository import model_parameters, repository_path
-from .requests import Limits, chat_messages, decode_prompt, encode_stop_words, require, scalar
+from .conventions import echo_prompt
+from .repository import PRE_INPUTS, model_parameters, repository_path
+from .requests import Limits, chat_messages, decode_prompt, encode_words, require, scalar
 
 REQUIRED = ("text_input", "max_tokens")
 
@@ -41,21 +44,25 @@ class TokenizerModel:
 class TritonPythonModel(TokenizerModel):
     def respond(self, request):
         try:
-            tensors = {name: pb_utils.get_input_tensor_by_name(request, name)
-                       for name in (*REQUIRED, "stop_words", "apply_chat_template")}
+            tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in PRE_INPUTS}
             tensors = {name: None if t is None else t.as_numpy() for name, t in tensors.items()}
             require(tensors, REQUIRED)
             text = decode_prompt(tensors["text_input"], self.limits)
+            echo = echo_prompt(tensors, self.tokenizer.tok.get_vocab_size())
             chat = tensors["apply_chat_template"]
             if chat is not None and bool(scalar("apply_chat_template", chat)):
                 text = self.tokenizer.apply_chat_template(chat_messages(text))
-            stop_ids = encode_stop_words(tensors["stop_words"], self.tokenizer.encode, self.limits)
+            words = {name: encode_words(name, tensors[name], self.tokenizer.encode, self.limits)
+                     for name in ("stop_words", "bad_words")}
             ids = np.array(self.tokenizer.encode(text), dtype=np.int32)
             if ids.size == 0:
                 raise ValueError("text_input encodes to no tokens")
         except ValueError as exc:
             error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
             return pb_utils.InferenceResponse(output_tensors=[], error=error)
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("stop_ids", stop_ids),
-            pb_utils.Tensor("max_tokens", tensors["max_tokens"])])
+        echoed = (text if echo else "").encode("utf-8")
+        return pb_utils.InferenceResponse(output_tensors=[  # [1, ...]: the batch dimension (repository.MAX_BATCH)
+            pb_utils.Tensor("input_ids", ids[None]), pb_utils.Tensor("stop_ids", words["stop_words"][None]),
+            pb_utils.Tensor("bad_ids", words["bad_words"][None]),
+            pb_utils.Tensor("max_tokens", tensors["max_tokens"].reshape(1, 1)),
+            pb_utils.Tensor("echo", np.array([[echoed]], dtype=np.object_))])

@@ -1,5 +1,7 @@
-"""Write a Triton model repository: ``specinfer`` and ``incremental`` ensembles, their steps, and
-``specinfer_bls`` (the ``specinfer`` pipeline as a BLS model, which sees its client's cancellation).
+"""Write a Triton model repository: ``specinfer`` and ``incremental`` ensembles, their steps,
+``specinfer_bls`` (the ``specinfer`` pipeline as a BLS model, which sees its client's cancellation) and
+``specinfer_unary`` (the same BLS model, not decoupled: plain ``infer()`` and perf_analyzer without
+``--streaming``).
 
 ``model_repository/`` in this project is exactly what ``write_repository`` produces with the
 defaults (paths relative to the repository folder, pointing at ``engines/demo``);
@@ -16,16 +18,37 @@ from .requests import Limits
 COUNTERS = [("num_output_tokens", "TYPE_INT32"), ("num_llm_steps", "TYPE_INT32"),
             ("total_draft_tokens", "TYPE_INT32"), ("total_accepted_draft_tokens", "TYPE_INT32"),
             ("acceptance_rate", "TYPE_FP32")]
-POST_COUNTER_INPUTS = ["NUM_OUTPUT_TOKENS", "NUM_LLM_STEPS", "DRAFT_TOKENS", "ACCEPTED_DRAFT_TOKENS", "ACCEPTANCE_RATE"]
+# TensorRT-LLM's log-prob outputs ([batch, beam] and [batch, beam, tokens]) and perf metrics ([batch, 1])
+LOG_PROBS = [("cum_log_probs", "TYPE_FP32", "1"), ("output_log_probs", "TYPE_FP32", "1, -1")]
+PERF_METRICS = [(n, "TYPE_INT64", "1") for n in (
+    "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns",
+    "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks")]
+# decoding outputs that postprocessing passes on unchanged (its input: the name in capitals)
+PASSED = [(n, t, "1") for n, t in COUNTERS] + LOG_PROBS + PERF_METRICS + [("sequence_index", "TYPE_INT32", "1")]
 SAMPLING_INPUTS = [("stream", "TYPE_BOOL"), ("temperature", "TYPE_FP32"), ("top_k", "TYPE_INT32"),
-                   ("top_p", "TYPE_FP32"), ("random_seed", "TYPE_UINT64"), ("end_id", "TYPE_INT32")]
+                   ("top_p", "TYPE_FP32"), ("random_seed", "TYPE_UINT64"), ("end_id", "TYPE_INT32"),
+                   ("min_length", "TYPE_INT32"), ("repetition_penalty", "TYPE_FP32"), ("presence_penalty", "TYPE_FP32"),
+                   ("frequency_penalty", "TYPE_FP32"), ("return_log_probs", "TYPE_BOOL"),
+                   ("num_return_sequences", "TYPE_INT32")]  # (the decoding model's own optional inputs)
+# TensorRT-LLM's other optional inputs, settled by preprocessing (conventions.py)
+CONVENTION_INPUTS = [("exclude_input_in_output", "TYPE_BOOL"), ("beam_width", "TYPE_INT32"),
+                     ("pad_id", "TYPE_INT32"), ("return_context_logits", "TYPE_BOOL"), ("return_generation_logits", "TYPE_BOOL"),
+                     ("return_perf_metrics", "TYPE_BOOL")]
 # The pipeline both the ensemble and the BLS model run, as tensor names (one definition for both).
-PRE_INPUTS = ["text_input", "max_tokens", "stop_words", "apply_chat_template"]
-PRE_OUTPUTS = ["input_ids", "stop_ids", "max_tokens"]  # the decoding model's inputs of the same names
-DECODE_OUTPUTS = ["output_ids", "context_ids"] + [n for n, _ in COUNTERS]
-POST_INPUTS = {"TOKENS": "output_ids", "CONTEXT": "context_ids",  # postprocessing input <- decoding output
-               **{k: n for k, (n, _) in zip(POST_COUNTER_INPUTS, COUNTERS)}}
-CLIENT_OUTPUTS = ["text_output", "output_ids"] + [n for n, _ in COUNTERS]  # postprocessing's, as they are
+PRE_INPUTS = ["text_input", "max_tokens", "stop_words", "bad_words", "apply_chat_template", "stream"] + [
+    n for n, _ in CONVENTION_INPUTS]
+# the decoding model's inputs of the same names; it passes ``echo`` on to postprocessing (an ensemble step
+# may not take inputs from a decoupled model and another model at once)
+PRE_OUTPUTS = ["input_ids", "stop_ids", "bad_ids", "max_tokens", "echo"]
+DECODE_OUTPUTS = ["output_ids", "context_ids", "echo"] + [n for n, _, _ in PASSED]
+POST_INPUTS = {"TOKENS": "output_ids", "CONTEXT": "context_ids", "ECHO": "echo",  # postprocessing input <- decoding output
+               **{n.upper(): n for n, _, _ in PASSED}}
+# Every model takes a leading batch dimension of 1, as TensorRT-LLM's models do: its clients send
+# [1, 1] shapes and Triton checks an input's rank against max_batch_size, so one model cannot take
+# both [1] and [1, 1]. HTTP /generate and perf_analyzer add the batch dimension themselves; a request
+# holding several prompts is refused by Triton ("batch-size must be <= 1"): send one per prompt.
+MAX_BATCH = 1
+CLIENT_OUTPUTS = ["text_output", "output_ids"] + [n for n, _, _ in PASSED]  # postprocessing's, as they are
 ENTRY = {
     "preprocessing": "preprocessing_model",
     "postprocessing": "postprocessing_model",
@@ -51,6 +74,8 @@ class RepositoryOptions:
     tensor_parallel: int = 1  # processes each decoding model's LLM is sharded over (written only when > 1)
     ssm_engine: str = "torch"  # "torch" | "onnxruntime" | "tensorrt": what runs the SSMs (runtimes/)
     bls_name: str = "specinfer_bls"  # TensorRT-LLM's clients know theirs as tensorrt_llm_bls
+    unary_name: str = "specinfer_unary"  # the non-decoupled BLS model, for plain infer() (TensorRT-LLM's decoupled_mode: false)
+    ensemble_name: str = "specinfer"  # TensorRT-LLM's clients and docs call theirs ensemble
     limits: Limits = field(default_factory=Limits)
 
 
@@ -81,7 +106,7 @@ def parameters(values: dict[str, str]) -> str:
 
 def python_model(name: str, inputs: list[str], outputs: list[str], params: dict[str, str],
                  decoupled: bool = False, instances: int = 1) -> str:
-    text = f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+    text = f'name: "{name}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH}\n'
     if decoupled:
         text += "model_transaction_policy { decoupled: true }\n"
     text += io("input", inputs) + io("output", outputs)
@@ -92,11 +117,13 @@ def python_model(name: str, inputs: list[str], outputs: list[str], params: dict[
 def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
     # input_ids and max_tokens are required, checked by name in the model (Triton 2.51 only counts)
     inputs = [tensor("input_ids", "TYPE_INT32", "-1", optional=True), tensor("stop_ids", "TYPE_INT32", "-1", optional=True),
-              tensor("max_tokens", "TYPE_INT32", "1", optional=True)]
+              tensor("bad_ids", "TYPE_INT32", "-1", optional=True), tensor("max_tokens", "TYPE_INT32", "1", optional=True),
+              tensor("echo", "TYPE_STRING", "1", optional=True)]
     inputs += [tensor(n, t, "1", optional=True) for n, t in SAMPLING_INPUTS]
     inputs += [tensor("stop", "TYPE_BOOL", "1", optional=True)]  # stop the request with this request id
-    outputs = [tensor("output_ids", "TYPE_INT32", "-1"), tensor("context_ids", "TYPE_INT32", "-1")]
-    outputs += [tensor(n, t, "1") for n, t in COUNTERS]
+    outputs = [tensor("output_ids", "TYPE_INT32", "-1"), tensor("context_ids", "TYPE_INT32", "-1"),
+               tensor("echo", "TYPE_STRING", "1")]
+    outputs += [tensor(n, t, d) for n, t, d in PASSED]
     params = {
         "llm": opts.llm, "ssms": ",".join(opts.ssms) if speculate else "", "speculate": str(speculate).lower(),
         "expansion": ",".join(map(str, opts.expansion)), "device": opts.device, "dtype": opts.dtype,
@@ -116,11 +143,11 @@ def client_tensors() -> tuple[list[str], list[str]]:
     and an ensemble never schedules a step whose required input is absent (the client would get no
     response at all), so preprocessing checks them by name and answers 400."""
     inputs = [tensor("text_input", "TYPE_STRING", "1", optional=True), tensor("max_tokens", "TYPE_INT32", "1", optional=True)]
-    inputs += [tensor(n, t, "1", optional=True) for n, t in SAMPLING_INPUTS]
-    inputs += [tensor("stop_words", "TYPE_STRING", "-1", optional=True),
+    inputs += [tensor(n, t, "1", optional=True) for n, t in SAMPLING_INPUTS + CONVENTION_INPUTS]
+    inputs += [tensor("stop_words", "TYPE_STRING", "-1", optional=True), tensor("bad_words", "TYPE_STRING", "-1", optional=True),
                tensor("apply_chat_template", "TYPE_BOOL", "1", optional=True)]
     outputs = [tensor("text_output", "TYPE_STRING", "-1"), tensor("output_ids", "TYPE_INT32", "-1")]
-    outputs += [tensor(n, t, "1") for n, t in COUNTERS]
+    outputs += [tensor(n, t, d) for n, t, d in PASSED]
     return inputs, outputs
 
 
@@ -131,13 +158,14 @@ def ensemble_config(name: str, decoder: str) -> str:
         return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{ins}{outs}    }}'
 
     decode_in = {n: f"_{n}" for n in PRE_OUTPUTS} | {n: n for n, _ in SAMPLING_INPUTS}
+    post_in = {k: f"_decoded_{v}" for k, v in POST_INPUTS.items()}
     steps = [
         step("preprocessing", {n: n for n in PRE_INPUTS}, {n: f"_{n}" for n in PRE_OUTPUTS}),
-        step(decoder, decode_in, {n: f"_{n}" for n in DECODE_OUTPUTS}),
-        step("postprocessing", {k: f"_{v}" for k, v in POST_INPUTS.items()}, {n: n for n in CLIENT_OUTPUTS}),
+        step(decoder, decode_in, {n: f"_decoded_{n}" for n in DECODE_OUTPUTS}),
+        step("postprocessing", post_in, {n: n for n in CLIENT_OUTPUTS}),
     ]
     inputs, outputs = client_tensors()
-    text = f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: 0\n' + io("input", inputs) + io("output", outputs)
+    text = f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {MAX_BATCH}\n' + io("input", inputs) + io("output", outputs)
     return text + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
 
 
@@ -147,29 +175,32 @@ def repository_files(opts: RepositoryOptions) -> dict[str, str]:
     pre = python_model(
         "preprocessing",
         [tensor("text_input", "TYPE_STRING", "1", optional=True), tensor("max_tokens", "TYPE_INT32", "1", optional=True),
-         tensor("stop_words", "TYPE_STRING", "-1", optional=True),
-         tensor("apply_chat_template", "TYPE_BOOL", "1", optional=True)],
+         tensor("stop_words", "TYPE_STRING", "-1", optional=True), tensor("bad_words", "TYPE_STRING", "-1", optional=True),
+         tensor("apply_chat_template", "TYPE_BOOL", "1", optional=True), tensor("stream", "TYPE_BOOL", "1", optional=True)]
+        + [tensor(n, t, "1", optional=True) for n, t in CONVENTION_INPUTS],
         [tensor("input_ids", "TYPE_INT32", "-1"), tensor("stop_ids", "TYPE_INT32", "-1"),
-         tensor("max_tokens", "TYPE_INT32", "1")], tok | opts.limits.parameters(), instances=2)
+         tensor("bad_ids", "TYPE_INT32", "-1"), tensor("max_tokens", "TYPE_INT32", "1"),
+         tensor("echo", "TYPE_STRING", "1")], tok | opts.limits.parameters(), instances=2)
     post = python_model(
         "postprocessing",
-        [tensor("TOKENS", "TYPE_INT32", "-1"), tensor("CONTEXT", "TYPE_INT32", "-1")]
-        + [tensor(k, t, "1") for k, (_, t) in zip(POST_COUNTER_INPUTS, COUNTERS)],
+        [tensor("TOKENS", "TYPE_INT32", "-1"), tensor("CONTEXT", "TYPE_INT32", "-1"), tensor("ECHO", "TYPE_STRING", "1")]
+        + [tensor(n.upper(), t, d) for n, t, d in PASSED],
         [tensor("text_output", "TYPE_STRING", "-1"), tensor("output_ids", "TYPE_INT32", "-1")]
-        + [tensor(n, t, "1") for n, t in COUNTERS], tok)  # one instance: a stream's deltas stay in order
+        + [tensor(n, t, d) for n, t, d in PASSED], tok)  # one instance: a stream's deltas stay in order
     files = {
         "preprocessing/config.pbtxt": pre,
         "postprocessing/config.pbtxt": post,
         "specinfer_llm/config.pbtxt": decoding_config("specinfer_llm", opts, speculate=True),
         "incremental_llm/config.pbtxt": decoding_config("incremental_llm", opts, speculate=False),
-        "specinfer/config.pbtxt": ensemble_config("specinfer", "specinfer_llm"),
+        f"{opts.ensemble_name}/config.pbtxt": ensemble_config(opts.ensemble_name, "specinfer_llm"),
         "incremental/config.pbtxt": ensemble_config("incremental", "incremental_llm"),
         f"{opts.bls_name}/config.pbtxt": python_model(opts.bls_name, *client_tensors(), {"decoder": "specinfer_llm"},
                                                       decoupled=True),
-        "specinfer/1/.gitkeep": "",
+        f"{opts.unary_name}/config.pbtxt": python_model(opts.unary_name, *client_tensors(), {"decoder": "specinfer_llm"}),
+        f"{opts.ensemble_name}/1/.gitkeep": "",
         "incremental/1/.gitkeep": "",
     }
-    for model, module in (ENTRY | {opts.bls_name: "bls_model"}).items():
+    for model, module in (ENTRY | {opts.bls_name: "bls_model", opts.unary_name: "bls_model"}).items():
         files[f"{model}/1/model.py"] = (
             f'"""Triton entry point; the model lives in specinfer.serving.{module}."""\n'
             f"from specinfer.serving.{module} import TritonPythonModel  # noqa: F401\n"

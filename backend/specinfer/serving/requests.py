@@ -1,4 +1,11 @@
-"""Triton request tensors -> engine inputs, with errors that name the field (no Triton imports)."""
+"""Triton request tensors -> engine inputs, with errors that name the field (no Triton imports).
+
+Sampling follows TensorRT-LLM's rule so that its clients get what they expect: an absent ``top_k``
+is 0 and an absent ``top_p`` is 0, and with both 0 decoding is greedy whatever the temperature
+(TensorRT-LLM's ``DefaultDecodingParams::getTopK/getTopP`` return 0, and ``regularizeTopKTopP`` in
+``samplingTopKKernels.h`` turns top_k 0 + top_p 0 into top_k 1); a ``top_p`` of 0 with ``top_k`` > 0
+means no top-p filter (top_p 1). So ``temperature`` alone never samples: give ``top_k`` or ``top_p``.
+"""
 from __future__ import annotations
 
 import json
@@ -16,6 +23,11 @@ OPTIONAL_SCALARS = {  # input name -> SamplingParams field
     "top_p": "top_p",
     "random_seed": "seed",
     "end_id": "end_id",
+    "min_length": "min_length",
+    "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "return_log_probs": "log_probs",
 }
 
 
@@ -69,34 +81,37 @@ def decode_prompt(raw: np.ndarray, limits: Limits) -> str:
     return value
 
 
-def encode_stop_words(words: np.ndarray | None, encode: Callable[[str], list[int]], limits: Limits) -> np.ndarray:
-    """``stop_words`` (BYTES [-1]) as token sequences, flattened with -1 after each one."""
+def encode_words(name: str, words: np.ndarray | None, encode: Callable[[str], list[int]], limits: Limits) -> np.ndarray:
+    """``stop_words`` / ``bad_words`` (BYTES [-1]) as token sequences, flattened with -1 after each one.
+
+    Empty strings are skipped: TensorRT-LLM's documented payloads send ``"stop_words": ""`` (and
+    perf_analyzer's LLM guide ``[""]``) to mean none. The stop-word limits apply to both lists.
+    """
     items = [] if words is None else words.reshape(-1).tolist()
     if len(items) > limits.max_stop_words:
-        raise ValueError(f"stop_words has {len(items)} words, more than the limit max_stop_words={limits.max_stop_words}")
+        raise ValueError(f"{name} has {len(items)} words, more than the limit max_stop_words={limits.max_stop_words}")
     longest = max((len(w) if isinstance(w, bytes) else len(str(w).encode()) for w in items), default=0)
     if longest > limits.max_stop_word_bytes:
-        raise ValueError(f"stop_words holds a word of {longest} bytes, more than the limit "
+        raise ValueError(f"{name} holds a word of {longest} bytes, more than the limit "
                          f"max_stop_word_bytes={limits.max_stop_word_bytes}")
     flat: list[int] = []
     for word in items:
         try:
             text = word.decode("utf-8") if isinstance(word, bytes) else str(word)
         except UnicodeDecodeError:
-            raise ValueError("stop_words holds a value that is not valid UTF-8") from None
+            raise ValueError(f"{name} holds a value that is not valid UTF-8") from None
         ids = encode(text) if text else []
-        if not ids:
-            raise ValueError("stop_words holds an empty string")
-        flat += ids + [-1]
+        if ids:
+            flat += ids + [-1]
     return np.array(flat, dtype=np.int32)
 
 
-def decode_stop_ids(flat: np.ndarray | None, limits: Limits) -> tuple[tuple[int, ...], ...]:
-    """``stop_ids`` (what ``encode_stop_words`` made, or a direct client's) within the word limits."""
+def decode_word_ids(name: str, flat: np.ndarray | None, limits: Limits) -> tuple[tuple[int, ...], ...]:
+    """``stop_ids`` / ``bad_ids`` (what ``encode_words`` made, or a direct client's) within the word limits."""
     if flat is None:
         return ()
     if flat.size > limits.max_stop_words * (limits.max_stop_word_bytes + 1):
-        raise ValueError(f"stop_ids has {flat.size} values, more than max_stop_words={limits.max_stop_words} "
+        raise ValueError(f"{name} has {flat.size} values, more than max_stop_words={limits.max_stop_words} "
                          f"words of max_stop_word_bytes={limits.max_stop_word_bytes} tokens allow")
     seqs, cur = [], []
     for tok in flat.reshape(-1).tolist():
@@ -115,11 +130,17 @@ def sampling_from_inputs(inputs: dict[str, np.ndarray | None], limits: Limits) -
     for name, field in OPTIONAL_SCALARS.items():
         if inputs.get(name) is not None:
             kwargs[field] = scalar(name, inputs[name])
-    if "temperature" in kwargs:
-        kwargs["temperature"] = float(kwargs["temperature"])
-    if "top_p" in kwargs:
-        kwargs["top_p"] = float(kwargs["top_p"])
-    kwargs["stop_sequences"] = decode_stop_ids(inputs.get("stop_ids"), limits)
+    if "log_probs" in kwargs:
+        kwargs["log_probs"] = bool(kwargs["log_probs"])
+    for name in ("temperature", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if name in kwargs:
+            kwargs[name] = float(kwargs[name])
+    top_p = float(kwargs.pop("top_p", 0.0))
+    if kwargs.get("top_k", 0) == 0 and top_p == 0.0 and kwargs.get("temperature", 0.0) >= 0:  # (a bad one: 400)
+        kwargs["temperature"] = 0.0  # TensorRT-LLM: neither top_k nor top_p set means greedy (module docstring)
+    kwargs["top_p"] = top_p if top_p != 0.0 else 1.0
+    kwargs["stop_sequences"] = decode_word_ids("stop_ids", inputs.get("stop_ids"), limits)
+    kwargs["bad_sequences"] = decode_word_ids("bad_ids", inputs.get("bad_ids"), limits)
     stream = bool(scalar("stream", inputs["stream"])) if inputs.get("stream") is not None else False
     return SamplingParams(**kwargs), stream
 
