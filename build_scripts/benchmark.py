@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton part")
+    ap.add_argument("--load", action="store_true",
+                    help="only what adaptive trees are compared with: incremental, ssm-a's static trees, batch sizes, peers")
     ap.add_argument("--genai-perf", action="store_true",
                     help="also run bench_genai_perf.py (creates .venv-genai-perf with genai-perf 0.0.16 once)")
     args = ap.parse_args()
@@ -152,18 +154,18 @@ def main() -> None:
           f"{n} held-out prompts x {max_tokens} tokens", flush=True)
     print("[bench] engine, greedy, batch 1")
     bench.run("incremental", n_prompts=n)
-    for ssms in (("ssm-a",), ("ssm-b",), ("ssm-a", "ssm-b")):
+    for ssms in (("ssm-a",),) if args.load else (("ssm-a",), ("ssm-b",), ("ssm-a", "ssm-b")):
         label = "+".join(s[-1] for s in ssms)
         bench.run(f"chain depth 2 ({label})", ssms, (1,) * 2, n_prompts=n)
         bench.run(f"chain depth 8 ({label})", ssms, (1,) * 8, n_prompts=n)
         bench.run(f"paper tree ({label})", ssms, PAPER, n_prompts=n)
-    for w in ((1, 2, 3, 5) if not args.quick else (1, 3)):
+    for w in () if args.load else (1, 2, 3, 5) if not args.quick else (1, 3):
         bench.run(f"width {w} <1,1,{w},1,1,1,1,1> (a+b)", ("ssm-a", "ssm-b"), (1, 1, w, 1, 1, 1, 1, 1), n_prompts=n)
     print("[bench] engine, temperature 1, batch 1, paper tree (a+b)")
     for label, sampling, verifier in (("MSS with replacement", "with_replacement", "mss"),
                                       ("MSS without replacement", "without_replacement", "mss"),
                                       ("naive sampling", "with_replacement", "naive")):
-        for w in ((1, 3) if not args.quick else (3,)):
+        for w in () if args.load else (1, 3) if not args.quick else (3,):
             bench.run(f"{label} w{w}", ("ssm-a", "ssm-b"), (1, 1, w, 1, 1, 1, 1, 1), temperature=1.0,
                       draft_sampling=sampling, verifier=verifier, n_prompts=n)
     print("[bench] engine, greedy, batch sizes: adaptive trees against static ones and incremental")

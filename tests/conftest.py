@@ -65,4 +65,5 @@ def served(tmp_path_factory):
     """One real tritonserver for every test that needs one: (server, reference engine, repository)."""
     from served import serve
 
-    yield from serve(tmp_path_factory.mktemp("served"))
+    # Static trees: these tests check what speculation reports; test_served_adaptive.py serves adaptive ones.
+    yield from serve(tmp_path_factory.mktemp("served"), "--no-adaptive")

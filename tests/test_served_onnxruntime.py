@@ -7,7 +7,7 @@ from specinfer.serving.launcher import start_server
 
 
 def test_repository_with_onnxruntime_ssms_answers_like_incremental_decoding(tmp_path):
-    repo, llm = make_repository(tmp_path, "--ssm-engine", "onnxruntime")
+    repo, llm = make_repository(tmp_path, "--ssm-engine", "onnxruntime", "--no-adaptive")
     assert 'key: "ssm_engine" value: { string_value: "onnxruntime" }' in (repo / "specinfer_llm" / "config.pbtxt").read_text()
     server = start_server(repo, log_path=tmp_path / "server.log", exit_timeout=60)
     try:
