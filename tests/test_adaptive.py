@@ -6,7 +6,7 @@ import torch
 
 from conftest import prompts
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
-from specinfer.adaptive import (AcceptanceModel, best_nodes, choose_depth, choose_verify_size,
+from specinfer.adaptive import (AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_size,
                                 path_probability)
 from specinfer.cost_model import FixedCosts, ForwardCosts, calibration_sizes
 from specinfer.tree import TreeBuilder, prune
@@ -65,9 +65,10 @@ def test_acceptance_model_learns_from_tested_nodes_only():
 
 def test_verify_size_follows_costs():
     gains = [torch.tensor([0.9, 0.8, 0.1]), torch.tensor([0.5])]
-    assert choose_verify_size(gains, lambda n: 1.0, spent=0.0) == 4  # free: everything
-    assert choose_verify_size(gains, lambda n: float(n), spent=0.0) == 1  # each token a full forward
-    assert choose_verify_size(gains, lambda n: 1.0 + 0.1 * n, spent=0.0) == 3  # the 0.1 gain does not pay
+    assert choose_verify_size(gains, lambda n: 1.0, spent=0.0) == (4, pytest.approx(4.3))  # free: all
+    assert choose_verify_size(gains, lambda n: float(n), spent=0.0)[0] == 1  # each token a full forward
+    assert choose_verify_size(gains, lambda n: 1.0 + 0.1 * n, spent=0.0)[0] == 3  # the 0.1 gain does not pay
+    assert choose_verify_size(gains, lambda n: 1.0, spent=0.0, factor=0.4)[0] == 1  # speculation disappoints
 
 
 def test_depth_follows_costs():
@@ -76,6 +77,16 @@ def test_depth_follows_costs():
     assert choose_depth(gains, lambda n: float(n), lambda n: 0.0, 3, (1, 1, 1)) == 0
     assert choose_depth(gains, lambda n: 1.0, lambda n: 1.0, 3, (1, 1, 1)) == 0  # drafting costs too much
     assert choose_depth(gains, lambda n: 1.0, lambda n: 0.2, 3, (1, 1, 1)) == 2  # depth 3 gains too little
+    assert choose_depth(gains, lambda n: 1.0, lambda n: 0.0, 3, (1, 1, 1), factor=0.3) == 0
+
+
+def test_rate_correction_compares_speculating_with_plain_steps():
+    rates = RateCorrection()
+    assert rates.factor(16) == 1.0
+    rates.observe(16, False, predicted=100.0, realised=95.0)
+    rates.observe(16, True, predicted=150.0, realised=90.0)
+    assert rates.factor(16) == pytest.approx(0.6 / 0.95)
+    assert rates.factor(9) == rates.factor(16) and rates.factor(4) == 1.0  # by powers of two
 
 
 @pytest.fixture(scope="module")

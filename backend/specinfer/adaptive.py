@@ -71,10 +71,14 @@ def best_nodes(tree: Tree, prob: torch.Tensor, count: int) -> list[int]:
     return [0] + sorted(order)
 
 
-def choose_verify_size(gains: Sequence[torch.Tensor], llm_cost: Callable[[int], float], spent: float) -> int:
-    """Tree tokens ``T`` (root included) each request verifies: ``gains[b]`` are request ``b``'s
-    path probabilities sorted descending (root excluded); ``llm_cost(tokens)`` the seconds of a
-    verification forward over ``tokens`` slots; ``spent`` the seconds this step already took."""
+def choose_verify_size(gains: Sequence[torch.Tensor], llm_cost: Callable[[int], float], spent: float,
+                       factor: float = 1.0) -> tuple[int, float]:
+    """Tree tokens ``T`` (root included) each request verifies, and the predicted tokens per second.
+
+    ``gains[b]`` are request ``b``'s path probabilities sorted descending (root excluded);
+    ``llm_cost(tokens)`` the seconds of a verification forward over ``tokens`` slots; ``spent`` the
+    seconds this step already took; ``factor`` corrects the predicted rate of verifying drafts
+    (``RateCorrection``)."""
     b = len(gains)
     largest = max(len(g) for g in gains) + 1
     cum = torch.zeros(largest)
@@ -85,20 +89,23 @@ def choose_verify_size(gains: Sequence[torch.Tensor], llm_cost: Callable[[int], 
     for t in range(1, largest + 1):
         seconds = spent + llm_cost(b * t)
         rate = (b + float(cum[t - 1])) / seconds if seconds > 0 else float("inf")
+        rate *= factor if t > 1 else 1.0
         if rate > best_rate:
             best, best_rate = t, rate
-    return best
+    return best, best_rate
 
 
 def choose_depth(depth_gains: Sequence[Sequence[float]], llm_cost: Callable[[int], float],
-                 ssm_cost: Callable[[int], float], catch_up: int, level_widths: Sequence[int]) -> int:
+                 ssm_cost: Callable[[int], float], catch_up: int, level_widths: Sequence[int],
+                 factor: float = 1.0) -> int:
     """How deep the SSMs draft this step (0: not at all).
 
     ``depth_gains[b][j]``: request ``b``'s expected accepted tokens from depth ``j + 1`` (its best
     node there, recently); ``ssm_cost(tokens)`` the seconds of one forward of all the SSMs;
     ``catch_up`` the padded catch-up tokens per request; ``level_widths[j]`` the nodes per request
-    fed at level ``j + 1``. Depth ``d`` is costed as drafting ``d`` levels and verifying a chain
-    of ``d`` nodes (the verification size is decided again once the tree is known).
+    fed at level ``j + 1``; ``factor`` corrects the predicted rate of speculating. Depth ``d`` is
+    costed as drafting ``d`` levels and verifying a chain of ``d`` nodes (the verification size is
+    decided again once the tree is known).
     """
     b = len(depth_gains)
     best, best_rate = 0, b / llm_cost(b) if llm_cost(b) > 0 else float("inf")
@@ -108,7 +115,39 @@ def choose_depth(depth_gains: Sequence[Sequence[float]], llm_cost: Callable[[int
         if d > 1:
             seconds += ssm_cost(b * level_widths[d - 2])
         total = seconds + llm_cost(b * (d + 1))
-        rate = tokens / total if total > 0 else float("inf")
+        rate = factor * tokens / total if total > 0 else float("inf")
         if rate > best_rate:
             best, best_rate = d, rate
     return best
+
+
+class RateCorrection:
+    """How far realised tokens per second fall from predicted ones, for speculating steps against
+    plain ones, by batch size (powers of two).
+
+    The cost model prices forwards alone, measured at whatever prefix lengths it saw; a step also
+    pays host work, catch-up and acceptance that differs from its calibration. The ratio of the two
+    kinds' realised-to-predicted rates (a moving average) scales every speculating option's
+    predicted rate, so a machine where speculation disappoints stops choosing it.
+    """
+
+    def __init__(self) -> None:
+        self.error: dict[tuple[int, bool], float] = {}
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return 1 << (batch - 1).bit_length()
+
+    def observe(self, batch: int, speculated: bool, predicted: float, realised: float) -> None:
+        if predicted <= 0 or realised <= 0:
+            return
+        key = (self.bucket(batch), speculated)
+        ratio = realised / predicted
+        old = self.error.get(key)
+        self.error[key] = ratio if old is None else old + 0.25 * (ratio - old)
+
+    def factor(self, batch: int) -> float:
+        """Speculating's error over plain decoding's (1 until both were seen at this batch size)."""
+        b = self.bucket(batch)
+        spec, plain = self.error.get((b, True)), self.error.get((b, False))
+        return spec / plain if spec is not None and plain is not None else 1.0

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .adaptive import AcceptanceModel, best_nodes, choose_depth, choose_verify_size, path_probability
+from .adaptive import (AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_size,
+                       path_probability)
 from .config import EngineConfig, SamplingParams, TreeConfig
 from .cost_model import ForwardCosts, calibration_sizes
 from .cuda_graphs import GraphedModel
@@ -103,6 +104,8 @@ class SpecInferEngine:
         self.stats = EngineStats()
         self._ids = count()
         self.acceptance = AcceptanceModel()
+        self.rates = RateCorrection()
+        self.predicted_rate = 0.0  # adaptive trees: tokens per second the current step's choice expects
         self.depth_gains = [0.5 ** (j + 1) for j in range(tree.depth)]  # prior until drafts are seen
         self.probe_wait, self.since_draft = 2, 0
         if tree.adaptive and self.ssms:
@@ -227,6 +230,7 @@ class SpecInferEngine:
             self.prefill(new, use_ssms)
         active = [s for s in self.scheduler.running if not s.finished and s not in new]
         if active:
+            began, emitted = time.perf_counter(), sum(len(s.output) for s in active)
             trees, depth = self.speculate(active) if use_ssms else (self.no_trees(active), 0)
             batch = pad_trees(trees)
             logits = process_batch(self.score(active, batch), active, trees)
@@ -239,6 +243,9 @@ class SpecInferEngine:
                 self.commit([active[i] for i in ok], [trees[i] for i in ok], [verdicts[i] for i in ok], depth)
                 for i, n in zip(ok, before):
                     record(active[i], logits[i], trees[i], *verdicts[i], len(active[i].output) - n)
+            if use_ssms and self.tree.adaptive:
+                realised = (sum(len(s.output) for s in active) - emitted) / (time.perf_counter() - began)
+                self.rates.observe(len(active), depth > 0, self.predicted_rate, realised)
         self.scheduler.retire()
         self.stats.step_seconds += time.perf_counter() - start
         self.stats.forward_seconds += self.forward_seconds() - forwards_before
@@ -287,13 +294,17 @@ class SpecInferEngine:
             return self.draft(seqs, self.tree.depth), self.tree.depth
         depth = self.draft_depth(seqs)
         if depth == 0:
+            b = len(seqs)
+            self.predicted_rate = b / max(self.llm.costs.predict(b), 1e-9)
             return self.no_trees(seqs), 0
         before = sum(r.seconds for r in self.ssms)
         trees = self.draft(seqs, depth)
         probs = [path_probability(t, self.acceptance.rate(t.confidence)) for t in trees]
         self.learn_depth_gains(seqs, trees, probs)
         gains = [torch.sort(p[1:], descending=True).values for p in probs]
-        size = choose_verify_size(gains, self.llm.costs.predict, sum(r.seconds for r in self.ssms) - before)
+        factor = self.rates.factor(len(seqs))
+        size, rate = choose_verify_size(gains, self.llm.costs.predict, sum(r.seconds for r in self.ssms) - before, factor)
+        self.predicted_rate = rate / factor if size > 1 else rate
         return [prune(t, best_nodes(t, p, size - 1)) for t, p in zip(trees, probs)], depth
 
     def draft(self, seqs: list[Sequence], depth: int) -> list[Tree]:
@@ -307,7 +318,7 @@ class SpecInferEngine:
         catch_up = max(len(s.tokens) - min(s.ssm_lens) for s in seqs)
         depth = choose_depth([s.depth_gains or self.depth_gains for s in seqs], self.llm.costs.predict,
                              lambda n: sum(r.costs.predict(n) for r in self.ssms), catch_up,
-                             self.tree.level_widths())
+                             self.tree.level_widths(), self.rates.factor(len(seqs)))
         if depth > 0:
             self.probe_wait, self.since_draft = 2, 0
             return depth
