@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from specinfer.serving.launcher import server_env, start_server
+from bench_triton import sweep
+from specinfer.serving.launcher import server_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GENAI_PERF = "genai-perf==0.0.16"
@@ -56,19 +57,11 @@ def profile(exe: Path, server, model: str, concurrency: int, args: argparse.Name
 
 def run_genai_perf(repository: Path, args: argparse.Namespace) -> list[dict]:
     exe = install() if args.install else Path(args.genai_perf)
-    server = start_server(repository)
-    rows = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for c in (int(x) for x in args.concurrency.split(",")):
-                for model in ("specinfer", "incremental"):
-                    rows.append(profile(exe, server, model, c, args, Path(tmp)))
-                    r = rows[-1]
-                    print(f"  {model:<12} concurrency {c:>2}: TTFT {r['ttft_ms']:7.1f} ms  inter-token "
-                          f"{r['itl_ms']:6.1f} ms  {r['output_tok_s']:7.1f} output tok/s", flush=True)
-    finally:
-        server.stop()
-    return rows
+    with tempfile.TemporaryDirectory() as tmp:
+        return sweep(repository, tuple(int(x) for x in args.concurrency.split(",")),
+                     lambda server, model, c: profile(exe, server, model, c, args, Path(tmp)),
+                     lambda r: f"TTFT {r['ttft_ms']:7.1f} ms  inter-token {r['itl_ms']:6.1f} ms  "
+                               f"{r['output_tok_s']:7.1f} output tok/s")
 
 
 def main() -> None:

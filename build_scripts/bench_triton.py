@@ -15,12 +15,14 @@ import statistics
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from itertools import count
 from pathlib import Path
 
-from specinfer.serving.launcher import start_server
+from specinfer.serving.launcher import Server, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("specinfer", "incremental")
 
 
 def counters(server, model: str) -> dict[str, float]:
@@ -59,24 +61,31 @@ def closed_loop(server, model: str, prompts: list[str], max_tokens: int, concurr
             "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))]}
 
 
-def run_triton(repository: Path, prompts: list[str], max_tokens: int, concurrencies: tuple[int, ...],
-               rounds: int = 2) -> list[dict]:
-    """Start a server on ``repository`` and load both models at each concurrency, alternating."""
+def sweep(repository: Path, concurrencies: tuple[int, ...], measure: Callable[[Server, str, int], dict],
+          describe: Callable[[dict], str], warm_up: Callable[[Server, str], None] | None = None) -> list[dict]:
+    """Start a server on ``repository`` and measure both models at each concurrency, alternating."""
     server = start_server(repository)
     rows = []
     try:
-        for model in ("specinfer", "incremental"):  # warm-up: first requests pay one-time costs
-            closed_loop(server, model, prompts, 8, 1, 1)
+        for model in MODELS if warm_up else ():  # first requests pay one-time costs
+            warm_up(server, model)
         for c in concurrencies:
-            for model in ("specinfer", "incremental"):
-                rows.append(closed_loop(server, model, prompts, max_tokens, c, rounds))
-                r = rows[-1]
-                print(f"  {model:<12} concurrency {c:>2}: {r['output_tokens_per_s']:7.1f} tok/s  "
-                      f"{r['tokens_per_llm_step']:.2f} tok/step  p50 {r['p50_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms",
-                      flush=True)
+            for model in MODELS:
+                rows.append(measure(server, model, c))
+                print(f"  {model:<12} concurrency {c:>2}: {describe(rows[-1])}", flush=True)
     finally:
         server.stop()
     return rows
+
+
+def run_triton(repository: Path, prompts: list[str], max_tokens: int, concurrencies: tuple[int, ...],
+               rounds: int = 2) -> list[dict]:
+    """Closed-loop clients against both models at each concurrency."""
+    return sweep(repository, concurrencies,
+                 lambda server, model, c: closed_loop(server, model, prompts, max_tokens, c, rounds),
+                 lambda r: f"{r['output_tokens_per_s']:7.1f} tok/s  {r['tokens_per_llm_step']:.2f} tok/step  "
+                           f"p50 {r['p50_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms",
+                 warm_up=lambda server, model: closed_loop(server, model, prompts, 8, 1, 1) and None)
 
 
 def main() -> None:
