@@ -39,7 +39,7 @@ from specinfer.tokenizer import TextTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = (1, 1, 3, 1, 1, 1, 1, 1)
-ADAPTIVE = (1, 1, 3, 1)  # the largest tree adaptive runs may verify (the served repository's)
+ADAPTIVE = (1, 1, 3, 1)  # the largest tree the adaptive rows may verify (the served repository allows (1, 1))
 
 
 def held_out_prompts(models: Path, tokenizer: TextTokenizer) -> list[str]:
