@@ -61,7 +61,7 @@ ENTRY = {
 class RepositoryOptions:
     llm: str = "../engines/demo/llm"
     ssms: tuple[str, ...] = ("../engines/demo/ssm-a",)  # the fastest demo set measured (README, Benchmarks)
-    expansion: tuple[int, ...] = (1, 1)  # a short chain: the demo SSMs agree with the LLM on ~40% of tokens
+    expansion: tuple[int, ...] = (1, 1)  # the largest adaptive tree: the demo SSMs match ~40% of tokens
     device: str = "cpu"
     dtype: str = "float32"
     max_batch_size: int = 16  # concurrent requests per decoding model; more wait in its queue
