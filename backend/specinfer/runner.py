@@ -94,16 +94,15 @@ class ModelRunner:
 
         Nodes already in place (a chain's accepted prefix always is) are not copied; most steps
         copy nothing."""
-        moves = [(b, length + node, length + i) for b, (length, nodes) in enumerate(zip(lengths, accepted))
-                 for i, node in enumerate(nodes) if node != i]
-        if not moves:
+        moves = [[(length + node, length + i) for i, node in enumerate(nodes) if node != i]
+                 for length, nodes in zip(lengths, accepted)]
+        width = max(len(row) for row in moves)
+        if width == 0:
             return
-        width = max(sum(1 for m in moves if m[0] == b) for b in {m[0] for m in moves})
         src = torch.tensor([[length] * width for length in lengths], dtype=torch.long)  # padding: root onto itself
         dst = src.clone()
-        filled = [0] * len(rows)
-        for b, a, z in moves:
-            src[b, filled[b]], dst[b, filled[b]] = a, z
-            filled[b] += 1
+        for b, row in enumerate(moves):
+            for j, (a, z) in enumerate(row):
+                src[b, j], dst[b, j] = a, z
         dev = self.device
         self.cache.move(torch.tensor(rows, device=dev), src.to(dev), dst.to(dev))

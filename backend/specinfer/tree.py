@@ -25,7 +25,7 @@ class Tree:
     proposals: torch.Tensor  # [N, S] times SSM s proposed node i (0 for the root)
     ssm_nodes: torch.Tensor  # [N, S] index of node i in SSM s's own tree, -1 where it has none
     draft_probs: torch.Tensor | None  # [S, N, V] SSM s's distribution at node u (sampled candidates only)
-    confidence: torch.Tensor | None = None  # [N] draft probability of node i given its parent (root 1)
+    confidence: torch.Tensor  # [N] draft probability of node i given its parent (root 1)
     selected: bool = False  # candidates were selected by confidence, not sampled
 
     @property
@@ -107,7 +107,7 @@ def merge_trees(trees: list[Tree]) -> Tree:
             raise ValueError("trees to merge must share their root token")
         remap = [0] * tree.size
         counts = tree.proposals.sum(dim=1).tolist()
-        conf = tree.confidence.tolist() if tree.confidence is not None else [0.0] * tree.size
+        conf = tree.confidence.tolist()
         for i, (tok, par) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
             if i > 0:
                 remap[i] = builder.add(remap[par], tok, ssm=s, count=counts[i], ssm_node=i, confidence=conf[i])
@@ -130,7 +130,7 @@ def prune(tree: Tree, keep: list[int]) -> Tree:
     return Tree(
         tokens=tree.tokens[index], parents=parents, depths=tree.depths[index], proposals=tree.proposals[index],
         ssm_nodes=tree.ssm_nodes[index], draft_probs=None if tree.draft_probs is None else tree.draft_probs[:, index],
-        confidence=None if tree.confidence is None else tree.confidence[index], selected=tree.selected,
+        confidence=tree.confidence[index], selected=tree.selected,
     )
 
 
