@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .cost_model import moving_average
 from .tree import Tree
 
 BINS = 20
@@ -142,9 +143,7 @@ class RateCorrection:
         if predicted <= 0 or realised <= 0:
             return
         key = (self.bucket(batch), speculated)
-        ratio = realised / predicted
-        old = self.error.get(key)
-        self.error[key] = ratio if old is None else old + 0.25 * (ratio - old)
+        self.error[key] = moving_average(self.error.get(key), realised / predicted)
 
     def factor(self, batch: int) -> float:
         """Speculating's error over plain decoding's (1 until both were seen at this batch size)."""

@@ -14,18 +14,20 @@ from collections.abc import Callable
 DECAY = 0.25  # weight of the newest measurement
 
 
+def moving_average(old: float | None, new: float) -> float:
+    """``new`` weighted by ``DECAY`` against the average so far (``new`` itself when there is none)."""
+    return new if old is None else old + DECAY * (new - old)
+
+
 class ForwardCosts:
     def __init__(self) -> None:
         self.seconds: dict[int, float] = {}
         self.counts: list[int] = []  # sorted keys of ``seconds``
 
     def observe(self, tokens: int, seconds: float) -> None:
-        old = self.seconds.get(tokens)
-        if old is None:
+        if tokens not in self.seconds:
             bisect.insort(self.counts, tokens)
-            self.seconds[tokens] = seconds
-        else:
-            self.seconds[tokens] = old + DECAY * (seconds - old)
+        self.seconds[tokens] = moving_average(self.seconds.get(tokens), seconds)
 
     def predict(self, tokens: int) -> float:
         """Seconds for a forward over ``tokens`` slots; 0 before anything was measured."""
