@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig  # noqa: E402
-from specinfer.engine import DTYPES, EngineStats  # noqa: E402
+from specinfer.config import DTYPES
+from specinfer.engine import EngineStats  # noqa: E402
 from specinfer.model import Transformer  # noqa: E402
 from specinfer.tokenizer import TextTokenizer  # noqa: E402
 

@@ -16,7 +16,7 @@ import time
 import onnx
 
 from specinfer.config import TreeConfig, parse_expansion
-from specinfer.engine import DTYPES
+from specinfer.config import DTYPES
 from specinfer.model import Transformer
 from specinfer.runtimes.onnx_export import ensure_onnx
 

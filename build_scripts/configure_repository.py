@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--expansion", default="1,1,3,1,1,1,1,1", help="tree expansion <k1,...,km>")
     ap.add_argument("--output", required=True, help="folder to write the repository into")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto: bfloat16 on CUDA and on CPUs with AVX-512 BF16 or AMX, float32 elsewhere (decided at load)")
     ap.add_argument("--max-batch-size", type=int, default=16, help="concurrent requests per model; more wait")
     ap.add_argument("--max-context", type=int, default=0, help="tokens per request (0: the LLM's maximum)")
     ap.add_argument("--draft-sampling", default="with_replacement", choices=["with_replacement", "without_replacement"])

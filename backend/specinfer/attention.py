@@ -17,31 +17,39 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .batch_invariance import KEY_BLOCK, attention, round_up
 from .kv_cache import KVCache, Rows
 from .tree import packed_mask
 
 @dataclass
 class DenseMask:
     mask: torch.Tensor  # [B, T, S] bool
+    invariant: bool = False  # batch-invariant attention (``batch_invariance.attention``) instead of SDPA
 
     @classmethod
-    def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor) -> "DenseMask":
-        """Padding (``valid`` false) sees only the slot just past the region, which no real node uses."""
+    def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor,
+              invariant: bool = False) -> "DenseMask":
+        """Padding (``valid`` false) sees only the slot just past the region, which no real node uses.
+
+        ``invariant``: the key width is a multiple of ``KEY_BLOCK``, as the batch-invariant attention
+        needs."""
         b, t, n = region.shape
-        width = int(lengths.max()) + n + 1
+        width = round_up(int(lengths.max()) + n + 1, KEY_BLOCK if invariant else 1)
         mask = (torch.arange(width) < lengths[:, None])[:, None, :].expand(b, t, width).clone()
         cols = (lengths[:, None] + torch.arange(n))[:, None, :].expand(b, t, n)
         mask.scatter_(2, cols, region)
         mask &= valid[:, :, None]
         mask[torch.arange(b)[:, None], torch.arange(t)[None, :], (lengths + n)[:, None]] |= ~valid
-        return cls(mask)
+        return cls(mask, invariant)
 
     def to(self, device: torch.device) -> "DenseMask":
-        return DenseMask(self.mask.to(device))
+        return DenseMask(self.mask.to(device), self.invariant)
 
     def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: Rows) -> torch.Tensor:
         """``[B, T, H, D]`` attention output of ``q [B, T, H, D]``."""
         keys, values = cache.read(layer, rows, self.mask.shape[-1])
+        if self.invariant:
+            return attention(q, keys, values, self.mask)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=self.mask[:, None], enable_gqa=q.shape[2] != keys.shape[2],
@@ -56,9 +64,11 @@ class PackedTreeMask:
     region: int  # N
 
     @classmethod
-    def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor) -> "PackedTreeMask":
-        """Padding sees no region slot (``region`` is false there); its output is never read."""
-        del valid
+    def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor,
+              invariant: bool = False) -> "PackedTreeMask":
+        """Padding sees no region slot (``region`` is false there); its output is never read. The
+        kernel blocks keys from each row's own start, so it needs no padding to be batch-invariant."""
+        del valid, invariant
         return cls(lengths.to(torch.int32), packed_mask(region), region.shape[-1])
 
     def to(self, device: torch.device) -> "PackedTreeMask":

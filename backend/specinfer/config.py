@@ -3,13 +3,40 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
 
 DRAFT_SAMPLING = ("with_replacement", "without_replacement")
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would overflow float32
 VERIFIERS = ("mss", "naive")
 ATTENTION = ("sdpa", "triton")
 SSM_ENGINES = ("torch", "onnxruntime", "tensorrt")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPUs whose matrix units compute bfloat16
+
+
+@lru_cache(maxsize=1)
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (Linux x86 flags); elsewhere bfloat16 is emulated and slow."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``"auto"``: bfloat16 on CUDA and on CPUs that compute it natively (a forward of 8 tokens then
+    costs about what one does, which is what speculation needs), float32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") or cpu_computes_bf16() else "float32"
 
 
 @dataclass(frozen=True)
@@ -159,6 +186,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # processes the LLM is sharded over (``parallel/``); SSMs stay on the leader
     ssm_engine: str = "torch"
     cuda_graphs: bool | None = None
+    batch_invariant: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
@@ -167,10 +195,11 @@ class EngineConfig:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         if self.attention is None:
             object.__setattr__(self, "attention", "sdpa" if self.device == "cpu" else "triton")
         if self.attention not in ATTENTION:

@@ -19,7 +19,7 @@ import torch
 
 from .adaptive import (AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_size,
                        path_probability)
-from .config import EngineConfig, SamplingParams, TreeConfig
+from .config import DTYPES, EngineConfig, SamplingParams, TreeConfig
 from .cost_model import ForwardCosts, calibration_sizes
 from .cuda_graphs import GraphedModel
 from .draft import draft_trees, ssm_accepted
@@ -38,7 +38,6 @@ from .verify import Verdict, greedy_verify, mss_verify, naive_verify
 if TYPE_CHECKING:
     from .parallel.leader import Workers
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CALIBRATION_TOKENS = 256  # adaptive trees measure forwards up to this many tokens at start-up
 MAX_PROBE_WAIT = 64  # steps without drafting before the SSMs are tried again, at most
 
@@ -94,11 +93,16 @@ class SpecInferEngine:
         self.vocab = vocab
         self.max_context = config.max_context or llm.args.max_position_embeddings
         slots = self.max_context + tree.max_tree_tokens + 1
+        for model in [llm, *ssms]:
+            if isinstance(model, Transformer):
+                model.batch_invariant(config.batch_invariant)
         if config.cuda_graphs and config.attention == "triton":  # graphs need the kernel's device-side lengths
             llm = GraphedModel(llm) if isinstance(llm, Transformer) else llm  # not a tensor-parallel proxy
             ssms = [GraphedModel(m) if isinstance(m, Transformer) else m for m in ssms]
-        self.llm = ModelRunner(llm, config.max_batch_size, slots, config.attention)
-        self.ssms = [ModelRunner(m, config.max_batch_size, slots, getattr(m, "attention", config.attention)) for m in ssms]
+        invariant = config.batch_invariant
+        self.llm = ModelRunner(llm, config.max_batch_size, slots, config.attention, invariant)
+        self.ssms = [ModelRunner(m, config.max_batch_size, slots, getattr(m, "attention", config.attention), invariant)
+                     for m in ssms]
         self.eos_ids = frozenset(llm.args.eos_token_ids)
         self.scheduler = Scheduler(config.max_batch_size)
         self.stats = EngineStats()
@@ -116,13 +120,14 @@ class SpecInferEngine:
         cls, llm: str | Path, ssms: Seq[str | Path] = (), tree: TreeConfig = TreeConfig(),
         device: str = "cpu", dtype: str = "float32", max_batch_size: int = 16, max_context: int | None = None,
         attention: str | None = None, tensor_parallel_size: int = 1, workers: "Workers | None" = None,
-        ssm_engine: str = "torch", cuda_graphs: bool | None = None,
+        ssm_engine: str = "torch", cuda_graphs: bool | None = None, batch_invariant: bool = True,
     ) -> "SpecInferEngine":
         """``tensor_parallel_size > 1`` shards the LLM over that many processes (``parallel/``), spawned
         here unless ``workers`` says otherwise (``parallel.MpiWorkers`` under mpiexec); ``close()`` stops them."""
         config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree,
                               attention=attention, tensor_parallel_size=tensor_parallel_size, ssm_engine=ssm_engine,
-                              cuda_graphs=cuda_graphs)
+                              cuda_graphs=cuda_graphs, batch_invariant=batch_invariant)
+        dtype = config.dtype  # "auto" resolved
         if tensor_parallel_size == 1:
             target = Transformer.from_pretrained(llm, device=device, dtype=DTYPES[dtype])
         else:

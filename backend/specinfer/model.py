@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Visibility
+from .batch_invariance import pad_rows, padded_rows
 from .checkpoint import ModelArgs, read_checkpoint
 from .kv_cache import KVCache, Rows
 
@@ -33,6 +34,24 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can pad its rows (zeros appended, results dropped) so that a row's result
+    does not depend on how many rows share the call (``batch_invariance.py``)."""
+
+    invariant = False  # set per model by Transformer.batch_invariant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x, self.bias)
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        padded = padded_rows(rows, x.dtype) if self.invariant else rows
+        if padded == rows:
+            return F.linear(x, self.weight, bias)
+        flat = pad_rows(x.reshape(rows, x.shape[-1]), padded)
+        return F.linear(flat, self.weight, bias)[:rows].reshape(*x.shape[:-1], self.out_features)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -67,8 +86,8 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         bias = args.attention_bias
         self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
-        self.qkv_proj = nn.Linear(args.hidden_size, sum(self.split), bias=bias)  # q, k, v fused (one matmul)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, args.hidden_size, bias=bias)
+        self.qkv_proj = Linear(args.hidden_size, sum(self.split), bias=bias)  # q, k, v fused (one matmul)
+        self.o_proj = Linear(self.heads * self.head_dim, args.hidden_size, bias=bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
@@ -90,8 +109,8 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         h, i, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)  # gate and up fused (one matmul)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_up_proj = Linear(h, 2 * i, bias=bias)  # gate and up fused (one matmul)
+        self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -143,7 +162,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.model = LlamaBody(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
@@ -174,7 +193,15 @@ class Transformer(nn.Module):
         model.inv_freq = rope_inv_freq(args)  # replaces the meta buffer
         model = model.to(device=device, dtype=dtype).eval()
         model.inv_freq = rope_inv_freq(args).to(device)  # stays float32 whatever the weights' dtype
+        model.batch_invariant(True)
         return model
+
+    def batch_invariant(self, on: bool) -> None:
+        """Whether every linear layer pads its rows to the dtype's batch-invariant class (on by default;
+        off only to measure what the property costs, and for tracing graphs of dynamic shape)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.invariant = on
 
     def new_cache(self, rows: int, slots: int) -> KVCache:
         a = self.args

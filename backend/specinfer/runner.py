@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import MASKS, Visibility
+from .batch_invariance import KEY_BLOCK, round_up
 from .cost_model import FixedCosts, ForwardCosts
 from .model import Transformer
 
@@ -42,27 +43,34 @@ def chain_batch(chunks: list[list[int]]) -> NodeBatch:
     return NodeBatch(tokens, steps, steps, causal, valid)
 
 
-def layout(lengths: torch.Tensor, nodes: NodeBatch, attention: str) -> tuple[torch.Tensor, torch.Tensor, Visibility]:
+def layout(lengths: torch.Tensor, nodes: NodeBatch, attention: str,
+           invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, Visibility]:
     """Positions, cache slots and visibility for ``nodes`` over prefixes of ``lengths [B]``.
 
     Node ``i`` of row ``b`` lives in slot ``lengths[b] + i`` at position ``lengths[b] + depth``;
     it sees the committed slots ``[0, lengths[b])`` and the region slots its ``attend`` row names,
     in the form the ``attention`` backend reads. Padding writes to the slot just past the region,
-    which no real node uses.
+    which no real node uses. ``invariant``: the batch-invariant form of the attention
+    (``batch_invariance.py``).
     """
     b, t, n = nodes.attend.shape
     scratch = (lengths + n)[:, None].expand(b, t)
     slots = torch.where(nodes.valid, lengths[:, None] + nodes.node_ids, scratch)
     positions = lengths[:, None] + nodes.depths
     region = nodes.attend & nodes.valid[:, :, None]
-    return positions, slots, MASKS[attention].build(lengths, region, nodes.valid)
+    return positions, slots, MASKS[attention].build(lengths, region, nodes.valid, invariant)
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, rows: int, slots: int, attention: str = "sdpa") -> None:
+    """``batch_invariant``: pad the attention so that a token's result does not depend on the rest of
+    the batch (``batch_invariance.py``; the model's linear layers pad themselves)."""
+
+    def __init__(self, model: Transformer, rows: int, slots: int, attention: str = "sdpa",
+                 batch_invariant: bool = True) -> None:
         self.model = model
         self.attention = attention
-        self.cache = model.new_cache(rows, slots)
+        self.invariant = batch_invariant
+        self.cache = model.new_cache(rows, round_up(slots, KEY_BLOCK) if batch_invariant else slots)
         self.device = self.cache.batch_index.device  # the model's (a compiled one has no torch weights)
         self.seconds = 0.0  # wall time spent in forwards, for the overhead figure of benchmarks
         self.costs: ForwardCosts | FixedCosts = ForwardCosts()  # what forwards cost here, by tokens fed
@@ -75,7 +83,7 @@ class ModelRunner:
         width = int(lens.max()) + nodes.attend.shape[-1] + 1  # the region and the padding's scratch slot
         if width > self.cache.slots:
             raise ValueError(f"batch needs {width} cache slots, the cache has {self.cache.slots}")
-        positions, slots, visibility = layout(lens, nodes, self.attention)
+        positions, slots, visibility = layout(lens, nodes, self.attention, self.invariant)
         dev = self.device
         start = time.perf_counter()
         logits = self.model(

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import ModelArgs
+from ..model import Linear
 from .shard import shard_args, shard_state
 
 
@@ -34,7 +35,7 @@ class Collectives:
         return torch.cat(parts, dim=-1) if self.rank == 0 else x
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """``o_proj`` / ``down_proj`` over this rank's input columns: partial sums all-reduced, bias once."""
 
     def __init__(self, comm: Collectives, like: nn.Linear) -> None:
@@ -42,7 +43,7 @@ class RowParallelLinear(nn.Linear):
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.comm.all_reduce(F.linear(x, self.weight))
+        y = self.comm.all_reduce(self.project(x, None))
         return y if self.bias is None else y + self.bias
 
 
@@ -60,7 +61,7 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.comm.all_reduce(x)
 
 
-class VocabParallelHead(nn.Linear):
+class VocabParallelHead(Linear):
     """This rank's vocabulary slice of the logits, gathered on rank 0 and trimmed to the vocabulary."""
 
     def __init__(self, comm: Collectives, like: nn.Linear, vocab: int) -> None:
@@ -68,7 +69,7 @@ class VocabParallelHead(nn.Linear):
         self.comm, self.vocab = comm, vocab
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.gather_last_dim(F.linear(x, self.weight))[..., : self.vocab]
+        return self.comm.gather_last_dim(self.project(x, None))[..., : self.vocab]
 
 
 def parallelize(model: nn.Module, comm: Collectives, vocab: int) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from ..attention import Visibility
 from ..checkpoint import read_model_args
-from ..engine import DTYPES
+from ..config import DTYPES
 from ..kv_cache import KVCache, Rows
 from ..model import Transformer
 from . import protocol

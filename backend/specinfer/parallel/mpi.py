@@ -15,7 +15,8 @@ import sys
 from datetime import timedelta
 
 from ..config import SamplingParams, TreeConfig, parse_expansion
-from ..engine import DTYPES, SpecInferEngine
+from ..config import DTYPES
+from ..engine import SpecInferEngine
 from .groups import rank_device, worker_store
 from .launch import MpiWorkers
 from .worker import serve

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import torch
 
-from ..engine import DTYPES
+from ..config import DTYPES
 from ..model import Transformer
 from . import protocol
 from .groups import connect, rank_device, worker_store

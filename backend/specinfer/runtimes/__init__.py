@@ -24,6 +24,8 @@ def load_model(kind: str, checkpoint: str | Path, device: str, dtype: torch.dtyp
     load = lambda: Transformer.from_pretrained(checkpoint, device=device, dtype=dtype)  # noqa: E731
     if kind == "torch":
         return load()
+    if kind == "onnxruntime" and device == "cpu":
+        dtype = torch.float32  # ONNX Runtime's CPU kernels compute float32 (the SSM's dtype need not be the LLM's)
     export = lambda: Transformer.from_pretrained(checkpoint, device="cpu", dtype=dtype)  # noqa: E731
     graph = ensure_onnx(checkpoint, str(dtype).removeprefix("torch."), export)
     args = read_model_args(checkpoint)

@@ -81,6 +81,7 @@ class GraphForward(nn.Module):
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
+        model.batch_invariant(False)  # the row padding is a Python branch on shapes, which a trace would freeze
         self.model = model
 
     def forward(self, tokens, positions, slots, mask, logits_index, *past):

@@ -84,7 +84,7 @@ def engine_from_parameters(params: dict[str, str], model_dir: Path) -> tuple[Spe
     max_context = int(params["max_context"]) if params.get("max_context") else None
     engine = SpecInferEngine.from_pretrained(
         repository_path(params["llm"], model_dir), ssms if speculate else [], tree=tree, device=params.get("device", "cpu"),
-        dtype=params.get("dtype", "float32"), max_batch_size=int(params.get("max_batch_size", 16)),
+        dtype=params.get("dtype", "auto"), max_batch_size=int(params.get("max_batch_size", 16)),
         max_context=max_context, attention=params.get("attention") or None,
         tensor_parallel_size=int(params.get("tensor_parallel_size", 1)), ssm_engine=params.get("ssm_engine") or "torch",
     )

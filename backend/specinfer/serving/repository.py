@@ -63,7 +63,7 @@ class RepositoryOptions:
     ssms: tuple[str, ...] = ("../engines/demo/ssm-a",)  # the fastest demo set measured (README, Benchmarks)
     expansion: tuple[int, ...] = (1, 1)  # the largest adaptive tree: the demo SSMs match ~40% of tokens
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 where the processor computes it natively (and on CUDA), else float32
     max_batch_size: int = 16  # concurrent requests per decoding model; more wait in its queue
     max_context: int = 2048  # tokens per request (0: the LLM's max_position_embeddings, 8192 for SmolLM2:
     # 6 GB of KV cache per decoding model at 16 rows in fp32)

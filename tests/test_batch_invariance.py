@@ -1,0 +1,168 @@
+"""A token's logits and the K/V it writes do not depend on what else shares its forward.
+
+Computed alone (one-token decoding), as a node of random trees over the same prefix, and as a row
+of a batch with other requests of other prefix lengths: bit-identical (``torch.equal``) in float32
+and bfloat16, prefixes on both sides of the attention's 512-key block. The negative control runs
+the same comparisons with ``batch_invariant`` off (the kernels' fastest shapes) and must fail them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_llama, prompts
+from specinfer import SamplingParams, SpecInferEngine, TreeConfig
+from specinfer.config import DTYPES, EngineConfig, resolve_dtype
+from specinfer.model import Transformer
+from specinfer.runner import ModelRunner, NodeBatch, chain_batch
+from specinfer.tree import pad_trees
+from test_tree_attention import random_tree
+
+VOCAB = 512
+PREFIXES = (37, 300, 700)  # below, around and past the first key block
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """Wide enough (head_dim 64, MLP 512, vocabulary 512) for the CPU kernels' shape-dependent paths."""
+    return make_llama(tmp_path_factory.mktemp("wide") / "llm", seed=5, vocab=VOCAB, hidden_size=256,
+                      intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, initializer_range=0.02)
+
+
+def token_views(model: Transformer, invariant: bool, prefix_len: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, K/V of every layer) of one token ``x`` after a random prefix: alone, as the root of two
+    random trees, and beside requests with other prefix lengths (2 and 4 rows)."""
+    model.batch_invariant(invariant)
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, VOCAB, (prefix_len,), generator=g).tolist()
+    others = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 610, 140)]
+    x = int(torch.randint(0, VOCAB, (1,), generator=g))
+    views = []
+
+    def run(chunks: list[list[int]], nodes_after) -> None:
+        runner = ModelRunner(model, 4, 1100, "sdpa", batch_invariant=invariant)
+        rows = list(range(len(chunks)))
+        runner.forward(rows, [0] * len(rows), chain_batch(chunks))
+        logits = runner.forward(rows, [len(c) for c in chunks], nodes_after)
+        kv = torch.stack([torch.stack([runner.cache.k[i][0, len(prefix)], runner.cache.v[i][0, len(prefix)]])
+                          for i in range(len(runner.cache.k))])
+        views.append((logits[0, 0], kv))
+
+    run([prefix], chain_batch([[x]]))
+    for size in (6, 13):
+        tree = random_tree(size, g)
+        tree.tokens[0] = x
+        batch = pad_trees([tree])
+        run([prefix], NodeBatch(batch.tokens, torch.arange(size)[None], batch.depths, batch.ancestors, batch.valid))
+    for n in (1, 3):
+        run([prefix] + others[:n], chain_batch([[x]] + [[7]] * n))
+    return views
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_token_is_batch_invariant(wide, dtype):
+    model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype])
+    for seed, prefix_len in enumerate(PREFIXES):
+        (alone, alone_kv), *others = token_views(model, True, prefix_len, seed)
+        for i, (logits, kv) in enumerate(others):
+            assert torch.equal(logits, alone), f"logits differ in view {i}, prefix {prefix_len}"
+            assert torch.equal(kv, alone_kv), f"K/V differ in view {i}, prefix {prefix_len}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chain_nodes_equal_incremental_decoding(wide, dtype):
+    """Every node of a chain verified in one forward (beside another request) gives the logits and K/V
+    that decoding its tokens one at a time gives: what greedy speculation with chains relies on."""
+    model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype])
+    g = torch.Generator().manual_seed(3)
+    for prefix_len in PREFIXES:
+        prefix = torch.randint(0, VOCAB, (prefix_len,), generator=g).tolist()
+        chain = torch.randint(0, VOCAB, (6,), generator=g).tolist()
+        alone = ModelRunner(model, 2, 1100, "sdpa")
+        alone.forward([0], [0], chain_batch([prefix]))
+        steps = [alone.forward([0], [prefix_len + i], chain_batch([[x]]))[0, 0] for i, x in enumerate(chain)]
+        batched = ModelRunner(model, 2, 1100, "sdpa")
+        batched.forward([0, 1], [0, 0], chain_batch([prefix, [9] * 450]))
+        logits = batched.forward([0, 1], [prefix_len, 450], chain_batch([chain, [4, 5]]))[0]
+        for i, step in enumerate(steps):
+            assert torch.equal(logits[i], step), f"chain node {i}, prefix {prefix_len}"
+            for layer in range(len(alone.cache.k)):
+                slot = prefix_len + i
+                assert torch.equal(batched.cache.k[layer][0, slot], alone.cache.k[layer][0, slot])
+                assert torch.equal(batched.cache.v[layer][0, slot], alone.cache.v[layer][0, slot])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_negative_control_fastest_shapes_are_not_invariant(wide, dtype):
+    """The kernels' own shape choices (no row, query or key-width padding) break the property."""
+    model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype])
+    differs = 0
+    for seed, prefix_len in enumerate(PREFIXES):
+        (alone, _), *others = token_views(model, False, prefix_len, seed)
+        differs += sum(not torch.equal(logits, alone) for logits, _ in others)
+    assert differs > 0
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("tree", ["chain", "wide", "merged", "adaptive"])
+def test_bfloat16_greedy_speculation_equals_incremental(models, batch, tree):
+    expansion = {"chain": (1, 1, 1, 1), "wide": (2, 2, 1, 1), "merged": (1, 2, 1), "adaptive": (1, 1, 3, 1)}[tree]
+    ssms = [models["close"], models["other"]] if tree == "merged" else [models["close"]]
+    engine = SpecInferEngine.from_pretrained(
+        models["llm"], ssms, TreeConfig(expansion=expansion, adaptive=tree == "adaptive"), dtype="bfloat16",
+        max_batch_size=batch)
+    seqs = prompts(8, seed=11, lo=3, hi=40)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    reference = [engine.generate([p], params, speculate=False)[0].token_ids for p in seqs]
+    got = engine.generate(seqs, params) if batch > 1 else [engine.generate([p], params)[0] for p in seqs]
+    assert [r.token_ids for r in got] == reference
+    assert sum(r.accepted_draft_tokens for r in got) > 0
+
+
+def test_auto_dtype(monkeypatch):
+    import specinfer.config as config
+
+    assert resolve_dtype("auto", "cuda:0") == "bfloat16"
+    assert resolve_dtype("float16", "cpu") == "float16"
+    monkeypatch.setattr(config, "cpu_computes_bf16", lambda: True)
+    assert EngineConfig(dtype="auto").dtype == "bfloat16"
+    monkeypatch.setattr(config, "cpu_computes_bf16", lambda: False)
+    assert EngineConfig(dtype="auto").dtype == "float32"
+    with pytest.raises(ValueError, match="dtype must be auto"):
+        EngineConfig(dtype="int8")
+
+
+def kernel_views(device: str, dtype: torch.dtype, prefix: int, seed: int) -> list[torch.Tensor]:
+    """The tree-attention kernel's output for one query (the root over ``prefix`` committed slots):
+    alone, as the root of a tree, and beside requests with longer prefixes and larger trees."""
+    from specinfer.kernels import tree_attention
+    from specinfer.runner import layout
+
+    g = torch.Generator().manual_seed(seed)
+    heads, kv_heads, dim, rows = 9, 3, 64, 4
+    k = torch.randn(rows, 1200, kv_heads, dim, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(rows, 1200, kv_heads, dim, generator=g).to(device=device, dtype=dtype)
+    q = torch.randn(rows, 40, heads, dim, generator=g).to(device=device, dtype=dtype)
+    views = []
+    for sizes, lengths in [([1], [prefix]), ([9], [prefix]), ([1, 33, 5], [prefix, 1100, 64])]:
+        trees = [random_tree(n, g) for n in sizes]
+        batch = pad_trees(trees)
+        b, n = batch.tokens.shape
+        nodes = NodeBatch(batch.tokens, torch.arange(n).expand(b, n), batch.depths, batch.ancestors, batch.valid)
+        _, _, packed = layout(torch.tensor(lengths), nodes, "triton")
+        packed = packed.to(torch.device(device))
+        out = tree_attention(q[:b, :n].contiguous(), k, v, torch.arange(b, device=device), packed.lengths, packed.bits,
+                             packed.region)
+        views.append(out[0, 0].cpu())
+    return views
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_tree_attention_kernel_is_batch_invariant_on_cuda(dtype):
+    for seed, prefix in enumerate((37, 300, 700)):
+        alone, *others = kernel_views("cuda", DTYPES[dtype], prefix, seed)
+        for i, out in enumerate(others):
+            assert torch.equal(out, alone), f"kernel output differs in view {i}, prefix {prefix}"
