@@ -27,8 +27,7 @@ from ..engine import SpecInferEngine
 from ..parallel import WorkerFailure
 from ..sequence import Sequence
 from .detokenize import sendable
-from .errors import ENGINE_FAILED, SHUTTING_DOWN, UNLOADING
-from .launcher import DRAIN_ID_ENV
+from .errors import DRAIN_ID_ENV, ENGINE_FAILED, SHUTTING_DOWN, UNLOADING
 from .metrics import ServingMetrics
 from .repository import PERF_METRICS, SAMPLING_INPUTS, model_parameters, repository_path
 from .requests import Limits, require, sampling_from_inputs, scalar
@@ -281,7 +280,7 @@ class TritonPythonModel:
         self.live.pop(live.seq.request_id, None)
         self.metrics.finished(live.seq, failed)
 
-    def fail_all(self, incoming: list[Live], message: str, code=pb_utils.TritonError.INTERNAL) -> None:
+    def fail_all(self, incoming: list[Live], message: str, code=None) -> None:
         """End every request in the engine and those not yet admitted with an error."""
         for live in list(self.live.values()):
             self.engine.abort(live.seq)
@@ -290,7 +289,7 @@ class TritonPythonModel:
             self.fail(live, message, code)
         self.engine.scheduler.retire()
 
-    def fail(self, live: Live, message: str, code=pb_utils.TritonError.INTERNAL) -> None:
+    def fail(self, live: Live, message: str, code=None) -> None:
         """End ``live`` with an error, and its siblings with it: one response ends their shared request."""
         group = live.group
         if group.closed:  # a sibling failed first and ended this one too
@@ -302,7 +301,8 @@ class TritonPythonModel:
             elif member.seq.request_id in self.live:
                 self.engine.abort(member.seq)
                 self.finish(member)
-        live.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+        error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL if code is None else code)
+        live.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
     def finalize(self) -> None:
         with self.cv:

@@ -9,7 +9,8 @@ everything else they send starts with one of the texts below.
 from __future__ import annotations
 
 ENGINE_FAILED = "internal error in the decoding engine"  # every failure of the engine starts so
-SHUTTING_DOWN = "the server is shutting down"  # the launcher's drain
+SHUTTING_DOWN = "the server is shutting down"  # the launcher's drain (launcher.Server.drain)
+DRAIN_ID_ENV = "SPECINFER_DRAIN_ID"  # the request id of that drain, known only to the launcher and its server
 UNLOADING = "the model is being unloaded"
 MODEL_RAISED = "Failed to process the request"  # the Python backend's words for an exception out of execute
 

@@ -21,10 +21,15 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STOP_GRACE_S = 6.0  # SIGTERM to SIGKILL, so the server is gone well within 10 s
-EXIT_TIMEOUT_S = 4  # tritonserver's own wait for in-flight requests and for the unload, within the grace
-DRAIN_TIMEOUT_S = 2.0  # the drain before SIGTERM, at most (the stop's grace comes after it)
-DRAIN_ID_ENV = "SPECINFER_DRAIN_ID"  # the request id of a decoding model's drain, known only to its launcher
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from .errors import DRAIN_ID_ENV
+
+DRAIN_TIMEOUT_S = 1.5  # the drain before SIGTERM, at most
+STOP_GRACE_S = 8.0  # SIGTERM to SIGKILL: with the drain, the server is gone within 10 s
+EXIT_TIMEOUT_S = 7  # tritonserver's own wait for connections, in-flight requests and the unload (Python stubs
+# take seconds each to exit on a busy CPU), within the grace
 HTTP_MAX_INPUT_BYTES = 8 * 1024 * 1024  # passed where the binary knows --http-max-input-size (not 2.51)
 
 
@@ -97,6 +102,7 @@ class Server:
     log_path: Path
     drain_id: str = ""
     started_s: float = field(default=0.0)
+    drained: list[str] = field(default_factory=list)  # the decoding models the last stop drained
 
     @property
     def http_url(self) -> str:
@@ -124,9 +130,6 @@ class Server:
         path (SIGSEGV in malloc_consolidate) while gRPC streams to an ensemble, the BLS model or the
         unary model are still open; drained first, it has nothing to wait for and exits with code 0.
         """
-        import numpy as np
-        import tritonclient.grpc as grpcclient
-
         end = time.monotonic() + timeout
         client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
@@ -152,7 +155,7 @@ class Server:
         its stubs (its process group), should it still run: its sockets close then, so every client
         still connected gets an error instead of waiting forever."""
         if self.process.poll() is None:
-            self.drain()
+            self.drained = self.drain()
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(grace)
