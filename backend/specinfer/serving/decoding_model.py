@@ -9,6 +9,8 @@ gives the ``incremental`` baseline: the same code and batching without SSMs.
 A request leaves early when its client cancels it (Triton marks its response sender) or when a
 request with ``stop=true`` and the same request id arrives: how ``specinfer_bls`` passes on its own
 client's cancellation, which Triton 2.51 does not forward to the requests a model makes itself.
+A stop request carrying the launcher's drain id (``errors.DRAIN_ID_ENV``) instead fails every request
+with UNAVAILABLE and refuses later ones: the server is about to stop (``launcher.Server.drain``).
 """
 from __future__ import annotations
 
