@@ -138,10 +138,6 @@ class TritonPythonModel:
                     self.cv.notify()
                 sender.send(flags=FINAL)
                 continue
-            if self.draining:
-                error = pb_utils.TritonError(SHUTTING_DOWN, pb_utils.TritonError.UNAVAILABLE)
-                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
-                continue
             try:
                 group = self.parse(request, sender)
             except ValueError as exc:
@@ -149,9 +145,14 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
                 self.metrics.rejected()
                 continue
-            with self.cv:
-                self.incoming += group.members
-                self.cv.notify()
+            with self.cv:  # checked with the lock held: once the drain took the queue, nothing joins it
+                refused = self.draining
+                if not refused:
+                    self.incoming += group.members
+                    self.cv.notify()
+            if refused:
+                error = pb_utils.TritonError(SHUTTING_DOWN, pb_utils.TritonError.UNAVAILABLE)
+                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
         return None
 
     def parse(self, request, sender) -> Group:

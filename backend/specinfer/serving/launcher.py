@@ -150,12 +150,12 @@ class Server:
         finally:
             client.close()
 
-    def stop(self, grace: float = STOP_GRACE_S) -> int:
+    def stop(self, grace: float = STOP_GRACE_S, drain: bool = True) -> int:
         """Drain the decoding models, SIGTERM, then after ``grace`` seconds SIGKILL to tritonserver and
         its stubs (its process group), should it still run: its sockets close then, so every client
         still connected gets an error instead of waiting forever."""
         if self.process.poll() is None:
-            self.drained = self.drain()
+            self.drained = self.drain() if drain else []
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(grace)
@@ -195,7 +195,7 @@ def start_server(
     try:
         wait_ready(server, start + ready_timeout)
     except BaseException:  # not ready, or the launcher was told to stop: leave no server behind
-        server.stop()
+        server.stop(drain=False)  # nothing is in flight yet
         raise
     server.started_s = time.monotonic() - start
     return server
