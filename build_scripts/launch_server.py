@@ -3,7 +3,8 @@
   python build_scripts/launch_server.py --model-repository DIR --http-port N --grpc-port N --metrics-port N
 
 Ports default to free ones. --prepare only readies the Python backend for this interpreter (set-up).
-SIGINT or SIGTERM stops the server within 10 s (SIGKILL after a grace period, see launcher.Server.stop),
+SIGINT or SIGTERM stops the server within 10 s (the decoding models drained, then SIGTERM, SIGKILL after a grace
+period, see launcher.Server.stop),
 also during start-up; clients still connected then get an error.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 
 from specinfer.serving.launcher import check_tools, prepare_backends, start_server
 
@@ -48,7 +50,12 @@ def main() -> None:
               flush=True)
         code = server.process.wait()
     except Stop as sig:
-        state = f"tritonserver exit code {server.stop()}" if server else "during start-up"
+        state = "during start-up"
+        if server:
+            start = time.monotonic()
+            code = server.stop()
+            state = (f"drained {', '.join(server.drained) or 'nothing'}, tritonserver exit code {code} after "
+                     f"{time.monotonic() - start:.1f} s")
         print(f"[server] stopped (signal {sig.args[0]}, {state})", flush=True)
         sys.exit(0)
     print(f"[server] tritonserver exited with code {code}; log {server.log_path}")

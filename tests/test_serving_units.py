@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
 
 from specinfer.serving.conventions import echo_prompt
 from specinfer.serving.detokenize import sendable, text_delta
+from specinfer.serving.errors import step_error_code
 from specinfer.serving.repository import RepositoryOptions, repository_files, repository_path
 from specinfer.serving.requests import (Limits, chat_messages, decode_prompt, decode_word_ids, encode_words, require,
                                         sampling_from_inputs)
@@ -119,6 +120,15 @@ def test_tensorrt_llm_conventions():
     ({"max_tokens": np.array([3], np.int32), "top_p": np.array([1.5], np.float32)}, "top_p must be in"),
     ({"max_tokens": np.array([3], np.int32), "repetition_penalty": np.array([0.0], np.float32)}, "repetition_penalty"),
     ({"max_tokens": np.array([3], np.int32), "min_length": np.array([-1], np.int32)}, "min_length must be"),
+    # non-finite: refused whatever the other fields (the greedy rule would otherwise hide +inf)
+    ({"max_tokens": np.array([3], np.int32), "temperature": np.array([np.inf], np.float32)},
+     "temperature must be a finite number, got inf"),
+    ({"max_tokens": np.array([3], np.int32), "temperature": np.array([np.nan], np.float32)}, "temperature must be a finite"),
+    ({"max_tokens": np.array([3], np.int32), "temperature": np.array([-np.inf], np.float32),
+      "top_k": np.array([5], np.int32)}, "temperature must be a finite number, got -inf"),
+    ({"max_tokens": np.array([3], np.int32), "top_p": np.array([np.nan], np.float32)}, "top_p must be a finite"),
+    ({"max_tokens": np.array([3], np.int32), "presence_penalty": np.array([np.inf], np.float32)},
+     "presence_penalty must be a finite"),
 ])
 def test_sampling_from_inputs_errors(inputs, message):
     with pytest.raises(ValueError, match=message):
@@ -180,3 +190,17 @@ def test_chat_messages_from_text_input():
     assert chat_messages(json.dumps(msgs)) == [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     for text in ("[1, 2, 3] sorted?", "[]", '[{"role": "user"}]', "{not json"):  # not a message list: one message
         assert chat_messages(text) == [{"role": "user", "content": text}]
+
+
+@pytest.mark.parametrize("message, code", [
+    ("text_input is empty", "INVALID_ARG"),
+    ("max_tokens must be an integer >= 1, got 0", "INVALID_ARG"),
+    ("internal error in the decoding engine for this request; see the server log", "INTERNAL"),
+    ("internal error in the decoding engine: tensor-parallel worker 1 died", "INTERNAL"),
+    ("Failed to process the request(s) for model 'preprocessing_0_1', message: TypeError: x", "INTERNAL"),
+    ("the server is shutting down", "UNAVAILABLE"),
+    ("the model is being unloaded", "UNAVAILABLE"),
+])
+def test_a_step_error_gets_its_code_back(message, code):
+    """What specinfer_bls / specinfer_unary answer for a step's error, which Triton hands them as INTERNAL."""
+    assert step_error_code(message) == code

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .errors import step_error_code
 from .repository import (CLIENT_OUTPUTS, DECODE_OUTPUTS, POST_INPUTS, PRE_INPUTS, PRE_OUTPUTS, SAMPLING_INPUTS,
                          model_parameters)
 
@@ -33,11 +34,13 @@ WATCH_SECONDS = 0.1
 
 
 class StepFailed(Exception):
-    """A step answered with an error; it goes to the client as that step sent it (400 stays 400)."""
+    """A step answered with an error; it goes to the client with that step's message and code (400 stays
+    400: Triton 2.51 hands a BLS model every step error as INTERNAL, errors.py restores the code)."""
 
     def __init__(self, error) -> None:
         super().__init__(error.message())
-        self.error = error
+        code = getattr(pb_utils.TritonError, step_error_code(error.message()))
+        self.error = pb_utils.TritonError(error.message(), code)
 
 
 @dataclass
@@ -124,10 +127,13 @@ class TritonPythonModel:
                     pb_utils.TritonError.INVALID_ARG))
         pre = self.call("preprocessing", {n: inputs[n] for n in PRE_INPUTS if n in inputs}, PRE_OUTPUTS)
         decode_in = {n: pre[n] for n in PRE_OUTPUTS} | {n: inputs[n] for n, _ in SAMPLING_INPUTS if n in inputs}
+        # decoding before exec, which returns with the first response: for a non-streamed request that is
+        # the last, and a client gone before it must be stopped too (the decoding model keeps a stop
+        # that overtakes its request)
+        job.decoding = True
         responses = pb_utils.InferenceRequest(
             model_name=self.decoder, inputs=tensors(decode_in), requested_output_names=DECODE_OUTPUTS,
             request_id=job.id).exec(decoupled=True)
-        job.decoding = True
         final_sent, received = False, 0
         for response in responses:
             self.stop_if_cancelled(job)

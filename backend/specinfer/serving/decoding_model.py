@@ -9,9 +9,12 @@ gives the ``incremental`` baseline: the same code and batching without SSMs.
 A request leaves early when its client cancels it (Triton marks its response sender) or when a
 request with ``stop=true`` and the same request id arrives: how ``specinfer_bls`` passes on its own
 client's cancellation, which Triton 2.51 does not forward to the requests a model makes itself.
+A stop request carrying the launcher's drain id (``errors.DRAIN_ID_ENV``) instead fails every request
+with UNAVAILABLE and refuses later ones: the server is about to stop (``launcher.Server.drain``).
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -26,11 +29,13 @@ from ..engine import SpecInferEngine
 from ..parallel import WorkerFailure
 from ..sequence import Sequence
 from .detokenize import sendable
+from .errors import DRAIN_ID_ENV, ENGINE_FAILED, SHUTTING_DOWN, UNLOADING
 from .metrics import ServingMetrics
 from .repository import PERF_METRICS, SAMPLING_INPUTS, model_parameters, repository_path
 from .requests import Limits, require, sampling_from_inputs, scalar
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+STOP_MEMORY_S = 30.0  # a stop may overtake the request it names (a BLS model cancelled while sending it)
 INPUTS = ("input_ids", "stop_ids", "bad_ids", "max_tokens", "echo") + tuple(n for n, _ in SAMPLING_INPUTS)
 REQUIRED = ("input_ids", "max_tokens")
 
@@ -102,9 +107,14 @@ class TritonPythonModel:
         self.metrics = ServingMetrics(pb_utils, self.model_name)
         self.incoming: list[Live] = []
         self.live: dict[int, Live] = {}
-        self.stops: set[str] = set()  # request ids named by stop requests since the last iteration
+        self.stops: dict[str, float] = {}  # request ids named by stop requests -> when (monotonic), until matched
         self.cv = threading.Condition()
         self.stopping = False
+        # the launcher's drain (a stop request with this id, before it stops the server): every request
+        # in flight fails at once and new ones are refused, so that tritonserver has nothing left to wait for
+        self.drain_id = os.environ.get(DRAIN_ID_ENV, "")
+        self.draining = False
+        self.drain_pending = False
         self.thread = threading.Thread(target=self.loop, name="specinfer-engine", daemon=True)
         self.thread.start()
         cache = self.engine.config.max_batch_size * self.engine.llm.cache.slots
@@ -121,7 +131,10 @@ class TritonPythonModel:
             stop = pb_utils.get_input_tensor_by_name(request, "stop")
             if stop is not None and stop.as_numpy().any():
                 with self.cv:
-                    self.stops.add(request.request_id())
+                    if self.drain_id and request.request_id() == self.drain_id:
+                        self.draining = self.drain_pending = True
+                    else:
+                        self.stops[request.request_id()] = time.monotonic()
                     self.cv.notify()
                 sender.send(flags=FINAL)
                 continue
@@ -132,9 +145,14 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
                 self.metrics.rejected()
                 continue
-            with self.cv:
-                self.incoming += group.members
-                self.cv.notify()
+            with self.cv:  # checked with the lock held: once the drain took the queue, nothing joins it
+                refused = self.draining
+                if not refused:
+                    self.incoming += group.members
+                    self.cv.notify()
+            if refused:
+                error = pb_utils.TritonError(SHUTTING_DOWN, pb_utils.TritonError.UNAVAILABLE)
+                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
         return None
 
     def parse(self, request, sender) -> Group:
@@ -163,32 +181,40 @@ class TritonPythonModel:
     def loop(self) -> None:
         while True:
             with self.cv:
-                while not self.stopping and not self.incoming and not self.engine.scheduler.has_work():
+                while not (self.stopping or self.incoming or self.drain_pending or self.engine.scheduler.has_work()):
                     self.cv.wait()
                 if self.stopping:
                     return
                 incoming, self.incoming = self.incoming, []
-                stops, self.stops = self.stops, set()
+                drain, self.drain_pending = self.drain_pending, False
+                now = time.monotonic()
+                self.stops = {k: t for k, t in self.stops.items() if now - t < STOP_MEMORY_S}
+                stops = set(self.stops)
             try:
-                self.iterate(incoming, stops)
+                if drain:
+                    self.fail_all(incoming, SHUTTING_DOWN, pb_utils.TritonError.UNAVAILABLE)
+                    continue
+                matched = self.iterate(incoming, stops)
+                with self.cv:
+                    for key in matched:
+                        self.stops.pop(key, None)
             except Exception as exc:  # a bug in a batched forward fails the requests in flight, never the server
                 pb_utils.Logger.log_error(traceback.format_exc())
-                message = str(exc) if isinstance(exc, WorkerFailure) else "internal error in the decoding engine; see the server log"
-                for live in list(self.live.values()):
-                    self.engine.abort(live.seq)
-                    self.fail(live, message)
-                self.engine.scheduler.retire()
+                message = f"{ENGINE_FAILED}: {exc}" if isinstance(exc, WorkerFailure) else f"{ENGINE_FAILED}; see the server log"
+                self.fail_all([], message)
             finally:
                 scheduler = self.engine.scheduler
                 self.metrics.occupancy(len(scheduler.running), len(scheduler.waiting))
 
-    def iterate(self, incoming: list[Live], stops: set[str]) -> None:
-        """Admit newcomers, drop cancelled requests, run one engine step, stream what it produced."""
+    def iterate(self, incoming: list[Live], stops: set[str]) -> set[str]:
+        """Admit newcomers, drop cancelled requests, run one engine step, stream what it produced;
+        returns the stop ids that named a request."""
         for live in incoming:
             self.engine.add(live.seq)
             self.live[live.seq.request_id] = live
+        matched = {live.client_id for live in self.live.values() if live.client_id and live.client_id in stops}
         for live in list(self.live.values()):
-            if (live.client_id and live.client_id in stops) or live.sender.is_cancelled():
+            if live.client_id in matched or live.sender.is_cancelled():
                 self.engine.abort(live.seq)
                 self.finish(live)
                 if live.group.end() and not live.group.closed:
@@ -207,6 +233,7 @@ class TritonPythonModel:
                     live.scheduled_ns, live.first_token_ns = started, ended
                 live.last_token_ns = ended
                 self.respond(live)
+        return matched
 
     def respond(self, live: Live) -> None:
         seq = live.seq
@@ -216,7 +243,7 @@ class TritonPythonModel:
         pending = seq.output[live.sent:]
         if seq.error:
             pb_utils.Logger.log_error(f"{self.model_name}: request {live.client_id!r} failed alone: {seq.error}")
-            self.fail(live, "internal error in the decoding engine for this request; see the server log")
+            self.fail(live, f"{ENGINE_FAILED} for this request; see the server log")
         elif seq.finished:
             self.finish(live)
             self.send(live, pending, final=live.group.end())
@@ -256,7 +283,16 @@ class TritonPythonModel:
         self.live.pop(live.seq.request_id, None)
         self.metrics.finished(live.seq, failed)
 
-    def fail(self, live: Live, message: str) -> None:
+    def fail_all(self, incoming: list[Live], message: str, code=None) -> None:
+        """End every request in the engine and those not yet admitted with an error."""
+        for live in list(self.live.values()):
+            self.engine.abort(live.seq)
+            self.fail(live, message, code)
+        for live in incoming:
+            self.fail(live, message, code)
+        self.engine.scheduler.retire()
+
+    def fail(self, live: Live, message: str, code=None) -> None:
         """End ``live`` with an error, and its siblings with it: one response ends their shared request."""
         group = live.group
         if group.closed:  # a sibling failed first and ended this one too
@@ -268,7 +304,7 @@ class TritonPythonModel:
             elif member.seq.request_id in self.live:
                 self.engine.abort(member.seq)
                 self.finish(member)
-        error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
+        error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL if code is None else code)
         live.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
     def finalize(self) -> None:
@@ -277,5 +313,5 @@ class TritonPythonModel:
             self.cv.notify()
         self.thread.join()  # it stops after the current iteration; only then is self.live ours
         for live in list(self.live.values()) + self.incoming:
-            self.fail(live, "the model is being unloaded")
+            self.fail(live, UNLOADING, pb_utils.TritonError.UNAVAILABLE)
         self.engine.close()  # tensor-parallel workers end with the model

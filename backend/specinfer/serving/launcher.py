@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -16,11 +17,19 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STOP_GRACE_S = 6.0  # SIGTERM to SIGKILL, so the server is gone well within 10 s
-EXIT_TIMEOUT_S = 4  # tritonserver's own wait for in-flight requests and for the unload, within the grace
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from .errors import DRAIN_ID_ENV
+
+DRAIN_TIMEOUT_S = 1.5  # the drain before SIGTERM, at most
+STOP_GRACE_S = 8.0  # SIGTERM to SIGKILL: with the drain, the server is gone within 10 s
+EXIT_TIMEOUT_S = 7  # tritonserver's own wait for connections, in-flight requests and the unload (Python stubs
+# take seconds each to exit on a busy CPU), within the grace
 HTTP_MAX_INPUT_BYTES = 8 * 1024 * 1024  # passed where the binary knows --http-max-input-size (not 2.51)
 
 
@@ -91,7 +100,9 @@ class Server:
     grpc_port: int
     metrics_port: int
     log_path: Path
+    drain_id: str = ""
     started_s: float = field(default=0.0)
+    drained: list[str] = field(default_factory=list)  # the decoding models the last stop drained
 
     @property
     def http_url(self) -> str:
@@ -111,14 +122,40 @@ class Server:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, grace: float = STOP_GRACE_S) -> int:
-        """SIGTERM, then after ``grace`` seconds SIGKILL to tritonserver and its stubs (its process group).
+    def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> list[str]:
+        """Have every decoding model (a model with a ``stop`` input) fail its requests in flight with
+        UNAVAILABLE and refuse new ones; returns the models that confirmed within ``timeout``.
 
-        Triton 2.51 may never exit on its own: gRPC streams to an ensemble keep its shutdown waiting,
-        and after ``--exit-timeout-secs`` it can crash inside its exit path and hang there. Killed,
-        its sockets close, so every client still connected gets an error instead of waiting forever.
+        Triton 2.51 waits ``--exit-timeout-secs`` for requests in flight and then crashes in its exit
+        path (SIGSEGV in malloc_consolidate) while gRPC streams to an ensemble, the BLS model or the
+        unary model are still open; drained first, it has nothing to wait for and exits with code 0.
         """
+        end = time.monotonic() + timeout
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            names = [m.name for m in client.get_model_repository_index(client_timeout=timeout).models
+                     if m.state == "READY"]
+            decoders = [n for n in names if any(i.name == "stop" for i in client.get_model_config(
+                n, client_timeout=max(end - time.monotonic(), 0.1)).config.input)]
+            done: queue.Queue = queue.Queue()
+            client.start_stream(callback=lambda result, error: done.put(error is None))
+            for name in decoders:
+                stop = grpcclient.InferInput("stop", [1, 1], "BOOL")
+                stop.set_data_from_numpy(np.array([[True]]))
+                client.async_stream_infer(name, [stop], request_id=self.drain_id, enable_empty_final_response=True)
+            confirmed = sum(done.get(timeout=max(end - time.monotonic(), 0.1)) for _ in decoders)
+            return decoders[:confirmed]
+        except Exception:  # not serving any more, or too slow: SIGTERM and the grace still stop it
+            return []
+        finally:
+            client.close()
+
+    def stop(self, grace: float = STOP_GRACE_S, drain: bool = True) -> int:
+        """Drain the decoding models, SIGTERM, then after ``grace`` seconds SIGKILL to tritonserver and
+        its stubs (its process group), should it still run: its sockets close then, so every client
+        still connected gets an error instead of waiting forever."""
         if self.process.poll() is None:
+            self.drained = self.drain() if drain else []
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(grace)
@@ -150,13 +187,15 @@ def start_server(
             *extra_args]
     log = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"tritonserver-{ports[0]}.log"
     start = time.monotonic()
+    drain_id = uuid.uuid4().hex
     with open(log, "w") as out:  # its own process group: Ctrl-C reaches the launcher, which stops it
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
-    server = Server(proc, *ports, log)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env() | {DRAIN_ID_ENV: drain_id},
+                                start_new_session=True)
+    server = Server(proc, *ports, log, drain_id)
     try:
         wait_ready(server, start + ready_timeout)
     except BaseException:  # not ready, or the launcher was told to stop: leave no server behind
-        server.stop()
+        server.stop(drain=False)  # nothing is in flight yet
         raise
     server.started_s = time.monotonic() - start
     return server

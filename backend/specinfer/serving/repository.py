@@ -57,6 +57,17 @@ ENTRY = {
 }
 
 
+# Triton's Python stub embeds the interpreter ignoring the environment (sys.flags.ignore_environment),
+# so PYTHONPATH would not reach the models: the entry point honours it itself.
+ENTRY_POINT = '''"""Triton entry point; the model lives in specinfer.serving.{module}."""
+import os
+import sys
+
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+from specinfer.serving.{module} import TritonPythonModel  # noqa: E402,F401
+'''
+
+
 @dataclass(frozen=True)
 class RepositoryOptions:
     llm: str = "../engines/demo/llm"
@@ -201,10 +212,7 @@ def repository_files(opts: RepositoryOptions) -> dict[str, str]:
         "incremental/1/.gitkeep": "",
     }
     for model, module in (ENTRY | {opts.bls_name: "bls_model", opts.unary_name: "bls_model"}).items():
-        files[f"{model}/1/model.py"] = (
-            f'"""Triton entry point; the model lives in specinfer.serving.{module}."""\n'
-            f"from specinfer.serving.{module} import TritonPythonModel  # noqa: F401\n"
-        )
+        files[f"{model}/1/model.py"] = ENTRY_POINT.format(module=module)
     return files
 
 

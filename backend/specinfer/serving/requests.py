@@ -9,6 +9,7 @@ means no top-p filter (top_p 1). So ``temperature`` alone never samples: give ``
 from __future__ import annotations
 
 import json
+import math
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -132,10 +133,12 @@ def sampling_from_inputs(inputs: dict[str, np.ndarray | None], limits: Limits) -
             kwargs[field] = scalar(name, inputs[name])
     if "log_probs" in kwargs:
         kwargs["log_probs"] = bool(kwargs["log_probs"])
-    for name in ("temperature", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if name in kwargs:
             kwargs[name] = float(kwargs[name])
-    top_p = float(kwargs.pop("top_p", 0.0))
+            if not math.isfinite(kwargs[name]):  # before the greedy rule below, which would hide an infinity
+                raise ValueError(f"{name} must be a finite number, got {kwargs[name]!r}")
+    top_p = kwargs.pop("top_p", 0.0)
     if kwargs.get("top_k", 0) == 0 and top_p == 0.0 and kwargs.get("temperature", 0.0) >= 0:  # (a bad one: 400)
         kwargs["temperature"] = 0.0  # TensorRT-LLM: neither top_k nor top_p set means greedy (module docstring)
     kwargs["top_p"] = top_p if top_p != 0.0 else 1.0

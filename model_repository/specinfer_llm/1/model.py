@@ -1,2 +1,6 @@
 """Triton entry point; the model lives in specinfer.serving.decoding_model."""
-from specinfer.serving.decoding_model import TritonPythonModel  # noqa: F401
+import os
+import sys
+
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+from specinfer.serving.decoding_model import TritonPythonModel  # noqa: E402,F401
