@@ -94,6 +94,32 @@ def test_chain_nodes_equal_incremental_decoding(wide, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tree_nodes_equal_incremental_decoding_of_their_paths(wide, dtype):
+    """Every node of random trees (beside another request) gives the logits that decoding its path one
+    token at a time gives, though its ancestors are not next to each other in the tree region."""
+    model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype])
+    g = torch.Generator().manual_seed(4)
+    for prefix_len, size in [(37, 9), (490, 14), (700, 21)]:
+        prefix = torch.randint(0, VOCAB, (prefix_len,), generator=g).tolist()
+        tree = random_tree(size, g)
+        batch = pad_trees([tree, random_tree(5, g)])
+        nodes = NodeBatch(batch.tokens, torch.arange(size).expand(2, size), batch.depths, batch.ancestors, batch.valid)
+        runner = ModelRunner(model, 2, 1100, "sdpa")
+        runner.forward([0, 1], [0, 0], chain_batch([prefix, [3] * 300]))
+        logits = runner.forward([0, 1], [prefix_len, 300], nodes)[0]
+        parents = tree.parents.tolist()
+        for node in range(size):
+            path = [node]
+            while parents[path[-1]] >= 0:
+                path.append(parents[path[-1]])
+            tokens = tree.tokens[path[::-1]].tolist()
+            alone = ModelRunner(model, 1, 1100, "sdpa")
+            alone.forward([0], [0], chain_batch([prefix + tokens[:-1]]))
+            step = alone.forward([0], [prefix_len + len(tokens) - 1], chain_batch([tokens[-1:]]))[0, 0]
+            assert torch.equal(logits[node], step), f"node {node} (depth {len(tokens) - 1}), prefix {prefix_len}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_negative_control_fastest_shapes_are_not_invariant(wide, dtype):
     """The kernels' own shape choices (no row, query or key-width padding) break the property."""
     model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype])

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .batch_invariance import KEY_BLOCK, attention, round_up
+from .batch_invariance import KEY_BLOCK, VirtualKeys, attention, round_up
 from .kv_cache import KVCache, Rows
 from .tree import packed_mask
 
 @dataclass
 class DenseMask:
     mask: torch.Tensor  # [B, T, S] bool
-    invariant: bool = False  # batch-invariant attention (``batch_invariance.attention``) instead of SDPA
+    keys: VirtualKeys | None = None  # batch-invariant attention (``batch_invariance.attention``) instead of SDPA
 
     @classmethod
     def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor,
@@ -40,16 +40,16 @@ class DenseMask:
         mask.scatter_(2, cols, region)
         mask &= valid[:, :, None]
         mask[torch.arange(b)[:, None], torch.arange(t)[None, :], (lengths + n)[:, None]] |= ~valid
-        return cls(mask, invariant)
+        return cls(mask, VirtualKeys.build(lengths, region, width) if invariant else None)
 
     def to(self, device: torch.device) -> "DenseMask":
-        return DenseMask(self.mask.to(device), self.invariant)
+        return DenseMask(self.mask.to(device), None if self.keys is None else self.keys.to(device))
 
     def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: Rows) -> torch.Tensor:
         """``[B, T, H, D]`` attention output of ``q [B, T, H, D]``."""
         keys, values = cache.read(layer, rows, self.mask.shape[-1])
-        if self.invariant:
-            return attention(q, keys, values, self.mask)
+        if self.keys is not None:
+            return attention(q, keys, values, self.keys)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=self.mask[:, None], enable_gqa=q.shape[2] != keys.shape[2],

@@ -16,9 +16,12 @@ classes by shape, each bit-identical within itself (``tests/test_batch_invarianc
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 KEY_BLOCK = 512
+PV_BLOCK = 64  # keys per GEMM of the weighted sum over values
 MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 ROW_MULTIPLE = {torch.float32: 4, torch.bfloat16: 1, torch.float16: 1}
 
@@ -39,26 +42,88 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if extra == 0 else torch.cat([x, x.new_zeros(*x.shape[:-2], extra, x.shape[-1])], dim=-2)
 
 
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention whose result for a query depends only on that query and the keys it sees.
+@dataclass
+class VirtualKeys:
+    """Each query's keys in the order incremental decoding would have them: its committed prefix, then
+    its path through the tree (ancestors and itself) at the positions right after it. ``slots[b, t, j]``
+    is the cache slot holding virtual key ``j`` of query ``t``; ``visible`` marks the keys it sees.
+    ``identity``: every query's keys are already in that order (chunks, chains, incremental decoding)."""
 
-    ``q [B, T, H, D]``, ``keys``/``values [B, S, KVH, D]`` with ``S`` a multiple of ``KEY_BLOCK``,
-    ``mask [B, T, S]``. Scores are one GEMM per (row, KV head) with the grouped queries as rows (padded
-    to ``padded_rows``), softmax in float32 over all ``S`` keys (masked keys add exact zeros), and the
-    weighted sum over keys one GEMM per ``KEY_BLOCK`` keys, accumulated in float32 in key order, so
-    neither the number of queries nor the longest row of the batch changes any query's arithmetic.
+    slots: torch.Tensor  # [B, T, S] long
+    visible: torch.Tensor  # [B, T, S] bool
+    tail_block: torch.Tensor  # [B] the first PV_BLOCK holding a key of the tree region
+    tail_blocks: int  # how many blocks from there may hold path keys
+    identity: bool
+
+    @classmethod
+    def build(cls, lengths: torch.Tensor, region: torch.Tensor, width: int) -> "VirtualKeys":
+        """``region [B, T, N]``: which region nodes each query sees (its path; parents come before
+        children, so ascending node order is depth order)."""
+        b, t, n = region.shape
+        path = torch.argsort((~region).to(torch.int8), dim=-1, stable=True)  # the path's nodes first, in order
+        count = region.sum(dim=-1, keepdim=True)  # [B, T, 1]
+        j = torch.arange(width)
+        rel = j - lengths[:, None, None]  # [B, 1, S] offset past the prefix
+        on_path = (rel >= 0) & (rel < count)
+        node = torch.gather(path, -1, rel.clamp(0, n - 1).expand(b, t, width))
+        slots = torch.where(on_path, lengths[:, None, None] + node, j)
+        identity = bool(torch.equal(slots, j.expand(b, t, width)))
+        tail = max(1, -(-(PV_BLOCK - 1 + n) // PV_BLOCK))
+        return cls(slots, (rel < 0) | on_path, lengths // PV_BLOCK, tail, identity)
+
+    def to(self, device: torch.device) -> "VirtualKeys":
+        return VirtualKeys(self.slots.to(device), self.visible.to(device), self.tail_block.to(device),
+                           self.tail_blocks, self.identity)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: VirtualKeys) -> torch.Tensor:
+    """Attention whose result for a query depends only on its own keys, in incremental decoding's order.
+
+    ``q [B, T, H, D]``, ``keys``/``values [B, S, KVH, D]`` (``S`` a multiple of ``KEY_BLOCK``). Scores
+    are one GEMM per (row, KV head), rows padded to ``padded_rows``, then gathered into each query's
+    virtual key order (``VirtualKeys``); softmax in float32 over all ``S`` keys (masked keys add exact
+    zeros); the weighted sum over keys one float32 GEMM per ``PV_BLOCK`` keys, summed in key order.
+    A block holding only committed keys is the same for every query of a row (one GEMM for all of
+    them); a block with tree keys gets each query's own values. So neither the number of queries, nor
+    the tree's layout, nor the longest row of the batch changes any query's arithmetic.
     """
     b, t, h, d = q.shape
     kvh, s = keys.shape[2], keys.shape[1]
     g = h // kvh
-    rows = padded_rows(t * g, q.dtype)
-    qg = pad_rows(q.view(b, t, kvh, g, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, t * g, d), rows)
-    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float() * d ** -0.5  # [B, KVH, rows, S]
-    visible = pad_rows(mask[:, None, :, None, :].expand(b, kvh, t, g, s).reshape(b, kvh, t * g, s), rows)
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0).to(values.dtype)
-    out = None
-    for start in range(0, s, KEY_BLOCK):
-        block = values[:, start: start + KEY_BLOCK].permute(0, 2, 1, 3)  # [B, KVH, KEY_BLOCK, D]
-        part = torch.matmul(probs[..., start: start + KEY_BLOCK], block).float()
-        out = part if out is None else out + part
-    return out[:, :, : t * g].view(b, kvh, t, g, d).permute(0, 2, 1, 3, 4).reshape(b, t, h, d).to(q.dtype)
+    qg = q.view(b, t, kvh, g, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, t * g, d)
+    scores = torch.matmul(pad_rows(qg, padded_rows(t * g, q.dtype)), keys.permute(0, 2, 3, 1))[:, :, : t * g]
+    scores = scores.float().mul_(d ** -0.5).view(b, kvh, t, g, s)
+    if not view.identity:
+        scores = torch.gather(scores, -1, view.slots[:, None, :, None, :].expand(b, kvh, t, g, s))
+    probs = torch.softmax(scores.masked_fill_(~view.visible[:, None, :, None, :], float("-inf")), dim=-1)
+    probs = probs.nan_to_num_(0.0)  # rows that see nothing (padding)
+    blocks = s // PV_BLOCK
+    vals = values.float()
+    shared = block_products(probs.view(b, kvh, t * g, blocks, PV_BLOCK).transpose(2, 3),
+                            vals.permute(0, 2, 1, 3).reshape(b, kvh, blocks, PV_BLOCK, d))
+    parts = shared.view(b, kvh, blocks, t, g, d)
+    if not view.identity:
+        tail = view.tail_blocks
+        pos = view.tail_block[:, None] * PV_BLOCK + torch.arange(tail * PV_BLOCK, device=q.device)  # [B, W]
+        inside = pos < s
+        pos = pos.clamp(max=s - 1)
+        w = pos.shape[1]
+        slots = torch.gather(view.slots, -1, pos[:, None, :].expand(b, t, w))  # [B, T, W]
+        own = vals[torch.arange(b, device=q.device)[:, None, None], slots]  # [B, T, W, KVH, D]
+        own = own.permute(0, 3, 1, 2, 4).reshape(b, kvh, t, tail, PV_BLOCK, d)
+        p = torch.gather(probs, -1, pos[:, None, None, None, :].expand(b, kvh, t, g, w)) * inside[:, None, None, None, :]
+        p = p.view(b, kvh, t, g, tail, PV_BLOCK).permute(0, 1, 2, 4, 3, 5)  # [B, KVH, T, tail, G, BLOCK]
+        tail_parts = block_products(p, own)  # [B, KVH, T, tail, G, D]
+        parts = torch.cat([parts, parts.new_zeros(b, kvh, tail, t, g, d)], dim=2)
+        index = (view.tail_block[:, None] + torch.arange(tail, device=q.device))  # [B, tail]
+        parts.scatter_(2, index[:, None, :, None, None, None].expand(b, kvh, tail, t, g, d),
+                       tail_parts.permute(0, 1, 3, 2, 4, 5))
+    out = torch.cumsum(parts, dim=2)[:, :, -1]  # blocks summed in key order (sequentially)
+    return out.permute(0, 2, 1, 3, 4).reshape(b, t, h, d).to(q.dtype)
+
+
+def block_products(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``probs [..., M, BLOCK] @ values [..., BLOCK, D]`` in float32 with the rows padded to
+    ``padded_rows`` (float32 GEMMs round the rows past a multiple of 4 differently)."""
+    m = probs.shape[-2]
+    return torch.matmul(pad_rows(probs, padded_rows(m, torch.float32)), values)[..., :m, :]
