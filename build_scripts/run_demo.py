@@ -47,7 +47,8 @@ def stream(client, model: str, prompt: str, max_tokens: int, chat: bool, echo: b
             if echo:
                 print(delta, end="", flush=True)
             counters = {k: result.as_numpy(k)[0].item() for k in
-                        ("num_output_tokens", "num_llm_steps", "total_draft_tokens", "total_accepted_draft_tokens")}
+                        ("num_output_tokens", "num_llm_steps", "total_draft_tokens", "total_accepted_draft_tokens",
+                         "accepted_draft_tokens_suffix", "accepted_draft_tokens_ssm")}
         if result.get_response().parameters["triton_final_response"].bool_param:
             break
     seconds = time.perf_counter() - start
@@ -73,7 +74,9 @@ def main() -> None:
             text, c, _ = stream(client, "specinfer", prompt, args.max_tokens, chat, echo=True)
             print(f"\n[demo] {c['num_output_tokens']} tokens in {c['num_llm_steps']} LLM steps: "
                   f"{c['num_output_tokens'] / c['num_llm_steps']:.2f} tokens per LLM step, "
-                  f"{c['total_accepted_draft_tokens']}/{c['total_draft_tokens']} draft tokens accepted")
+                  f"{c['total_accepted_draft_tokens']}/{c['total_draft_tokens']} draft tokens accepted "
+                  f"(proposed by the suffix proposer: {c['accepted_draft_tokens_suffix']}, "
+                  f"by the SSM: {c['accepted_draft_tokens_ssm']})")
             times = {}
             for model in ("specinfer", "incremental"):
                 runs = [stream(client, model, prompt, args.max_tokens, chat) for _ in range(args.repeat)]

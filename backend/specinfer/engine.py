@@ -115,7 +115,7 @@ class SpecInferEngine:
         self.predicted_rate = 0.0  # adaptive trees: tokens per second the current step's choice expects
         self.depth_gains = [0.5 ** (j + 1) for j in range(tree.depth)]  # prior until drafts are seen
         self.probe_wait, self.since_draft = 2, 0
-        if tree.adaptive and self.ssms:
+        if tree.adaptive and (self.ssms or self.suffix):
             self.calibrate()
 
     @classmethod
@@ -386,7 +386,7 @@ class SpecInferEngine:
         """Measure, before serving, the forwards adaptive trees choose between: every model at
         token counts up to its largest step (a warm-up pass, then the measured one)."""
         rows = self.config.max_batch_size
-        tree = len(self.ssms) * self.tree.nodes_per_ssm() + 1
+        tree = len(self.ssms) * self.tree.nodes_per_ssm() + 1 + (self.tree.suffix.max_nodes if self.suffix else 0)
         level = max(self.tree.level_widths())
         for runner, largest in [(self.llm, rows * tree)] + [(r, rows * level) for r in self.ssms]:
             sizes = calibration_sizes(min(largest, CALIBRATION_TOKENS))

@@ -15,9 +15,11 @@ from __future__ import annotations
 import math
 from collections import deque
 
+import torch
+
 from ..config import SuffixConfig
 from ..sequence import Sequence
-from ..tree import Tree, TreeBuilder
+from ..tree import Tree
 
 Occurrence = tuple[int, int]  # (document, position of the n-gram's last token)
 
@@ -110,12 +112,20 @@ def grow_tree(root: int, continuations: list[list[int]], max_nodes: int, min_pro
     total = max(len(continuations), 1)
     floor = min_probability * total
     best = sorted((i for i in range(1, len(tokens)) if counts[i] >= floor), key=lambda i: (-counts[i], i))
-    keep = sorted(best[:max_nodes])  # a child's count never exceeds its parent's, and it comes later
-    builder = TreeBuilder(root, selected=True)
-    local = {0: 0}
-    for i in keep:
-        local[i] = builder.add(local[parents[i]], tokens[i], confidence=counts[i] / counts[parents[i]])
-    return builder.build()
+    keep = [0] + sorted(best[:max_nodes])  # a child's count never exceeds its parent's, and it comes later
+    local = {node: i for i, node in enumerate(keep)}
+    kept_parents = [-1] + [local[parents[i]] for i in keep[1:]]
+    depths = [0] * len(keep)
+    for i in range(1, len(keep)):
+        depths[i] = depths[kept_parents[i]] + 1
+    n = len(keep)
+    proposals = torch.ones(n, 1, dtype=torch.long)
+    proposals[0] = 0
+    return Tree(
+        tokens=torch.tensor([tokens[i] for i in keep]), parents=torch.tensor(kept_parents), depths=torch.tensor(depths),
+        proposals=proposals, ssm_nodes=torch.arange(n)[:, None], draft_probs=None,
+        confidence=torch.tensor([1.0] + [counts[i] / counts[parents[i]] for i in keep[1:]]), selected=True,
+    )
 
 
 class SuffixProposer:
@@ -129,20 +139,21 @@ class SuffixProposer:
         self.local: dict[int, tuple[Sequence, SuffixIndex]] = {}
         self.shared = SuffixIndex(config.max_match)
 
-    def index_of(self, seq: Sequence) -> SuffixIndex:
+    def index_of(self, seq: Sequence) -> list[int]:
+        """The request's index, brought up to its committed tokens; returns those tokens."""
         entry = self.local.get(seq.request_id)
         if entry is None:
             entry = self.local[seq.request_id] = (seq, SuffixIndex(self.config.max_match))
         index = entry[1]
-        tokens = seq.tokens
-        if index.tokens < len(tokens):
-            index.extend(0, tokens[index.tokens:])
-        return index
+        seen, prompt = index.tokens, seq.prompt
+        if seen < len(prompt) + len(seq.output):
+            index.extend(0, prompt[seen:] + seq.output if seen < len(prompt) else seq.output[seen - len(prompt):])
+        return index.docs[0]
 
     def propose_one(self, seq: Sequence) -> Tree:
         cfg = self.config
-        tokens = seq.tokens
-        own = self.index_of(seq)
+        tokens = self.index_of(seq)
+        own = self.local[seq.request_id][1]
         k_own, occ_own = own.longest_match(tokens, cfg.max_occurrences)
         k_all, occ_all = self.shared.longest_match(tokens, cfg.max_occurrences) if self.shared.tokens else (0, [])
         k = max(k_own, k_all)
