@@ -27,7 +27,6 @@ from ..parallel import WorkerFailure
 from ..sequence import Sequence
 from .detokenize import sendable
 from .metrics import ServingMetrics
-from ..config import PROPOSERS
 from .repository import PERF_METRICS, SAMPLING_INPUTS, model_parameters, repository_path
 from .requests import Limits, require, sampling_from_inputs, scalar
 
@@ -243,8 +242,6 @@ class TritonPythonModel:
             pb_utils.Tensor("total_draft_tokens", np.array([[seq.draft_tokens]], dtype=np.int32)),
             pb_utils.Tensor("total_accepted_draft_tokens", np.array([[seq.accepted_draft_tokens]], dtype=np.int32)),
             pb_utils.Tensor("acceptance_rate", np.array([[rate]], dtype=np.float32)),
-            *(pb_utils.Tensor(f"accepted_draft_tokens_{name}", np.array([[seq.accepted_by_proposer[name]]], dtype=np.int32))
-              for name in PROPOSERS),
             pb_utils.Tensor("cum_log_probs", np.array([[cum]], dtype=np.float32)),
             pb_utils.Tensor("output_log_probs", np.array([[chunk_log_probs]], dtype=np.float32).reshape(1, 1, -1)),
             pb_utils.Tensor("sequence_index", np.array([[live.index]], dtype=np.int32)),
