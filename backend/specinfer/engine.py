@@ -303,7 +303,7 @@ class SpecInferEngine:
         """Each request's merged tree (SSM and suffix nodes) and the depth its SSMs drafted (0: none).
 
         Adaptive trees: a request whose suffix tree promises at least what its SSMs would add
-        (``promised``) is not drafted by the SSMs; suffix nodes cost no drafting time."""
+        is not drafted by the SSMs that step; suffix nodes cost no drafting time."""
         suffix = self.suffix.propose(seqs) if self.suffix is not None else None
         if not self.tree.adaptive:
             depth = self.tree.depth if use_ssms else 0
