@@ -58,7 +58,7 @@ def stream(client, model: str, prompt: str, max_tokens: int, chat: bool, echo: b
 def by_proposer(server) -> dict[str, float]:
     """specinfer_llm's accepted draft tokens so far per proposer (Prometheus; a token both proposed counts for both)."""
     metrics = server.metrics()
-    return {p: metrics.get(f'specinfer_accepted_draft_tokens_by_proposer{{model="specinfer_llm",proposer="{p}"}}', 0.0)
+    return {p: metrics.get(f'specinfer_accepted_draft_tokens{{model="specinfer_llm",proposer="{p}"}}', 0.0)
             for p in ("suffix", "ssm")}
 
 

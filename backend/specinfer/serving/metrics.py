@@ -23,11 +23,10 @@ class ServingMetrics:
         self.output_tokens = counter("specinfer_output_tokens", "Generated tokens")
         self.llm_steps = counter("specinfer_llm_steps", "LLM forward passes per request (prefill included), summed")
         self.draft_tokens = counter("specinfer_draft_tokens", "Speculated tree tokens proposed (roots excluded)")
-        self.accepted = counter("specinfer_accepted_draft_tokens", "Speculated tree tokens accepted")
-        # a family of its own: Triton 2.51 exported no metric whose label names differed from its family's first
-        by = family("specinfer_accepted_draft_tokens_by_proposer",
-                    "Speculated tree tokens accepted that this proposer drafted (a token both drafted counts for both)")
-        self.accepted_by = {p: by.Metric(labels={**labels, "proposer": p}) for p in PROPOSERS}
+        accepted = family("specinfer_accepted_draft_tokens", "Speculated tree tokens accepted (label proposer: "
+                          "those that proposer drafted; a token both drafted counts for both)")
+        self.accepted = accepted.Metric(labels=labels)
+        self.accepted_by = {p: accepted.Metric(labels={**labels, "proposer": p}) for p in PROPOSERS}
         self.requests = counter("specinfer_requests_finished", "Requests finished (completed or cancelled)")
         self.failed = counter("specinfer_requests_failed", "Requests that failed with an internal error")
         self.cancelled = counter("specinfer_requests_cancelled", "Requests cancelled by their client")

@@ -17,7 +17,8 @@ from .requests import Limits
 
 COUNTERS = [("num_output_tokens", "TYPE_INT32"), ("num_llm_steps", "TYPE_INT32"),
             ("total_draft_tokens", "TYPE_INT32"), ("total_accepted_draft_tokens", "TYPE_INT32"),
-            ("acceptance_rate", "TYPE_FP32")]
+            ("acceptance_rate", "TYPE_FP32"),
+            ("accepted_draft_tokens_suffix", "TYPE_INT32"), ("accepted_draft_tokens_ssm", "TYPE_INT32")]  # by proposer
 # TensorRT-LLM's log-prob outputs ([batch, beam] and [batch, beam, tokens]) and perf metrics ([batch, 1])
 LOG_PROBS = [("cum_log_probs", "TYPE_FP32", "1"), ("output_log_probs", "TYPE_FP32", "1, -1")]
 PERF_METRICS = [(n, "TYPE_INT64", "1") for n in (
