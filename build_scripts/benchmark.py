@@ -8,6 +8,9 @@ with the demo pair (SmolLM2-135M-Instruct, ssm-a, ssm-b):
 - engine, sampling at temperature 1: MSS with replacement, without replacement, naive sampling;
 - engine, batch sizes 1, 4, 16, 32: adaptive trees (at most ADAPTIVE) against the static trees and
   incremental decoding;
+- the suffix proposer: its drafting cost at a 2,000-token context, and workloads (open prompts, code
+  completion, grounded chat, multi-turn chat; engines/demo/workloads.json) at batch 1 against
+  incremental, global index cold and warm (--workloads: only these);
 - peer: transformers `generate` plain and assisted (the SSM as assistant), greedy, batch 1;
 - through Triton: closed-loop clients against `specinfer` (adaptive) and `incremental` at
   concurrency 1 to 32.
@@ -33,8 +36,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig  # noqa: E402
-from specinfer.config import DTYPES
+from specinfer.config import DTYPES, SuffixConfig  # noqa: E402
 from specinfer.engine import EngineStats  # noqa: E402
+from specinfer.proposers import SuffixProposer  # noqa: E402
+from specinfer.sampling import make_generator  # noqa: E402
+from specinfer.sequence import Sequence  # noqa: E402
 from specinfer.model import Transformer  # noqa: E402
 from specinfer.tokenizer import TextTokenizer  # noqa: E402
 
@@ -56,6 +62,7 @@ class Bench:
         load = lambda n: Transformer.from_pretrained(models / n, device=device, dtype=DTYPES[dtype])  # noqa: E731
         self.llm, self.ssms = load("llm"), {"ssm-a": load("ssm-a"), "ssm-b": load("ssm-b")}
         self.tokenizer = TextTokenizer.from_checkpoint(models / "llm")
+        self.models = models
         self.device, self.dtype = device, dtype
         self.texts = held_out_prompts(models, self.tokenizer)
         self.prompts = [self.tokenizer.encode(p) for p in self.texts]
@@ -112,6 +119,86 @@ class Bench:
         return row
 
 
+def suffix_cost(tokenizer: TextTokenizer, context: int = 2000, steps: int = 200) -> dict:
+    """Suffix drafting's host time per request and step at a ``context``-token context (real text:
+    the standard library's argparse.py), the index growing by one step's tokens each time."""
+    import argparse as source
+
+    tokens = tokenizer.encode(Path(source.__file__).read_text())
+    proposer = SuffixProposer(SuffixConfig())
+    seq = Sequence(0, tokens[:context], SamplingParams(), frozenset(), make_generator(0))
+    proposer.propose([seq])  # builds the index over the prompt (prefill's share, not a step's)
+    start, nodes = time.perf_counter(), 0
+    for i in range(steps):
+        seq.output.append(tokens[context + i])
+        nodes += proposer.propose([seq])[0].size - 1
+    ms = 1000 * (time.perf_counter() - start) / steps
+    print(f"  suffix drafting at a {context}-token context: {ms:.3f} ms per request per step "
+          f"({nodes / steps:.1f} nodes per tree)", flush=True)
+    return {"context": context, "ms_per_request_step": round(ms, 4), "nodes_per_tree": round(nodes / steps, 2)}
+
+
+def workload_prompts(models: Path, tokenizer: TextTokenizer) -> dict[str, list[list[int]]]:
+    """Open prompts, code completion, grounded chat requests, multi-turn chats; and a disjoint warm set."""
+    sets = json.loads((models / "prompts.json").read_text())
+    more = json.loads((models / "workloads.json").read_text())
+    chat = lambda messages: tokenizer.encode(tokenizer.apply_chat_template(messages))  # noqa: E731
+    warm = more["warm"]
+    return {
+        "open": [chat([{"role": "user", "content": q}]) for q in sets["chat"]] + [tokenizer.encode(t) for t in sets["text"]],
+        "code": [tokenizer.encode(t) for t in sets["code"]],
+        "grounded": [chat(m) for m in more["grounded"]],
+        "multi_turn": [chat(m) for m in more["multi_turn"]],
+        "warm": [chat([{"role": "user", "content": q}]) for q in warm["chat"]] + [chat(m) for m in warm["grounded"]]
+        + [tokenizer.encode(t) for t in warm["text"]],
+    }
+
+
+def run_workloads(bench: "Bench", quick: bool) -> list[dict]:
+    """Each workload at batch 1: every prompt decoded speculatively, then incrementally, timed apart
+    (so both see the same machine moment); the global suffix index cold (none) or warm (filled from
+    the disjoint warm set first); no prompt is decoded twice by an engine with a global index."""
+    sets = workload_prompts(bench.models, bench.tokenizer)
+    params = SamplingParams(max_tokens=bench.max_tokens, ignore_eos=True)
+    plain = bench.engine((), TreeConfig(expansion=(1,)), 1)
+    configs = [("suffix,ssm adaptive, global cold", ("suffix", "ssm"), 0),
+               ("suffix,ssm adaptive, global warm", ("suffix", "ssm"), 1 << 16),
+               ("ssm adaptive", ("ssm",), 0), ("suffix adaptive, global cold", ("suffix",), 0)]
+    rows = []
+    for name, proposers, global_tokens in configs[:2] if quick else configs:
+        tree = TreeConfig(expansion=(1, 1), adaptive=True, proposers=proposers, suffix=SuffixConfig(global_tokens=global_tokens))
+        engine = bench.engine(("ssm-a",), tree, 1)
+        engine.generate(sets["warm"][:1], replace(params, max_tokens=8))  # warm-up (a warm prompt: never measured)
+        if global_tokens:
+            engine.generate(sets["warm"][1:], params)
+        for workload in ("open", "code", "grounded", "multi_turn"):
+            prompts = sets[workload][:3] if quick else sets[workload]
+            spec_s = inc_s = 0.0
+            results, reference = [], []
+            engine.stats = EngineStats()
+            for p in prompts:
+                start = time.perf_counter()
+                results += engine.generate([p], params)
+                spec_s += time.perf_counter() - start
+                start = time.perf_counter()
+                reference += plain.generate([p], params, speculate=False)
+                inc_s += time.perf_counter() - start
+            tokens = sum(len(r.token_ids) for r in results)
+            by = engine.stats.accepted_by_proposer
+            row = {"name": f"workload {workload}: {name}", "workload": workload, "proposers": list(proposers),
+                   "global_tokens": global_tokens, "batch": 1, "prompts": len(prompts), "output_tokens": tokens,
+                   "tokens_per_step": round(tokens / sum(r.llm_steps for r in results), 3),
+                   "accepted_suffix": by["suffix"], "accepted_ssm": by["ssm"],
+                   "seconds": round(spec_s, 3), "incremental_seconds": round(inc_s, 3),
+                   "speedup": round(inc_s / spec_s, 3),
+                   "identical_to_incremental": [r.token_ids for r in results] == [r.token_ids for r in reference]}
+            rows.append(row)
+            print(f"  {row['name']:<52} tok/step {row['tokens_per_step']:5.2f}  speedup {row['speedup']:5.2f}x  "
+                  f"accepted suffix {by['suffix']:4d} ssm {by['ssm']:4d}  identical {row['identical_to_incremental']}",
+                  flush=True)
+    return rows
+
+
 def hf_peer(models: Path, prompts: list[list[int]], max_tokens: int, reference: list[list[int]]) -> list[dict]:
     """transformers' own generate, plain and assisted by ssm-a, greedy, batch 1, fp32."""
     from transformers import AutoModelForCausalLM
@@ -145,6 +232,9 @@ def main() -> None:
                     help="only what adaptive trees are compared with: incremental, ssm-a's static trees, batch sizes, peers")
     ap.add_argument("--genai-perf", action="store_true",
                     help="also run bench_genai_perf.py (creates .venv-genai-perf with genai-perf 0.0.16 once)")
+    ap.add_argument("--workloads", action="store_true",
+                    help="only the suffix proposer's figures: its drafting cost and the workloads (open, code, grounded, "
+                         "multi-turn) against incremental, global index cold and warm")
     args = ap.parse_args()
     models, out = Path(args.models), Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +243,13 @@ def main() -> None:
     bench = Bench(models, args.device, args.dtype, max_tokens)
     print(f"[bench] {platform.machine()} cpu threads={torch.get_num_threads()} device={args.device} dtype={args.dtype}; "
           f"{n} held-out prompts x {max_tokens} tokens", flush=True)
+    print("[bench] suffix proposer: drafting cost; workloads at batch 1, speculative then incremental per prompt")
+    cost = suffix_cost(bench.tokenizer)
+    workloads = run_workloads(bench, args.quick)
+    if args.workloads:
+        (out / "workloads.json").write_text(json.dumps({"suffix_cost": cost, "workloads": workloads}, indent=2))
+        print(f"[bench] done in {time.monotonic() - started:.0f} s: {out}/workloads.json")
+        return
     print("[bench] engine, greedy, batch 1")
     bench.run("incremental", n_prompts=n)
     for ssms in (("ssm-a",),) if args.load else (("ssm-a",), ("ssm-b",), ("ssm-a", "ssm-b")):
@@ -197,7 +294,7 @@ def main() -> None:
         genai_perf = json.loads(figures.read_text())
     report = {"machine": {"arch": platform.machine(), "threads": torch.get_num_threads(), "device": args.device,
                           "dtype": args.dtype, "torch": torch.__version__},
-              "quick": args.quick, "engine": bench.rows, "hf": peer, "triton": triton, "genai_perf": genai_perf,
+              "quick": args.quick, "engine": bench.rows, "suffix_cost": cost, "workloads": workloads, "hf": peer, "triton": triton, "genai_perf": genai_perf,
               "models": json.loads((models / "models.json").read_text()) if (models / "models.json").is_file() else None,
               "seconds": round(time.monotonic() - started, 1)}
     (out / "results.json").write_text(json.dumps(report, indent=2))

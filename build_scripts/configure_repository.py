@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from specinfer import TreeConfig
-from specinfer.config import ATTENTION, SSM_ENGINES, parse_expansion
+from specinfer.config import ATTENTION, SSM_ENGINES, SuffixConfig, parse_expansion, parse_proposers
 from specinfer.checkpoint import read_model_args
 from specinfer.gguf_checkpoint import is_gguf
 from specinfer.parallel.shard import check_size
@@ -51,9 +51,17 @@ def main() -> None:
                     help="shard each decoding model's LLM over N processes (GPUs device, device+1, ... on CUDA)")
     ap.add_argument("--ssm-engine", default="torch", choices=SSM_ENGINES,
                     help="what runs the SSMs: PyTorch, or their ONNX graph under onnxruntime or tensorrt")
+    ap.add_argument("--proposers", default=",".join(RepositoryOptions.proposers),
+                    help="where draft nodes come from: suffix (text already seen, no model), ssm, or both (merged)")
+    ap.add_argument("--suffix-global-tokens", type=int, default=RepositoryOptions.suffix_global_tokens,
+                    help="earlier requests' output tokens the suffix proposer keeps for all requests (0: none)")
     args = ap.parse_args()
     expansion = parse_expansion(args.expansion)
-    TreeConfig(expansion=expansion).check_size(max(1, len(args.ssm)))  # fail here, not at server start
+    try:  # fail here, not at server start
+        TreeConfig(expansion=expansion, proposers=parse_proposers(args.proposers),
+                   suffix=SuffixConfig(global_tokens=args.suffix_global_tokens)).check_size(max(1, len(args.ssm)))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     llm = Path(args.llm).resolve()
     llm_args = read_model_args(llm)
     vocab = llm_args.vocab_size
@@ -72,6 +80,7 @@ def main() -> None:
         draft_sampling=args.draft_sampling, verifier=args.verifier, adaptive=args.adaptive, bls_name=args.bls_name,
         ensemble_name=args.ensemble_name, unary_name=args.unary_name, attention=args.attention or "",
         tensor_parallel=args.tensor_parallel, ssm_engine=args.ssm_engine,
+        proposers=parse_proposers(args.proposers), suffix_global_tokens=args.suffix_global_tokens,
         limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )
     out = write_repository(args.output, opts)

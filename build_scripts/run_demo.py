@@ -55,6 +55,13 @@ def stream(client, model: str, prompt: str, max_tokens: int, chat: bool, echo: b
     return text, counters, seconds
 
 
+def by_proposer(server) -> dict[str, float]:
+    """specinfer_llm's accepted draft tokens so far per proposer (Prometheus; a token both proposed counts for both)."""
+    metrics = server.metrics()
+    return {p: metrics.get(f'specinfer_accepted_draft_tokens{{model="specinfer_llm",proposer="{p}"}}', 0.0)
+            for p in ("suffix", "ssm")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--chat", default="What are three good habits for writing clean Python code?")
@@ -70,10 +77,14 @@ def main() -> None:
         for prompt, chat in ((args.chat, True), (args.text, False)):
             kind = "chat message (chat template applied)" if chat else "plain text"
             print(f"\n[demo] {kind}: {prompt!r}\n[demo] specinfer streams:\n", end="")
+            before = by_proposer(server)
             text, c, _ = stream(client, "specinfer", prompt, args.max_tokens, chat, echo=True)
+            time.sleep(0.2)  # the counters grow once the request has finished
+            after = by_proposer(server)
             print(f"\n[demo] {c['num_output_tokens']} tokens in {c['num_llm_steps']} LLM steps: "
                   f"{c['num_output_tokens'] / c['num_llm_steps']:.2f} tokens per LLM step, "
-                  f"{c['total_accepted_draft_tokens']}/{c['total_draft_tokens']} draft tokens accepted")
+                  f"{c['total_accepted_draft_tokens']}/{c['total_draft_tokens']} draft tokens accepted "
+                  "(proposed by " + ", ".join(f"{p}: {after[p] - before[p]:.0f}" for p in after) + ")")
             times = {}
             for model in ("specinfer", "incremental"):
                 runs = [stream(client, model, prompt, args.max_tokens, chat) for _ in range(args.repeat)]

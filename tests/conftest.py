@@ -66,4 +66,4 @@ def served(tmp_path_factory):
     from served import serve
 
     # Static trees: these tests check what speculation reports; test_served_adaptive.py serves adaptive ones.
-    yield from serve(tmp_path_factory.mktemp("served"), "--no-adaptive")
+    yield from serve(tmp_path_factory.mktemp("served"), "--no-adaptive", "--proposers", "ssm")

@@ -20,7 +20,9 @@ from dataclasses import replace
 
 from specinfer import SamplingParams
 from specinfer.adaptive import best_nodes, path_probability
+from specinfer.config import SuffixConfig
 from specinfer.draft import expand
+from specinfer.proposers import SuffixProposer
 from specinfer.sampling import make_generator
 from specinfer.sequence import Sequence
 from specinfer.tree import TreeBuilder, merge_trees, prune
@@ -59,14 +61,27 @@ def draft(root_prefix: tuple[int, ...], ssm: int, expansion: tuple[int, ...], re
     return builder.build(), prefixes
 
 
+HISTORY = [0, 1, 2, 0, 1, 3, 0, 1, 2, 4, 0, 2, 1, 0, 1, 2, 3]  # text the suffix proposer has seen
+
+
+def suffix_tree(committed: tuple[int, ...]):
+    """The suffix proposer's tree after ``HISTORY + committed`` (a request's own earlier text)."""
+    proposer = SuffixProposer(SuffixConfig(max_match=3, max_nodes=6, min_probability=0.05))
+    return proposer.propose([Sequence(0, HISTORY + list(committed), SamplingParams(temperature=1.0), frozenset(), None)])[0]
+
+
 def decode_two(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence, residual=None) -> tuple[int, int]:
     committed: tuple[int, ...] = (0,)
     out: list[int] = []
     while len(out) < 2:
         adaptive = method.startswith("adaptive")
-        built = [draft(committed, s, shape, method != "mss_without", seq, adaptive) for s, shape in enumerate(shapes)]
-        tree = merge_trees([t for t, _ in built])
-        if adaptive:  # the nodes most likely accepted, as many as a random cost model would take
+        if method.startswith("suffix"):  # the suffix tree, alone or merged with an SSM's selected tree
+            ssm = [draft(committed, s, shape, True, seq, True)[0] for s, shape in enumerate(shapes)]
+            tree = merge_trees(ssm + [suffix_tree(committed)])
+        else:
+            built = [draft(committed, s, shape, method != "mss_without", seq, adaptive) for s, shape in enumerate(shapes)]
+            tree = merge_trees([t for t, _ in built])
+        if adaptive or method == "suffix_merged":  # the nodes most likely accepted, as many as a random cost model would take
             keep = int(torch.randint(0, tree.size, (), generator=seq.generator))
             tree = prune(tree, best_nodes(tree, path_probability(tree, tree.confidence), keep))
         node_prefix = {0: committed}
@@ -77,6 +92,8 @@ def decode_two(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence, 
                              for s in range(len(shapes))])
             tree = replace(tree, selected=False, draft_probs=q)
         p = torch.softmax(torch.stack([llm_logits(node_prefix[i]) for i in range(tree.size)]), dim=-1)
+        if method == "suffix_trusted":  # the deliberate bug: earlier text taken as a draw from the LLM itself
+            tree = replace(tree, selected=False, draft_probs=p[None])
         if method == "naive":
             path, bonus = naive_verify(tree, p, seq.generator)
         else:
@@ -139,4 +156,18 @@ def test_selected_candidates_tested_as_sampled_fail_the_same_test(tree):
 def test_verifier_without_residual_update_fails_the_same_test(tree):
     skip_residual = lambda p, q: p  # noqa: E731 - the deliberate bug
     tv, bound = tv_and_bound(empirical(TREES[tree], "mss_with", seed=1234, residual=skip_residual), SAMPLES)
+    assert tv > bound, f"wrong verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"
+
+
+@pytest.mark.parametrize("shapes", [(), ((1, 2),)], ids=["suffix_alone", "merged_with_ssm"])
+def test_suffix_trees_preserve_llm_distribution(shapes):
+    """Suffix candidates (continuations of earlier text) are selected, tested as one-hot draws: exact,
+    alone and merged with an SSM's selected tree (pruned at random, as a cost model might)."""
+    method = "suffix_merged" if shapes else "suffix"
+    tv, bound = tv_and_bound(empirical(shapes, method, seed=1234), SAMPLES)
+    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+
+
+def test_suffix_candidates_trusted_as_draws_from_the_llm_fail_the_same_test():
+    tv, bound = tv_and_bound(empirical((), "suffix_trusted", seed=1234), SAMPLES)
     assert tv > bound, f"wrong verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"

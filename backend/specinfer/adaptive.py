@@ -42,14 +42,15 @@ class AcceptanceModel:
         b = self.bins(confidence)
         return (self.accepted[b] / self.tested[b]).float()
 
-    def observe(self, tree: Tree, path: list[int]) -> None:
-        """Every node whose parent was accepted was tested; those on ``path`` passed."""
+    def observe(self, tree: Tree, path: list[int], mine: torch.Tensor | None = None) -> None:
+        """Every node whose parent was accepted was tested; those on ``path`` passed. ``mine``
+        ``[N]`` bool: only these nodes count (the ones this model's proposer drafted)."""
         if tree.size == 1:
             return
         on_path = torch.zeros(tree.size, dtype=torch.bool)
         on_path[[0] + path] = True
         parents = tree.parents[1:]
-        tested = on_path[parents]
+        tested = on_path[parents] if mine is None else on_path[parents] & mine[1:]
         b = self.bins(tree.confidence[1:][tested])
         self.tested.index_add_(0, b, torch.ones(len(b), dtype=torch.float64))
         self.accepted.index_add_(0, b, on_path[1:][tested].double())

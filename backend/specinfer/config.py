@@ -37,6 +37,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return dtype
     return "bfloat16" if device.startswith("cuda") or cpu_computes_bf16() else "float32"
+PROPOSERS = ("suffix", "ssm")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,44 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
+def parse_proposers(text: str) -> tuple[str, ...]:
+    """``"suffix,ssm"`` (command lines, config.pbtxt parameters) as a proposer tuple."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class SuffixConfig:
+    """The suffix proposer (``proposers/suffix.py``): token trees read from text already seen.
+
+    A request's tree continues the longest suffix of its tokens (up to ``max_match`` tokens) that
+    occurred before, in its own prompt and output or in earlier requests' outputs (the global
+    index, at most ``global_tokens`` tokens, oldest evicted first; 0: none). Continuations of the
+    ``max_occurrences`` latest occurrences are counted; the tree keeps the ``max_nodes`` nodes most
+    often continued whose share of the occurrences is at least ``min_probability``, at most
+    ``depth_per_match`` x match length (and ``max_depth``) deep.
+    """
+
+    max_match: int = 8
+    max_occurrences: int = 16
+    max_nodes: int = 24
+    min_probability: float = 0.1
+    depth_per_match: float = 2.0
+    max_depth: int = 16
+    global_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_match", "max_occurrences", "max_nodes", "max_depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"suffix {name} must be an integer >= 1, got {value!r}")
+        if not 0.0 < self.min_probability <= 1.0:
+            raise ValueError(f"suffix min_probability must be in (0, 1], got {self.min_probability!r}")
+        if not self.depth_per_match > 0:
+            raise ValueError(f"suffix depth_per_match must be > 0, got {self.depth_per_match!r}")
+        if not isinstance(self.global_tokens, int) or self.global_tokens < 0:
+            raise ValueError(f"suffix global_tokens must be an integer >= 0, got {self.global_tokens!r}")
+
+
 def parse_expansion(text: str) -> tuple[int, ...]:
     """``"1,1,3,1"`` (command lines, config.pbtxt parameters) as an expansion tuple."""
     try:
@@ -119,6 +158,10 @@ class TreeConfig:
     the SSMs draft (0: plain decoding) and which nodes the LLM verifies, from draft confidence and a
     cost model of the forwards measured on this machine (``adaptive.py``). Candidates are then
     selected by confidence, never sampled, for every request.
+
+    ``proposers``: where draft nodes come from, ``"ssm"`` (the SSMs' expansion trees) and/or
+    ``"suffix"`` (``suffix``: continuations of text already seen, no model forward); their trees
+    are merged. With ``"suffix"`` every candidate is selected, never sampled.
     """
 
     expansion: tuple[int, ...] = (1, 1, 3, 1, 1, 1, 1, 1)
@@ -126,9 +169,15 @@ class TreeConfig:
     draft_sampling: str = "with_replacement"
     verifier: str = "mss"
     adaptive: bool = False
+    proposers: tuple[str, ...] = ("ssm",)
+    suffix: SuffixConfig = field(default_factory=SuffixConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "expansion", tuple(self.expansion))
+        object.__setattr__(self, "proposers", tuple(self.proposers))
+        unknown = [p for p in self.proposers if p not in PROPOSERS]
+        if unknown or len(set(self.proposers)) != len(self.proposers):
+            raise ValueError(f"proposers must be distinct names among {PROPOSERS}, got {self.proposers!r}")
         if not self.expansion:
             raise ValueError("expansion must name at least one speculation step, e.g. (1, 1, 3, 1)")
         for i, k in enumerate(self.expansion):
@@ -156,12 +205,18 @@ class TreeConfig:
         """Draft nodes one SSM proposes at most (root excluded)."""
         return sum(self.level_widths())
 
+    @property
+    def selected(self) -> bool:
+        """Every candidate is selected by confidence (adaptive trees, suffix trees), none sampled."""
+        return self.adaptive or "suffix" in self.proposers
+
     def check_size(self, num_ssms: int) -> None:
-        size = 1 + num_ssms * self.nodes_per_ssm()
+        suffix = self.suffix.max_nodes if "suffix" in self.proposers else 0
+        size = 1 + num_ssms * self.nodes_per_ssm() + suffix
         if size > self.max_tree_tokens:
             raise ValueError(
-                f"expansion {self.expansion} with {num_ssms} SSM(s) builds up to {size} tree tokens, "
-                f"more than max_tree_tokens={self.max_tree_tokens}"
+                f"expansion {self.expansion} with {num_ssms} SSM(s) and {suffix} suffix nodes builds up to "
+                f"{size} tree tokens, more than max_tree_tokens={self.max_tree_tokens}"
             )
 
 

@@ -84,10 +84,10 @@ def draft_trees(runner: ModelRunner, seqs: list[Sequence], ssm: int, tree: TreeC
                 depth: int | None = None) -> list[Tree]:
     """Each request's tree from SSM ``ssm``, ``depth`` levels deep (default: the whole expansion);
     the last level is proposed but not fed to the SSM. Greedy requests and adaptive trees select
-    candidates, others sample them."""
+    candidates (so do trees merged with suffix trees), others sample them."""
     depth = tree.depth if depth is None else depth
     logits = catch_up(runner, seqs, ssm)[:, None]
-    builders = [TreeBuilder(s.tokens[-1], selected=tree.adaptive or s.params.greedy) for s in seqs]
+    builders = [TreeBuilder(s.tokens[-1], selected=tree.selected or s.params.greedy) for s in seqs]
     levels = [[0] for _ in seqs]
     region = tree.nodes_per_ssm() + 1
     replacement = tree.draft_sampling == "with_replacement"

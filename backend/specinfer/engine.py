@@ -26,6 +26,7 @@ from .draft import draft_trees, ssm_accepted
 from .log_probs import record
 from .logits_processors import process_batch
 from .model import Transformer
+from .proposers import SuffixProposer
 from .runner import ModelRunner, NodeBatch, chain_batch
 from .runtimes import load_model
 from .sampling import make_generator, sample, target_probs
@@ -51,6 +52,7 @@ class EngineStats:
     verify_requests: int = 0  # requests summed over verification forwards
     accepted_lengths: Counter = field(default_factory=Counter)  # accepted draft path length -> count
     tree_sizes: Counter = field(default_factory=Counter)  # tree tokens verified per request and step -> count
+    accepted_by_proposer: Counter = field(default_factory=Counter)  # proposer -> accepted draft tokens it proposed
     step_seconds: float = 0.0  # wall time in step()
     forward_seconds: float = 0.0  # of which inside model forwards (LLM and SSMs)
 
@@ -86,6 +88,8 @@ class SpecInferEngine:
                     f"SSM {i} has a vocabulary of {ssm.args.vocab_size} tokens, the LLM {vocab}: they must match"
                 )
         tree = config.tree
+        if "ssm" not in tree.proposers:
+            ssms = []  # loaded but not asked for
         tree.check_size(max(1, len(ssms)))
         if max(tree.expansion) > vocab:
             raise ValueError(f"expansion width {max(tree.expansion)} exceeds the vocabulary ({vocab})")
@@ -107,12 +111,15 @@ class SpecInferEngine:
         self.scheduler = Scheduler(config.max_batch_size)
         self.stats = EngineStats()
         self._ids = count()
-        self.acceptance = AcceptanceModel()
+        self.acceptance = AcceptanceModel()  # of SSM nodes
+        self.suffix = SuffixProposer(tree.suffix) if "suffix" in tree.proposers else None
+        self.suffix_acceptance = AcceptanceModel()
+        self.columns = ["ssm"] * len(self.ssms) + (["suffix"] if self.suffix else [])  # Tree.proposals' columns
         self.rates = RateCorrection()
         self.predicted_rate = 0.0  # adaptive trees: tokens per second the current step's choice expects
         self.depth_gains = [0.5 ** (j + 1) for j in range(tree.depth)]  # prior until drafts are seen
         self.probe_wait, self.since_draft = 2, 0
-        if tree.adaptive and self.ssms:
+        if tree.adaptive and (self.ssms or self.suffix):
             self.calibrate()
 
     @classmethod
@@ -231,12 +238,13 @@ class SpecInferEngine:
         self.scheduler.retire()  # rows of requests aborted since the last step
         new = self.scheduler.admit()
         use_ssms = speculate and bool(self.ssms)
+        drafting = use_ssms or (speculate and self.suffix is not None)
         if new:
             self.prefill(new, use_ssms)
         active = [s for s in self.scheduler.running if not s.finished and s not in new]
         if active:
             began, emitted = time.perf_counter(), sum(len(s.output) for s in active)
-            trees, depth = self.speculate(active) if use_ssms else (self.no_trees(active), 0)
+            trees, depths = self.speculate(active, use_ssms) if drafting else (self.no_trees(active), [0] * len(active))
             batch = pad_trees(trees)
             logits = process_batch(self.score(active, batch), active, trees)
             self.stats.verify_forwards += 1
@@ -245,13 +253,16 @@ class SpecInferEngine:
             ok = [i for i, v in enumerate(verdicts) if v is not None]  # a failed request leaves alone
             if ok:
                 before = [len(active[i].output) for i in ok]
-                self.commit([active[i] for i in ok], [trees[i] for i in ok], [verdicts[i] for i in ok], depth)
+                self.commit([active[i] for i in ok], [trees[i] for i in ok], [verdicts[i] for i in ok],
+                            [depths[i] for i in ok])
                 for i, n in zip(ok, before):
                     record(active[i], logits[i], trees[i], *verdicts[i], len(active[i].output) - n)
-            if use_ssms and self.tree.adaptive:
+            if drafting and self.tree.adaptive:
                 realised = (sum(len(s.output) for s in active) - emitted) / (time.perf_counter() - began)
-                self.rates.observe(len(active), depth > 0, self.predicted_rate, realised)
+                self.rates.observe(len(active), any(t.size > 1 for t in trees), self.predicted_rate, realised)
         self.scheduler.retire()
+        if self.suffix is not None:
+            self.suffix.retain(self.scheduler.running)
         self.stats.step_seconds += time.perf_counter() - start
         self.stats.forward_seconds += self.forward_seconds() - forwards_before
         return new + active
@@ -291,30 +302,61 @@ class SpecInferEngine:
         return token
 
     def no_trees(self, seqs: list[Sequence]) -> list[Tree]:
-        return [root_only(s.tokens[-1], len(self.ssms)) for s in seqs]
+        return [root_only(s.tokens[-1], len(self.columns)) for s in seqs]
 
-    def speculate(self, seqs: list[Sequence]) -> tuple[list[Tree], int]:
-        """Each request's merged tree and the depth drafted (0: no SSM ran, lone roots)."""
+    def speculate(self, seqs: list[Sequence], use_ssms: bool) -> tuple[list[Tree], list[int]]:
+        """Each request's merged tree (SSM and suffix nodes) and the depth its SSMs drafted (0: none).
+
+        Adaptive trees: a request whose suffix tree promises at least what its SSMs would add
+        is not drafted by the SSMs that step; suffix nodes cost no drafting time."""
+        suffix = self.suffix.propose(seqs) if self.suffix is not None else None
         if not self.tree.adaptive:
-            return self.draft(seqs, self.tree.depth), self.tree.depth
-        depth = self.draft_depth(seqs)
-        if depth == 0:
+            depth = self.tree.depth if use_ssms else 0
+            return self.merged(seqs, list(range(len(seqs))) if depth else [], depth, suffix), [depth] * len(seqs)
+        chosen = list(range(len(seqs))) if use_ssms else []
+        if suffix is not None and chosen:
+            promise = [float(path_probability(t, self.suffix_acceptance.rate(t.confidence))[1:].sum()) for t in suffix]
+            chosen = [i for i in chosen if promise[i] < sum(seqs[i].depth_gains or self.depth_gains)]
+        depth = self.draft_depth([seqs[i] for i in chosen]) if chosen else 0
+        chosen = chosen if depth else []
+        before = sum(r.seconds for r in self.ssms)
+        trees = self.merged(seqs, chosen, depth, suffix)
+        spent = sum(r.seconds for r in self.ssms) - before
+        probs = [path_probability(t, self.node_rates(t)) for t in trees]
+        if chosen:
+            ssm_probs = [path_probability(trees[i], self.node_rates(trees[i], ssm_only=True)) for i in chosen]
+            self.learn_depth_gains([seqs[i] for i in chosen], [trees[i] for i in chosen], ssm_probs, depth)
+        if all(t.size == 1 for t in trees):
             b = len(seqs)
             self.predicted_rate = b / max(self.llm.costs.predict(b), 1e-9)
-            return self.no_trees(seqs), 0
-        before = sum(r.seconds for r in self.ssms)
-        trees = self.draft(seqs, depth)
-        probs = [path_probability(t, self.acceptance.rate(t.confidence)) for t in trees]
-        self.learn_depth_gains(seqs, trees, probs)
+            return trees, [0] * len(seqs)
         gains = [torch.sort(p[1:], descending=True).values for p in probs]
         factor = self.rates.factor(len(seqs))
-        size, rate = choose_verify_size(gains, self.llm.costs.predict, sum(r.seconds for r in self.ssms) - before, factor)
+        size, rate = choose_verify_size(gains, self.llm.costs.predict, spent, factor)
         self.predicted_rate = rate / factor if size > 1 else rate
-        return [prune(t, best_nodes(t, p, size - 1)) for t, p in zip(trees, probs)], depth
+        depths = [depth if i in chosen else 0 for i in range(len(seqs))]
+        return [prune(t, best_nodes(t, p, size - 1)) for t, p in zip(trees, probs)], depths
 
-    def draft(self, seqs: list[Sequence], depth: int) -> list[Tree]:
-        per_ssm = [draft_trees(runner, seqs, i, self.tree, depth) for i, runner in enumerate(self.ssms)]
-        return [merge_trees(list(trees)) for trees in zip(*per_ssm)]
+    def merged(self, seqs: list[Sequence], chosen: list[int], depth: int, suffix: list[Tree] | None) -> list[Tree]:
+        """Every request's tree: the SSMs' (drafted ``depth`` deep for requests ``chosen``, lone roots
+        for the others) merged with its suffix tree where the suffix proposer is on."""
+        picked = [seqs[i] for i in chosen]
+        per_ssm = [draft_trees(runner, picked, s, self.tree, depth) for s, runner in enumerate(self.ssms)] if chosen else []
+        drafted = dict(zip(chosen, zip(*per_ssm))) if per_ssm else {}
+        trees = []
+        for b, seq in enumerate(seqs):
+            parts = list(drafted.get(b) or [root_only(seq.tokens[-1], 1) for _ in self.ssms])
+            trees.append(merge_trees(parts + ([suffix[b]] if suffix is not None else [])))
+        return trees
+
+    def node_rates(self, tree: Tree, ssm_only: bool = False) -> torch.Tensor:
+        """``[N]`` P(node accepted | parent accepted): the best of its proposers' acceptance models."""
+        by = tree.proposals > 0
+        n = len(self.ssms)
+        rate = torch.where(by[:, :n].any(dim=1), self.acceptance.rate(tree.confidence), 0.0)
+        if self.suffix is not None and not ssm_only:
+            rate = torch.maximum(rate, torch.where(by[:, n], self.suffix_acceptance.rate(tree.confidence), 0.0))
+        return rate
 
     def draft_depth(self, seqs: list[Sequence]) -> int:
         """Adaptive trees: how deep to draft, from recent gains and measured costs; while drafting
@@ -333,12 +375,14 @@ class SpecInferEngine:
         self.probe_wait, self.since_draft = min(2 * self.probe_wait, MAX_PROBE_WAIT), 0
         return 1
 
-    def learn_depth_gains(self, seqs: list[Sequence], trees: list[Tree], probs: list[torch.Tensor]) -> None:
-        """Each request's best path probability per drafted depth, averaged with its recent ones."""
+    def learn_depth_gains(self, seqs: list[Sequence], trees: list[Tree], probs: list[torch.Tensor], depth: int) -> None:
+        """Each request's best path probability (``probs``: of its SSM nodes) per drafted depth,
+        averaged with its recent ones."""
         for seq, tree, prob in zip(seqs, trees, probs):
             gains = list(seq.depth_gains or self.depth_gains)
-            for d in range(1, int(tree.depths.max()) + 1):
-                seen = float(prob[tree.depths == d].max())
+            for d in range(1, depth + 1):
+                level = tree.depths == d
+                seen = float(prob[level].max()) if bool(level.any()) else 0.0
                 gains[d - 1] = 0.5 * (gains[d - 1] + seen)
                 self.depth_gains[d - 1] += 0.1 * (seen - self.depth_gains[d - 1])
             seq.depth_gains = gains
@@ -347,7 +391,7 @@ class SpecInferEngine:
         """Measure, before serving, the forwards adaptive trees choose between: every model at
         token counts up to its largest step (a warm-up pass, then the measured one)."""
         rows = self.config.max_batch_size
-        tree = len(self.ssms) * self.tree.nodes_per_ssm() + 1
+        tree = len(self.ssms) * self.tree.nodes_per_ssm() + 1 + (self.tree.suffix.max_nodes if self.suffix else 0)
         level = max(self.tree.level_widths())
         for runner, largest in [(self.llm, rows * tree)] + [(r, rows * level) for r in self.ssms]:
             sizes = calibration_sizes(min(largest, CALIBRATION_TOKENS))
@@ -384,26 +428,36 @@ class SpecInferEngine:
                 verdicts.append(None)
         return verdicts
 
-    def commit(self, seqs: list[Sequence], trees: list[Tree], verdicts: list[Verdict], depth: int) -> None:
+    def commit(self, seqs: list[Sequence], trees: list[Tree], verdicts: list[Verdict], depths: list[int]) -> None:
         """Emit accepted tokens + bonus, then move accepted K/V into every model's committed cache.
 
-        ``depth``: how deep the SSMs drafted (0: they did not run this step)."""
-        rows = [s.row for s in seqs]
-        self.llm.commit(rows, [s.llm_len for s in seqs], [[0] + path for path, _ in verdicts])
-        for i, runner in enumerate(self.ssms if depth else []):
-            own = [ssm_accepted(t, path, i, depth) for t, (path, _) in zip(trees, verdicts)]
-            runner.commit(rows, [s.ssm_lens[i] for s in seqs], own)
-            for seq, nodes in zip(seqs, own):
-                seq.ssm_lens[i] += len(nodes)
-        for seq, tree, (path, bonus) in zip(seqs, trees, verdicts):
+        ``depths``: how deep the SSMs drafted each request (0: they did not run for it this step)."""
+        self.llm.commit([s.row for s in seqs], [s.llm_len for s in seqs], [[0] + path for path, _ in verdicts])
+        drafted = [j for j, d in enumerate(depths) if d]
+        for i, runner in enumerate(self.ssms if drafted else []):
+            own = [ssm_accepted(trees[j], verdicts[j][0], i, depths[j]) for j in drafted]
+            runner.commit([seqs[j].row for j in drafted], [seqs[j].ssm_lens[i] for j in drafted], own)
+            for j, nodes in zip(drafted, own):
+                seqs[j].ssm_lens[i] += len(nodes)
+        n = len(self.ssms)
+        for seq, tree, (path, bonus), depth in zip(seqs, trees, verdicts, depths):
             seq.llm_len += len(path) + 1
             kept = seq.append(tree.tokens[path].tolist() + [bonus])
+            accepted = min(len(path), kept)
             seq.llm_steps += 1
             seq.draft_tokens += tree.size - 1
-            seq.accepted_draft_tokens += min(len(path), kept)
+            seq.accepted_draft_tokens += accepted
             seq.tree_sizes.append(tree.size)
             self.stats.tree_sizes[tree.size] += 1
-            if depth:
-                self.stats.accepted_lengths[min(len(path), kept)] += 1
+            if tree.size == 1:
+                continue
+            self.stats.accepted_lengths[accepted] += 1
+            by = tree.proposals > 0
+            for name, mine in (("ssm", by[:, :n].any(dim=1)), ("suffix", by[:, n] if self.suffix else None)):
+                if mine is None or (name == "ssm" and not n):
+                    continue
+                credit = int(mine[path[:accepted]].sum()) if accepted else 0
+                seq.accepted_by_proposer[name] += credit
+                self.stats.accepted_by_proposer[name] += credit
                 if self.tree.adaptive:
-                    self.acceptance.observe(tree, path)
+                    (self.acceptance if name == "ssm" else self.suffix_acceptance).observe(tree, path, mine)

@@ -1,6 +1,7 @@
 """Per-request state: tokens, where each model's cache stands, counters, stop conditions."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ class Sequence:
     llm_steps: int = 0
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    accepted_by_proposer: Counter = field(default_factory=Counter)  # proposer name -> accepted draft tokens it proposed
     finish_reason: str | None = None  # "length", "stop", "cancelled" or "error" once finished
     error: str | None = None  # why this request failed alone (finish_reason "error")
     tree_sizes: list[int] = field(default_factory=list)  # tree tokens the LLM verified, per step

@@ -97,11 +97,14 @@ class TreeBuilder:
 
 
 def merge_trees(trees: list[Tree]) -> Tree:
-    """Prefix-trie union of single-SSM trees (SSM ``s`` built ``trees[s]``), sharing one root."""
+    """Prefix-trie union of single-proposer trees (proposer column ``s`` built ``trees[s]``: the SSMs,
+    then the suffix proposer), sharing one root; all selected or all sampled (lone roots aside)."""
+    if len({t.selected for t in trees if t.size > 1}) > 1:
+        raise ValueError("selected and sampled trees cannot be merged: the verifier tests them differently")
     if len(trees) == 1:  # already its own union, node ids the SSM's own
         return replace(trees[0], ssm_nodes=torch.arange(trees[0].size)[:, None])
     root = int(trees[0].tokens[0])
-    builder = TreeBuilder(root, num_ssms=len(trees), selected=trees[0].selected)
+    builder = TreeBuilder(root, num_ssms=len(trees), selected=any(t.selected for t in trees))
     for s, tree in enumerate(trees):
         if int(tree.tokens[0]) != root:
             raise ValueError("trees to merge must share their root token")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..config import TreeConfig, parse_expansion
+from ..config import PROPOSERS, SuffixConfig, TreeConfig, parse_expansion, parse_proposers
 from ..engine import SpecInferEngine
 from ..parallel import WorkerFailure
 from ..sequence import Sequence
@@ -85,6 +85,8 @@ def engine_from_parameters(params: dict[str, str], model_dir: Path) -> tuple[Spe
         draft_sampling=params.get("draft_sampling", "with_replacement"),
         verifier=params.get("verifier", "mss"),
         adaptive=params.get("adaptive", "false").lower() == "true",
+        proposers=parse_proposers(params.get("proposers", "ssm")),
+        suffix=SuffixConfig(global_tokens=int(params.get("suffix_global_tokens", 0))),
     )
     max_context = int(params["max_context"]) if params.get("max_context") else None
     engine = SpecInferEngine.from_pretrained(
@@ -267,6 +269,8 @@ class TritonPythonModel:
             pb_utils.Tensor("total_draft_tokens", np.array([[seq.draft_tokens]], dtype=np.int32)),
             pb_utils.Tensor("total_accepted_draft_tokens", np.array([[seq.accepted_draft_tokens]], dtype=np.int32)),
             pb_utils.Tensor("acceptance_rate", np.array([[rate]], dtype=np.float32)),
+            *(pb_utils.Tensor(f"accepted_draft_tokens_{name}", np.array([[seq.accepted_by_proposer[name]]], dtype=np.int32))
+              for name in PROPOSERS),
             pb_utils.Tensor("cum_log_probs", np.array([[cum]], dtype=np.float32)),
             pb_utils.Tensor("output_log_probs", np.array([[chunk_log_probs]], dtype=np.float32).reshape(1, 1, -1)),
             pb_utils.Tensor("sequence_index", np.array([[live.index]], dtype=np.int32)),

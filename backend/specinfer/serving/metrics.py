@@ -1,6 +1,7 @@
 """Prometheus metrics of a decoding model, through the Python backend's custom-metrics API."""
 from __future__ import annotations
 
+from ..config import PROPOSERS
 from ..sequence import Sequence
 
 STEP_BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16]
@@ -22,7 +23,10 @@ class ServingMetrics:
         self.output_tokens = counter("specinfer_output_tokens", "Generated tokens")
         self.llm_steps = counter("specinfer_llm_steps", "LLM forward passes per request (prefill included), summed")
         self.draft_tokens = counter("specinfer_draft_tokens", "Speculated tree tokens proposed (roots excluded)")
-        self.accepted = counter("specinfer_accepted_draft_tokens", "Speculated tree tokens accepted")
+        accepted = family("specinfer_accepted_draft_tokens", "Speculated tree tokens accepted (label proposer: "
+                          "those that proposer drafted; a token both drafted counts for both)")
+        self.accepted = accepted.Metric(labels=labels)
+        self.accepted_by = {p: accepted.Metric(labels={**labels, "proposer": p}) for p in PROPOSERS}
         self.requests = counter("specinfer_requests_finished", "Requests finished (completed or cancelled)")
         self.failed = counter("specinfer_requests_failed", "Requests that failed with an internal error")
         self.cancelled = counter("specinfer_requests_cancelled", "Requests cancelled by their client")
@@ -49,6 +53,8 @@ class ServingMetrics:
         self.llm_steps.increment(seq.llm_steps)
         self.draft_tokens.increment(seq.draft_tokens)
         self.accepted.increment(seq.accepted_draft_tokens)
+        for name, metric in self.accepted_by.items():
+            metric.increment(seq.accepted_by_proposer[name])
         self.requests.increment(1)
         if seq.finish_reason == "cancelled":
             self.cancelled.increment(1)

@@ -17,7 +17,8 @@ from .requests import Limits
 
 COUNTERS = [("num_output_tokens", "TYPE_INT32"), ("num_llm_steps", "TYPE_INT32"),
             ("total_draft_tokens", "TYPE_INT32"), ("total_accepted_draft_tokens", "TYPE_INT32"),
-            ("acceptance_rate", "TYPE_FP32")]
+            ("acceptance_rate", "TYPE_FP32"),
+            ("accepted_draft_tokens_suffix", "TYPE_INT32"), ("accepted_draft_tokens_ssm", "TYPE_INT32")]  # by proposer
 # TensorRT-LLM's log-prob outputs ([batch, beam] and [batch, beam, tokens]) and perf metrics ([batch, 1])
 LOG_PROBS = [("cum_log_probs", "TYPE_FP32", "1"), ("output_log_probs", "TYPE_FP32", "1, -1")]
 PERF_METRICS = [(n, "TYPE_INT64", "1") for n in (
@@ -81,6 +82,8 @@ class RepositoryOptions:
     draft_sampling: str = "with_replacement"
     verifier: str = "mss"
     adaptive: bool = True  # the expansion is the largest tree; each step verifies what pays off here
+    proposers: tuple[str, ...] = ("suffix", "ssm")  # where draft nodes come from (TreeConfig.proposers)
+    suffix_global_tokens: int = 0  # earlier outputs the suffix proposer keeps for every request (0: none)
     attention: str = ""  # "sdpa" | "triton"; empty: the engine's default for the device (triton on CUDA)
     tensor_parallel: int = 1  # processes each decoding model's LLM is sharded over (written only when > 1)
     ssm_engine: str = "torch"  # "torch" | "onnxruntime" | "tensorrt": what runs the SSMs (runtimes/)
@@ -141,6 +144,7 @@ def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
         "max_batch_size": str(opts.max_batch_size), "max_context": str(opts.max_context or ""),
         "draft_sampling": opts.draft_sampling, "verifier": opts.verifier, "attention": opts.attention,
         "adaptive": str(opts.adaptive and speculate).lower(), "ssm_engine": opts.ssm_engine,
+        "proposers": ",".join(opts.proposers) if speculate else "", "suffix_global_tokens": str(opts.suffix_global_tokens),
         **opts.limits.parameters(),
     }
     if opts.tensor_parallel > 1:  # workers started at load on the devices after ``device``, stopped at unload
