@@ -89,6 +89,23 @@ def test_rate_correction_compares_speculating_with_plain_steps():
     assert rates.factor(9) == rates.factor(16) and rates.factor(4) == 1.0  # by powers of two
 
 
+def test_rate_correction_probes_speculation_again_after_plain_steps():
+    """A bad spell must not stick: only speculating steps update speculation's side of the ratio."""
+    rates = RateCorrection()
+    rates.observe(1, False, predicted=100.0, realised=100.0)
+    rates.observe(1, True, predicted=100.0, realised=40.0)  # speculation disappointed once
+    assert rates.factor(1) == pytest.approx(0.4)
+    for wait in (2, 4, 8):
+        for _ in range(wait):
+            assert rates.factor(1) == pytest.approx(0.4)
+            rates.observe(1, False, predicted=100.0, realised=100.0)
+        assert rates.factor(1) == 1.0  # the probe: speculation judged on its predicted rate alone
+        rates.observe(1, True, predicted=100.0, realised=40.0)  # still bad: the next probe waits twice as long
+    rates.observe(1, False, predicted=100.0, realised=100.0)
+    rates.observe(1, True, predicted=100.0, realised=200.0)  # chosen on its merits: the wait is back to 2
+    assert rates.wait[1] == 2
+
+
 @pytest.fixture(scope="module")
 def reference(models):
     engine = SpecInferEngine.from_pretrained(models["llm"], max_batch_size=8)

@@ -130,24 +130,44 @@ class RateCorrection:
     The cost model prices forwards alone, measured at whatever prefix lengths it saw; a step also
     pays host work, catch-up and acceptance that differs from its calibration. The ratio of the two
     kinds' realised-to-predicted rates (a moving average) scales every speculating option's
-    predicted rate, so a machine where speculation disappoints stops choosing it.
+    predicted rate, so a machine where speculation disappoints stops choosing it. Only speculating
+    steps update their side of the ratio, so a bad spell would otherwise stick for good: after
+    ``wait`` plain steps in a row the factor is 1 for a step (speculation is judged afresh), and
+    ``wait`` doubles (up to ``MAX_WAIT``) each time that probe is taken, back to 2 once speculation
+    is chosen on its merits.
     """
+
+    MAX_WAIT = 64
 
     def __init__(self) -> None:
         self.error: dict[tuple[int, bool], float] = {}
+        self.plain_run: dict[int, int] = {}  # plain steps in a row, by bucket
+        self.wait: dict[int, int] = {}
 
     @staticmethod
     def bucket(batch: int) -> int:
         return 1 << (batch - 1).bit_length()
 
+    def probing(self, b: int) -> bool:
+        return self.plain_run.get(b, 0) >= self.wait.get(b, 2)
+
     def observe(self, batch: int, speculated: bool, predicted: float, realised: float) -> None:
+        b = self.bucket(batch)
+        if speculated:
+            self.wait[b] = min(2 * self.wait.get(b, 2), self.MAX_WAIT) if self.probing(b) else 2
+            self.plain_run[b] = 0
+        else:
+            self.plain_run[b] = self.plain_run.get(b, 0) + 1
         if predicted <= 0 or realised <= 0:
             return
-        key = (self.bucket(batch), speculated)
+        key = (b, speculated)
         self.error[key] = moving_average(self.error.get(key), realised / predicted)
 
     def factor(self, batch: int) -> float:
-        """Speculating's error over plain decoding's (1 until both were seen at this batch size)."""
+        """Speculating's error over plain decoding's (1 until both were seen at this batch size, and
+        on probing steps)."""
         b = self.bucket(batch)
         spec, plain = self.error.get((b, True)), self.error.get((b, False))
-        return spec / plain if spec is not None and plain is not None else 1.0
+        if spec is None or plain is None or self.probing(b):
+            return 1.0
+        return spec / plain
