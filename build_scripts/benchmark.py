@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig  # noqa: E402
-from specinfer.config import DTYPES, SuffixConfig  # noqa: E402
+from specinfer.config import DTYPES, SuffixConfig, resolve_dtype  # noqa: E402
 from specinfer.engine import EngineStats  # noqa: E402
 from specinfer.proposers import SuffixProposer  # noqa: E402
 from specinfer.sampling import make_generator  # noqa: E402
@@ -199,12 +199,13 @@ def run_workloads(bench: "Bench", quick: bool) -> list[dict]:
     return rows
 
 
-def hf_peer(models: Path, prompts: list[list[int]], max_tokens: int, reference: list[list[int]]) -> list[dict]:
-    """transformers' own generate, plain and assisted by ssm-a, greedy, batch 1, fp32."""
+def hf_peer(models: Path, prompts: list[list[int]], max_tokens: int, reference: list[list[int]],
+            dtype: str) -> list[dict]:
+    """transformers' own generate, plain and assisted by ssm-a, greedy, batch 1, in the benchmark's dtype."""
     from transformers import AutoModelForCausalLM
 
-    llm = AutoModelForCausalLM.from_pretrained(models / "llm", dtype=torch.float32).eval()
-    assistant = AutoModelForCausalLM.from_pretrained(models / "ssm-a", dtype=torch.float32).eval()
+    llm = AutoModelForCausalLM.from_pretrained(models / "llm", dtype=DTYPES[dtype]).eval()
+    assistant = AutoModelForCausalLM.from_pretrained(models / "ssm-a", dtype=DTYPES[dtype]).eval()
     rows = []
     for name, kwargs in (("hf generate", {}), ("hf assisted (ssm-a)", {"assistant_model": assistant})):
         gen = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0, **kwargs)
@@ -226,7 +227,7 @@ def main() -> None:
     ap.add_argument("--models", default=str(ROOT / "engines" / "demo"))
     ap.add_argument("--output", default=str(ROOT / "benchmarks"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="auto (bfloat16 where the CPU computes it), float32, bfloat16")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton part")
     ap.add_argument("--load", action="store_true",
                     help="only what adaptive trees are compared with: incremental, ssm-a's static trees, batch sizes, peers")
@@ -236,6 +237,7 @@ def main() -> None:
                     help="only the suffix proposer's figures: its drafting cost and the workloads (open, code, grounded, "
                          "multi-turn) against incremental, global index cold and warm")
     args = ap.parse_args()
+    args.dtype = resolve_dtype(args.dtype, args.device)
     models, out = Path(args.models), Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     n, max_tokens = (4, 48) if args.quick else (6, 48)
@@ -276,7 +278,7 @@ def main() -> None:
         bench.run(f"adaptive <{','.join(map(str, ADAPTIVE))}> (a) batch {batch}", ("ssm-a",), ADAPTIVE, batch=batch,
                   n_prompts=batch if batch > 1 else n, adaptive=True)
     print("[bench] peer: Hugging Face transformers, greedy, batch 1")
-    peer = hf_peer(models, bench.prompts[:n], max_tokens, bench.reference[1][:n])
+    peer = hf_peer(models, bench.prompts[:n], max_tokens, bench.reference[1][:n], args.dtype)
     triton = []
     if not args.no_triton:
         from bench_triton import run_triton
