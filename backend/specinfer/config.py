@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 DRAFT_SAMPLING = ("with_replacement", "without_replacement")
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would overflow float32
-VERIFIERS = ("mss", "naive")
+VERIFIERS = ("mss", "naive", "gumbel")
 ATTENTION = ("sdpa", "triton")
 SSM_ENGINES = ("torch", "onnxruntime", "tensorrt")
 
