@@ -407,9 +407,9 @@ class SpecInferEngine:
         """Gumbel-max samples ``[B, N]`` at every node, and whether each node has a token of finite
         score: a node at depth d samples the request's output position ``len(output) + d``, so any
         tree and incremental decoding draw each position alike."""
-        positions = torch.tensor([len(s.output) for s in seqs])[:, None] + depths
+        first = torch.tensor([len(s.output) for s in seqs])
         scores = target_scores(logits, [s.params for s in seqs])
-        return gumbel_choice(scores, [s.seed for s in seqs], positions), torch.isfinite(scores.amax(dim=-1))
+        return gumbel_choice(scores, [s.seed for s in seqs], first, depths), torch.isfinite(scores.amax(dim=-1))
 
     def commit(self, seqs: list[Sequence], trees: list[Tree], verdicts: list[Verdict], depth: int) -> None:
         """Emit accepted tokens + bonus, then move accepted K/V into every model's committed cache.

@@ -6,8 +6,9 @@ generator of cuRAND and of Random123) with the seed as its 64-bit key and the co
 ``(vocabulary block, position, 0, 0)``: each counter gives four 32-bit words, i.e. the uniforms of
 four consecutive token ids. Counter-based means any position's vector is computed directly, without
 stepping a stream, so a tree's nodes at any depth, a batch of requests and incremental decoding all
-read the same values. The rounds use int64 tensor ops on values below 2**32 (products split into
-16-bit halves, so nothing overflows): bit-identical on CPU and GPU.
+read the same values. The rounds use int64 tensor ops on 32-bit words: a 32 x 32-bit product's 64
+bits are those of the int64 product, which wraps around two's complement on CPUs and GPUs alike
+(``tests/test_noise.py`` checks the published Philox vectors and a plain-integer computation).
 """
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ ROUNDS = 10
 
 def mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """High and low 32-bit words of ``a * m`` for 32-bit ``a`` (int64 tensor) and constant ``m``."""
-    low = (a & 0xFFFF) * m  # < 2**48
-    mid = (a >> 16) * m + (low >> 16)  # < 2**49
-    return mid >> 16, ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
+    product = a * m  # the low 64 bits of the product, as int64
+    return (product >> 32) & MASK32, product & MASK32
 
 
 def philox(counter: tuple[torch.Tensor, ...], key: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -57,6 +57,8 @@ def gumbel(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Te
     blocks = torch.arange(-(-vocab // 4), device=device, dtype=torch.long).view(1, 1, -1)
     zero = torch.zeros((), dtype=torch.long, device=device)
     words = philox((blocks, positions.long()[..., None], zero, zero), (k0, k1))
-    bits = torch.stack(torch.broadcast_tensors(*words), dim=-1).flatten(-2)[..., :vocab]
-    uniform = (bits.double() + 0.5) / 2.0**32  # in (0, 1): the log below is finite
-    return -torch.log(-torch.log(uniform))
+    noise = torch.empty(*words[0].shape, 4, dtype=torch.float64, device=device)
+    for i, word in enumerate(words):
+        noise[..., i] = word
+    noise = noise.flatten(-2)[..., :vocab]
+    return noise.add_(0.5).mul_(2.0**-32).log_().neg_().log_().neg_()  # uniform in (0, 1), then Gumbel

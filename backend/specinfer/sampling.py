@@ -41,14 +41,19 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.softmax(target_scores(logits[None], [params])[0], dim=-1)
 
 
-def gumbel_choice(scores: torch.Tensor, seeds: Seq[int], positions: torch.Tensor) -> torch.Tensor:
+def gumbel_choice(scores: torch.Tensor, seeds: Seq[int], first: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
     """Gumbel-max sampling: ``argmax(scores + gumbel(seed, position))`` is a draw from
     ``softmax(scores)``, and the same draw wherever (seed, position) recurs: in incremental decoding,
-    at any tree node, in any batch. ``scores [B, N, V]`` (``target_scores``), ``positions [B, N]``
-    the output position each node samples; returns the chosen ids ``[B, N]``."""
+    at any tree node, in any batch. ``scores [B, N, V]`` (``target_scores``) at nodes of ``depths
+    [B, N]``; a node at depth d samples output position ``first[b] + d`` (nodes of one depth share
+    their noise). Returns the chosen ids ``[B, N]``."""
+    device = scores.device
     seeds_t = torch.tensor([as_int64(s) for s in seeds], dtype=torch.long)
-    noise = gumbel(seeds_t, positions.to(scores.device), scores.shape[-1])
-    return torch.argmax(scores.double() + noise, dim=-1)
+    depths = depths.to(device)
+    positions = first.to(device)[:, None] + torch.arange(int(depths.max()) + 1, device=device)
+    noise = gumbel(seeds_t, positions, scores.shape[-1])  # [B, D + 1, V]
+    rows = torch.arange(len(seeds), device=device)[:, None]
+    return torch.argmax(scores.double() + noise[rows, depths], dim=-1)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
