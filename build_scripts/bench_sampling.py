@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +34,13 @@ def main() -> None:
     ap.add_argument("--measured", action="store_true", help="also adaptive trees with measured costs, and incremental")
     ap.add_argument("--models", default=str(ROOT / "engines" / "demo"))
     ap.add_argument("--expansion", default="1,1,3,1")
-    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=0, help="the first N held-out prompts (0: all 12)")
     ap.add_argument("--temperatures", default="0.7,1.0")
     args = ap.parse_args()
     bench = Bench(Path(args.models), "cpu", "float32", 32 if args.quick else 128)
     expansion = tuple(int(k) for k in args.expansion.split(","))
+    bench.prompts = bench.prompts[: args.prompts or None]
     print(f"demo LLM + ssm-a, expansion {expansion}, {len(bench.prompts)} prompts x {bench.max_tokens} tokens, "
           f"batch {args.batch}, seed 0")
     for temperature in (float(t) for t in args.temperatures.split(",")):
@@ -48,10 +51,13 @@ def main() -> None:
             rows += [("gumbel", "adaptive"), ("mss", "adaptive"), ("gumbel", "incremental")]
         for verifier, trees in rows:
             tree = TreeConfig(expansion=expansion, verifier=verifier, adaptive=trees in ("selected, full", "adaptive"))
-            engine = bench.engine(("ssm-a",), tree, args.batch)
-            if trees == "selected, full":
-                engine.llm.costs = FixedCosts(lambda n: 1.0)  # free verification: the whole expansion
+            if trees == "selected, full":  # free verification: the whole selected tree, no calibration needed
+                engine = bench.engine(("ssm-a",), replace(tree, adaptive=False), args.batch)
+                engine.tree = tree
+                engine.llm.costs = FixedCosts(lambda n: 1.0)
                 engine.ssms[0].costs = FixedCosts(lambda n: 0.0)
+            else:
+                engine = bench.engine(("ssm-a",), tree, args.batch)
             engine.stats = EngineStats()
             results = engine.generate(bench.prompts, params, speculate=trees != "incremental")
             ids = [r.token_ids for r in results]
