@@ -380,7 +380,8 @@ class SpecInferEngine:
             choice = logits.argmax(dim=-1)
             sampled = [b for b, s in enumerate(seqs) if gumbel and not s.params.greedy]
             if sampled:
-                choice[sampled], ok = self.gumbel_choices(logits[sampled], [seqs[b] for b in sampled], batch.depths[sampled])
+                choice[sampled], ok = self.gumbel_choices(logits[sampled], [seqs[b] for b in sampled],
+                                                          batch.depths[sampled])
                 finite[sampled] = (ok.cpu() | ~batch.valid[sampled]).all(dim=1)
             chosen = greedy_verify(batch, choice.cpu())
         without = self.tree.draft_sampling == "without_replacement"
