@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from specinfer import TreeConfig
-from specinfer.config import ATTENTION, SSM_ENGINES, SuffixConfig, parse_expansion, parse_proposers
+from specinfer.config import ATTENTION, SSM_ENGINES, VERIFIERS, SuffixConfig, parse_expansion, parse_proposers
 from specinfer.checkpoint import read_model_args
 from specinfer.gguf_checkpoint import is_gguf
 from specinfer.parallel.shard import check_size
@@ -32,7 +32,9 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=16, help="concurrent requests per model; more wait")
     ap.add_argument("--max-context", type=int, default=0, help="tokens per request (0: the LLM's maximum)")
     ap.add_argument("--draft-sampling", default="with_replacement", choices=["with_replacement", "without_replacement"])
-    ap.add_argument("--verifier", default="mss", choices=["mss", "naive"])
+    ap.add_argument("--verifier", default="gumbel", choices=VERIFIERS,
+                    help="sampled requests: gumbel (a seed fixes the text at any load, with or without speculation), "
+                         "mss (multi-step speculative sampling) or naive")
     ap.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                     help="adaptive trees: the expansion is the largest tree, each step drafts and verifies what pays off")
     ap.add_argument("--bls-name", default="specinfer_bls",

@@ -5,7 +5,9 @@ real drafting (``draft.expand``), merging, adaptive pruning and verifiers decode
 empirical joint distribution must lie within a total-variation bound of the exact one. The bound is
 E[TV] (from the exact distribution and the sample count) plus a McDiarmid deviation at 1e-5, so a
 correct verifier fails it with probability < 1e-5 (and never, given the fixed seeds); a verifier
-that skips the residual update must exceed it.
+that skips the residual update must exceed it. The Gumbel verifier (greedy verification of Gumbel-max samples
+keyed by seed and output position) passes the same test, and fails it when the noise is reused
+across positions.
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ from specinfer.adaptive import best_nodes, path_probability
 from specinfer.config import SuffixConfig
 from specinfer.draft import expand
 from specinfer.proposers import SuffixProposer
-from specinfer.sampling import make_generator
+from specinfer.sampling import gumbel_choice, make_generator
 from specinfer.sequence import Sequence
-from specinfer.tree import TreeBuilder, merge_trees, prune
-from specinfer.verify import mss_verify, naive_verify
+from specinfer.tree import TreeBuilder, merge_trees, pad_trees, prune
+from specinfer.verify import greedy_verify, mss_verify, naive_verify
 
 V = 5
 SAMPLES = 5000
@@ -70,11 +72,19 @@ def suffix_tree(committed: tuple[int, ...]):
     return proposer.propose([Sequence(0, HISTORY + list(committed), SamplingParams(temperature=1.0), frozenset(), None)])[0]
 
 
+def gumbel_verify(tree, scores: torch.Tensor, seq: Sequence, position: int, reuse_noise: bool):
+    """The engine's Gumbel verification of one tree (``SpecInferEngine.verify``); ``reuse_noise``: the
+    deliberate bug of one noise vector for every position."""
+    batch = pad_trees([tree])
+    first, depths = (0, torch.zeros_like(batch.depths)) if reuse_noise else (position, batch.depths)
+    return greedy_verify(batch, gumbel_choice(scores[None], [seq.seed], torch.tensor([first]), depths))[0]
+
+
 def decode_two(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence, residual=None) -> tuple[int, int]:
     committed: tuple[int, ...] = (0,)
     out: list[int] = []
     while len(out) < 2:
-        adaptive = method.startswith("adaptive")
+        adaptive = "adaptive" in method
         if method.startswith("suffix"):  # the suffix tree, alone or merged with an SSM's selected tree
             ssm = [draft(committed, s, shape, True, seq, True)[0] for s, shape in enumerate(shapes)]
             tree = merge_trees(ssm + [suffix_tree(committed)])
@@ -91,10 +101,13 @@ def decode_two(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence, 
             q = torch.stack([torch.stack([torch.softmax(ssm_logits(s, node_prefix[u]), -1) for u in range(tree.size)])
                              for s in range(len(shapes))])
             tree = replace(tree, selected=False, draft_probs=q)
-        p = torch.softmax(torch.stack([llm_logits(node_prefix[i]) for i in range(tree.size)]), dim=-1)
+        scores = torch.stack([llm_logits(node_prefix[i]) for i in range(tree.size)])
+        p = torch.softmax(scores, dim=-1)
         if method == "suffix_trusted":  # the deliberate bug: earlier text taken as a draw from the LLM itself
             tree = replace(tree, selected=False, draft_probs=p[None])
-        if method == "naive":
+        if method.startswith("gumbel"):
+            path, bonus = gumbel_verify(tree, scores, seq, len(out), method.endswith("reused"))
+        elif method == "naive":
             path, bonus = naive_verify(tree, p, seq.generator)
         else:
             kwargs = {"residual": residual} if residual else {}
@@ -121,7 +134,11 @@ def tv_and_bound(counts: Counter, n: int) -> tuple[float, float]:
 
 def empirical(shapes, method, seed: int, residual=None) -> Counter:
     seq = Sequence(0, [0], SamplingParams(temperature=1.0), frozenset(), make_generator(seed))
-    return Counter(decode_two(shapes, method, seq, residual) for _ in range(SAMPLES))
+    counts = Counter()
+    for i in range(SAMPLES):
+        seq.seed = seed * SAMPLES + i  # a request per sample: the Gumbel noise's key
+        counts[decode_two(shapes, method, seq, residual)] += 1
+    return counts
 
 
 TREES = {
@@ -132,18 +149,27 @@ TREES = {
 }
 
 
-@pytest.mark.parametrize("method", ["mss_with", "mss_without", "naive"])
+@pytest.mark.parametrize("method", ["mss_with", "mss_without", "naive", "gumbel"])
 @pytest.mark.parametrize("tree", sorted(TREES))
 def test_verifier_preserves_llm_distribution(tree, method):
     tv, bound = tv_and_bound(empirical(TREES[tree], method, seed=1234), SAMPLES)
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
 
 
+@pytest.mark.parametrize("verifier", ["mss", "gumbel"])
 @pytest.mark.parametrize("tree", sorted(TREES))
-def test_adaptive_trees_preserve_llm_distribution(tree):
-    """Candidates selected by confidence and pruned, tested as one-hot draws: still exact."""
-    tv, bound = tv_and_bound(empirical(TREES[tree], "adaptive", seed=1234), SAMPLES)
+def test_adaptive_trees_preserve_llm_distribution(tree, verifier):
+    """Candidates selected by confidence and pruned, tested as one-hot draws (MSS) or against the
+    Gumbel-max sample: still exact."""
+    method = "adaptive" if verifier == "mss" else "gumbel_adaptive"
+    tv, bound = tv_and_bound(empirical(TREES[tree], method, seed=1234), SAMPLES)
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+
+
+@pytest.mark.parametrize("tree", ["chain", "star"])
+def test_gumbel_noise_reused_across_positions_fails_the_same_test(tree):
+    tv, bound = tv_and_bound(empirical(TREES[tree], "gumbel_reused", seed=1234), SAMPLES)
+    assert tv > bound, f"wrong verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"
 
 
 @pytest.mark.parametrize("tree", ["star"])

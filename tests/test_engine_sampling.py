@@ -40,7 +40,8 @@ def exact_second_and_third(llm_folder) -> dict[tuple[int, int], float]:
 
 
 @pytest.mark.parametrize("draft_sampling, verifier", [
-    ("with_replacement", "mss"), ("without_replacement", "mss"), ("with_replacement", "naive")])
+    ("with_replacement", "mss"), ("without_replacement", "mss"), ("with_replacement", "naive"),
+    ("with_replacement", "gumbel")])
 def test_engine_samples_follow_the_llm(small_vocab, draft_sampling, verifier):
     llm, ssms = small_vocab
     engine = SpecInferEngine.from_pretrained(

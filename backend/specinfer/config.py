@@ -11,7 +11,7 @@ import torch
 
 DRAFT_SAMPLING = ("with_replacement", "without_replacement")
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would overflow float32
-VERIFIERS = ("mss", "naive")
+VERIFIERS = ("mss", "naive", "gumbel")
 ATTENTION = ("sdpa", "triton")
 SSM_ENGINES = ("torch", "onnxruntime", "tensorrt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

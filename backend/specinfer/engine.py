@@ -7,6 +7,7 @@ With ``speculate=False`` every tree is a lone root: plain incremental decoding, 
 """
 from __future__ import annotations
 
+import secrets
 import time
 from collections import Counter
 from collections.abc import Sequence as Seq
@@ -29,7 +30,7 @@ from .model import Transformer
 from .proposers import SuffixProposer
 from .runner import ModelRunner, NodeBatch, chain_batch
 from .runtimes import load_model
-from .sampling import make_generator, sample, target_probs
+from .sampling import gumbel_choice, make_generator, sample, target_probs, target_scores
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .tokenizer import TextTokenizer
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 CALIBRATION_TOKENS = 256  # adaptive trees measure forwards up to this many tokens at start-up
 MAX_PROBE_WAIT = 64  # steps without drafting before the SSMs are tried again, at most
+NO_FINITE_SCORE = "no token has a finite score under the sampling settings and logits changes"
 
 
 @dataclass
@@ -66,6 +68,7 @@ class GenerationResult:
     accepted_draft_tokens: int
     finish_reason: str
     log_probs: list[float] = field(default_factory=list)  # per token, where SamplingParams.log_probs asks
+    seed: int = 0  # the request's seed, or the one drawn for it: SamplingParams(seed=...) reproduces the output
 
     @property
     def tokens_per_step(self) -> float:
@@ -190,7 +193,8 @@ class SpecInferEngine:
         stop = set(params.stop_token_ids) | ({params.end_id} if params.end_id is not None else set())
         if not params.ignore_eos:
             stop |= self.eos_ids
-        return Sequence(next(self._ids), ids, params, frozenset(stop), make_generator(params.seed), len(self.ssms))
+        seed = secrets.randbits(64) if params.seed is None else params.seed
+        return Sequence(next(self._ids), ids, params, frozenset(stop), make_generator(seed), len(self.ssms), seed=seed)
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
@@ -227,7 +231,7 @@ class SpecInferEngine:
         text = self.tokenizer.decode(seq.output) if self.tokenizer else None
         return GenerationResult(
             list(seq.output), text, seq.llm_steps, seq.draft_tokens, seq.accepted_draft_tokens, seq.finish_reason or "",
-            list(seq.log_probs),
+            list(seq.log_probs), seq.seed,
         )
 
     # ----- one iteration --------------------------------------------------------------------
@@ -296,6 +300,11 @@ class SpecInferEngine:
         logits = process_batch(logits[None, None], [seq], [root])[0]
         if seq.params.greedy:
             token = int(torch.argmax(logits[0]))
+        elif self.tree.verifier == "gumbel":
+            choice, finite = self.gumbel_choices(logits[None], [seq], torch.zeros(1, 1, dtype=torch.long))
+            if not bool(finite.all()):
+                raise ValueError(NO_FINITE_SCORE)
+            token = int(choice[0, 0])
         else:
             token = sample(target_probs(logits[0], seq.params).cpu(), seq.generator)
         record(seq, logits, root, [], token, 1)
@@ -409,13 +418,28 @@ class SpecInferEngine:
 
     def verify(self, seqs: list[Sequence], trees: list[Tree], batch: TreeBatch,
                logits: torch.Tensor) -> list[Verdict | None]:
-        """Each request's verdict; ``None`` for a request whose verification raised (it is failed)."""
-        greedy = greedy_verify(batch, logits.argmax(dim=-1).cpu()) if any(s.params.greedy for s in seqs) else []
+        """Each request's verdict; ``None`` for a request whose verification raised (it is failed).
+
+        Greedy requests, and sampled ones under the Gumbel verifier, share one batched greedy
+        verification: of the argmax of the logits, or of the Gumbel-perturbed target scores."""
+        gumbel = self.tree.verifier == "gumbel"
+        by_argmax = [s.params.greedy or gumbel for s in seqs]
+        finite = torch.ones(len(seqs), dtype=torch.bool)
+        if any(by_argmax):
+            choice = logits.argmax(dim=-1)
+            sampled = [b for b, s in enumerate(seqs) if gumbel and not s.params.greedy]
+            if sampled:
+                choice[sampled], ok = self.gumbel_choices(logits[sampled], [seqs[b] for b in sampled],
+                                                          batch.depths[sampled])
+                finite[sampled] = (ok.cpu() | ~batch.valid[sampled]).all(dim=1)
+            chosen = greedy_verify(batch, choice.cpu())
         without = self.tree.draft_sampling == "without_replacement"
         verdicts: list[Verdict | None] = []
         for b, (seq, tree) in enumerate(zip(seqs, trees)):
-            if seq.params.greedy:
-                verdicts.append(greedy[b])
+            if by_argmax[b]:
+                if not finite[b]:
+                    seq.fail(ValueError(NO_FINITE_SCORE))
+                verdicts.append(chosen[b] if finite[b] else None)
                 continue
             try:
                 p = target_probs(logits[b, : tree.size], seq.params).cpu()
@@ -427,6 +451,15 @@ class SpecInferEngine:
                 seq.fail(exc)
                 verdicts.append(None)
         return verdicts
+
+    def gumbel_choices(self, logits: torch.Tensor, seqs: list[Sequence],
+                       depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gumbel-max samples ``[B, N]`` at every node, and whether each node has a token of finite
+        score: a node at depth d samples the request's output position ``len(output) + d``, so any
+        tree and incremental decoding draw each position alike."""
+        first = torch.tensor([len(s.output) for s in seqs])
+        scores = target_scores(logits, [s.params for s in seqs])
+        return gumbel_choice(scores, [s.seed for s in seqs], first, depths), torch.isfinite(scores.amax(dim=-1))
 
     def commit(self, seqs: list[Sequence], trees: list[Tree], verdicts: list[Verdict], depths: list[int]) -> None:
         """Emit accepted tokens + bonus, then move accepted K/V into every model's committed cache.

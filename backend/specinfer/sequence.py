@@ -17,6 +17,7 @@ class Sequence:
     stop_ids: frozenset[int]
     generator: torch.Generator
     num_ssms: int = 0
+    seed: int = 0  # the request's seed, or the one drawn at admission: the Gumbel noise's key
     row: int = -1  # cache row while running
     output: list[int] = field(default_factory=list)
     llm_len: int = 0  # committed slots in the LLM cache; the last token is never among them

@@ -3,6 +3,8 @@
 Each verifier returns, per request, the accepted nodes (root excluded, root-to-leaf order) and one
 token the LLM picks itself after them. Greedy output equals the LLM's argmax decoding; the
 stochastic verifiers emit tokens distributed exactly as the LLM's target distribution ``p``.
+The Gumbel verifier is greedy verification of Gumbel-max samples (``sampling.gumbel_choice``): each
+output position's draw is fixed by (seed, position), so it equals incremental decoding's draw.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from .tree import Tree, TreeBatch, path_to
 Verdict = tuple[list[int], int]  # (accepted nodes, bonus token)
 
 
-def greedy_verify(batch: TreeBatch, llm_argmax: torch.Tensor) -> list[Verdict]:
-    """Follow, from each root, the child carrying the LLM's argmax at its parent, then take the
-    argmax at the last node. ``llm_argmax [B, N]`` is the LLM's argmax at every node."""
+def greedy_verify(batch: TreeBatch, choice: torch.Tensor) -> list[Verdict]:
+    """Follow, from each root, the child carrying the LLM's choice at its parent, then take the
+    choice at the last node. ``choice [B, N]``: the LLM's argmax at every node (greedy requests), or
+    its Gumbel-max sample there (the Gumbel verifier)."""
     parents = batch.parents.clamp(min=0)
-    match = batch.valid & (batch.tokens == torch.gather(llm_argmax, 1, parents)) & (batch.parents >= 0)
+    match = batch.valid & (batch.tokens == torch.gather(choice, 1, parents)) & (batch.parents >= 0)
     accepted = torch.zeros_like(match)
     accepted[:, 0] = True
     for _ in range(int(batch.depths.max())):
@@ -28,7 +31,7 @@ def greedy_verify(batch: TreeBatch, llm_argmax: torch.Tensor) -> list[Verdict]:
     deepest = torch.argmax(torch.where(accepted, batch.depths, -1), dim=1)
     verdicts = []
     for b, node in enumerate(deepest.tolist()):
-        verdicts.append((path_to(batch.parents[b].tolist(), node), int(llm_argmax[b, node])))
+        verdicts.append((path_to(batch.parents[b].tolist(), node), int(choice[b, node])))
     return verdicts
 
 

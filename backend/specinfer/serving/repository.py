@@ -80,7 +80,7 @@ class RepositoryOptions:
     max_context: int = 2048  # tokens per request (0: the LLM's max_position_embeddings, 8192 for SmolLM2:
     # 6 GB of KV cache per decoding model at 16 rows in fp32)
     draft_sampling: str = "with_replacement"
-    verifier: str = "mss"
+    verifier: str = "gumbel"  # seeded sampled requests reproduce at any load; same acceptance as MSS on selected trees
     adaptive: bool = True  # the expansion is the largest tree; each step verifies what pays off here
     proposers: tuple[str, ...] = ("suffix", "ssm")  # where draft nodes come from (TreeConfig.proposers)
     suffix_global_tokens: int = 0  # earlier outputs the suffix proposer keeps for every request (0: none)
