@@ -105,7 +105,7 @@ def test_ssm_with_another_vocabulary(tmp_path, models):
 
 
 def test_tree_too_large_for_the_ssms(models):
-    with pytest.raises(ValueError, match="with 2 SSM\\(s\\) builds up to 89 tree tokens, more than max_tree_tokens=64"):
+    with pytest.raises(ValueError, match="with 2 SSM\\(s\\) and 0 suffix nodes builds up to 89 tree tokens, more than max_tree_tokens=64"):
         SpecInferEngine.from_pretrained(models["llm"], [models["close"], models["other"]],
                                         tree=TreeConfig(expansion=(4, 2, 2, 1), max_tree_tokens=64))
 
@@ -127,7 +127,7 @@ def test_missing_and_non_llama_checkpoints(tmp_path, models):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_batch_size=0), "max_batch_size must be >= 1"),
-    (dict(dtype="int8"), "dtype must be float32, bfloat16 or float16"),
+    (dict(dtype="int8"), "dtype must be auto, float32, bfloat16 or float16"),
     (dict(device="tpu"), "device must be 'cpu' or 'cuda"),
     (dict(max_context=1), "max_context must be >= 2"),
 ])

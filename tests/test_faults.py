@@ -274,6 +274,9 @@ def test_sigterm_during_start_up_leaves_no_server(served):
     assert wait_for(lambda: not group_alive(group), timeout=5)
 
 
+@pytest.mark.xfail(reason="open (issue 21): an ensemble inference can stay in flight after the drain failed every "
+                          "decoding request, so Triton's exit timeout expires (exit code 1, or SIGKILL by the launcher)",
+                   strict=False)
 def test_sigterm_with_requests_in_flight_ends_everything(served, tmp_path):
     """With 6 gRPC requests in flight on each of the ensemble, the BLS model (streams) and the unary model
     (plain infer()), plus an SSE stream, SIGTERM to the launcher: every client hears an error or its

@@ -94,7 +94,7 @@ def test_tree_respects_node_budget_and_min_probability():
 def test_own_repeated_text_is_proposed_from_the_first_repetition():
     text = [11, 12, 13, 14, 15, 16]
     proposer = SuffixProposer(SuffixConfig(max_nodes=8, min_probability=0.1))
-    seq = Sequence(0, text + [20], SamplingParams(), frozenset(), make_generator(None))
+    seq = Sequence(0, text + [20], SamplingParams(), frozenset(), make_generator(0))
     assert proposer.propose([seq])[0].size == 1  # 20 was never followed by anything
     seq.output = [11]  # the repetition starts: the rest of the text is proposed as a chain
     tree = proposer.propose([seq])[0]

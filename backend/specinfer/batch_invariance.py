@@ -67,9 +67,12 @@ class VirtualKeys:
         on_path = (rel >= 0) & (rel < count)
         node = torch.gather(path, -1, rel.clamp(0, n - 1).expand(b, t, width))
         slots = torch.where(on_path, lengths[:, None, None] + node, j)
+        visible = (rel < 0) | on_path
+        padding = count == 0  # a padding query sees only the scratch slot past the region, as with SDPA
+        visible = torch.where(padding, rel == n, visible)
         identity = bool(torch.equal(slots, j.expand(b, t, width)))
         tail = max(1, -(-(PV_BLOCK - 1 + n) // PV_BLOCK))
-        return cls(slots, (rel < 0) | on_path, lengths // PV_BLOCK, tail, identity)
+        return cls(slots, visible, lengths // PV_BLOCK, tail, identity)
 
     def to(self, device: torch.device) -> "VirtualKeys":
         return VirtualKeys(self.slots.to(device), self.visible.to(device), self.tail_block.to(device),

@@ -16,6 +16,7 @@ from .attention import MASKS, Visibility
 from .batch_invariance import KEY_BLOCK, round_up
 from .cost_model import FixedCosts, ForwardCosts
 from .model import Transformer
+from .runtimes.base import CompiledModel
 
 
 @dataclass
@@ -62,14 +63,16 @@ def layout(lengths: torch.Tensor, nodes: NodeBatch, attention: str,
 
 
 class ModelRunner:
-    """``batch_invariant``: pad the attention so that a token's result does not depend on the rest of
-    the batch (``batch_invariance.py``; the model's linear layers pad themselves)."""
+    """``batch_invariant``: the attention's form in which a token's result does not depend on the rest
+    of the batch (``batch_invariance.py``; the model's linear layers pad themselves). Not for compiled
+    models, which run their own kernels."""
 
     def __init__(self, model: Transformer, rows: int, slots: int, attention: str = "sdpa",
                  batch_invariant: bool = True) -> None:
         self.model = model
         self.attention = attention
-        self.invariant = batch_invariant
+        # a compiled model runs its own kernels (and TensorRT's profiles are sized by the unpadded slots)
+        self.invariant = batch_invariant and not isinstance(model, CompiledModel)
         self.cache = model.new_cache(rows, round_up(slots, KEY_BLOCK) if batch_invariant else slots)
         self.device = self.cache.batch_index.device  # the model's (a compiled one has no torch weights)
         self.seconds = 0.0  # wall time spent in forwards, for the overhead figure of benchmarks
