@@ -2,7 +2,7 @@
 
 Computed alone (one-token decoding), as a node of random trees over the same prefix, and as a row
 of a batch with other requests of other prefix lengths: bit-identical (``torch.equal``) in float32
-and bfloat16, prefixes on both sides of the attention's 512-key block. The negative control runs
+and bfloat16, over prefixes whose key widths differ (37 to 700 tokens, beside requests of up to 610). The negative control runs
 the same comparisons with ``batch_invariant`` off (the kernels' fastest shapes) and must fail them.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from specinfer.tree import pad_trees
 from test_tree_attention import random_tree
 
 VOCAB = 512
-PREFIXES = (37, 300, 700)  # below, around and past the first key block
+PREFIXES = (37, 300, 700)
 
 
 @pytest.fixture(scope="module")

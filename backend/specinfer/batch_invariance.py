@@ -6,12 +6,10 @@ the rounding flips an argmax, which bfloat16 does often. PyTorch's CPU kernels h
 classes by shape, each bit-identical within itself (``tests/test_batch_invariance.py`` pins them):
 
 - ``F.linear``: float32 has three classes by row count M (1, 2-3, 4 and more: MKL's gemv and two
-  gemm paths); bfloat16/float16 two (1, 2 and more). Padding to ``MIN_ROWS`` rows keeps every
-  forward in the last class. In bfloat16 that costs nothing (two rows are as fast as one).
-- ``scaled_dot_product_attention``: the flash kernel splits the keys into blocks of 512 once there
-  are at least 512 of them, and rounds per block; so the key width is padded to a multiple of
-  ``KEY_BLOCK`` (masked keys add exact zeros). In float32/float16, fewer than 4 queries take other
-  paths: the queries are padded to ``MIN_QUERIES``.
+  gemm paths; and the rows past a multiple of 4 apart); bfloat16/float16 two (1, 2 and more).
+  ``padded_rows`` keeps every row in one class; in bfloat16 that costs nothing (two rows cost one).
+- ``scaled_dot_product_attention`` rounds a query's result by the number of queries, its position
+  among them and the key width (its flash kernel blocks keys by 512): ``attention`` below replaces it.
 - RMSNorm, rotary embedding, SiLU, embedding gathers and cache scatters are per-token already.
 """
 from __future__ import annotations
@@ -20,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-KEY_BLOCK = 512
+KEY_BLOCK = 64  # key widths (and cache slots) are multiples of this: whole PV_BLOCKs
 PV_BLOCK = 64  # keys per GEMM of the weighted sum over values
 MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 ROW_MULTIPLE = {torch.float32: 4, torch.bfloat16: 1, torch.float16: 1}
@@ -82,7 +80,7 @@ class VirtualKeys:
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: VirtualKeys) -> torch.Tensor:
     """Attention whose result for a query depends only on its own keys, in incremental decoding's order.
 
-    ``q [B, T, H, D]``, ``keys``/``values [B, S, KVH, D]`` (``S`` a multiple of ``KEY_BLOCK``). Scores
+    ``q [B, T, H, D]``, ``keys``/``values [B, S, KVH, D]`` (``S`` a multiple of ``PV_BLOCK``). Scores
     are one GEMM per (row, KV head), rows padded to ``padded_rows``, then gathered into each query's
     virtual key order (``VirtualKeys``); softmax in float32 over all ``S`` keys (masked keys add exact
     zeros); the weighted sum over keys one float32 GEMM per ``PV_BLOCK`` keys, summed in key order.
