@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-KEY_BLOCK = 64  # key widths (and cache slots) are multiples of this: whole PV_BLOCKs
-PV_BLOCK = 64  # keys per GEMM of the weighted sum over values
+KEY_BLOCK = 64  # keys per GEMM of the weighted sum over values; key widths and cache slots are multiples of it
 MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 ROW_MULTIPLE = {torch.float32: 4, torch.bfloat16: 1, torch.float16: 1}
 
@@ -49,7 +48,7 @@ class VirtualKeys:
 
     slots: torch.Tensor  # [B, T, S] long
     visible: torch.Tensor  # [B, T, S] bool
-    tail_block: torch.Tensor  # [B] the first PV_BLOCK holding a key of the tree region
+    tail_block: torch.Tensor  # [B] the first KEY_BLOCK holding a key of the tree region
     tail_blocks: int  # how many blocks from there may hold path keys
     identity: bool
 
@@ -69,8 +68,8 @@ class VirtualKeys:
         padding = count == 0  # a padding query sees only the scratch slot past the region, as with SDPA
         visible = torch.where(padding, rel == n, visible)
         identity = bool(torch.equal(slots, j.expand(b, t, width)))
-        tail = max(1, -(-(PV_BLOCK - 1 + n) // PV_BLOCK))
-        return cls(slots, visible, lengths // PV_BLOCK, tail, identity)
+        tail = round_up(KEY_BLOCK - 1 + n, KEY_BLOCK) // KEY_BLOCK
+        return cls(slots, visible, lengths // KEY_BLOCK, tail, identity)
 
     def to(self, device: torch.device) -> "VirtualKeys":
         return VirtualKeys(self.slots.to(device), self.visible.to(device), self.tail_block.to(device),
@@ -80,10 +79,10 @@ class VirtualKeys:
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: VirtualKeys) -> torch.Tensor:
     """Attention whose result for a query depends only on its own keys, in incremental decoding's order.
 
-    ``q [B, T, H, D]``, ``keys``/``values [B, S, KVH, D]`` (``S`` a multiple of ``PV_BLOCK``). Scores
+    ``q [B, T, H, D]``, ``keys``/``values [B, S, KVH, D]`` (``S`` a multiple of ``KEY_BLOCK``). Scores
     are one GEMM per (row, KV head), rows padded to ``padded_rows``, then gathered into each query's
     virtual key order (``VirtualKeys``); softmax in float32 over all ``S`` keys (masked keys add exact
-    zeros); the weighted sum over keys one float32 GEMM per ``PV_BLOCK`` keys, summed in key order.
+    zeros); the weighted sum over keys one float32 GEMM per ``KEY_BLOCK`` keys, summed in key order.
     A block holding only committed keys is the same for every query of a row (one GEMM for all of
     them); a block with tree keys gets each query's own values. So neither the number of queries, nor
     the tree's layout, nor the longest row of the batch changes any query's arithmetic.
@@ -98,22 +97,22 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: V
         scores = torch.gather(scores, -1, view.slots[:, None, :, None, :].expand(b, kvh, t, g, s))
     probs = torch.softmax(scores.masked_fill_(~view.visible[:, None, :, None, :], float("-inf")), dim=-1)
     probs = probs.nan_to_num_(0.0)  # rows that see nothing (padding)
-    blocks = s // PV_BLOCK
+    blocks = s // KEY_BLOCK
     vals = values.float()
-    shared = block_products(probs.view(b, kvh, t * g, blocks, PV_BLOCK).transpose(2, 3),
-                            vals.permute(0, 2, 1, 3).reshape(b, kvh, blocks, PV_BLOCK, d))
+    shared = block_products(probs.view(b, kvh, t * g, blocks, KEY_BLOCK).transpose(2, 3),
+                            vals.permute(0, 2, 1, 3).reshape(b, kvh, blocks, KEY_BLOCK, d))
     parts = shared.view(b, kvh, blocks, t, g, d)
     if not view.identity:
         tail = view.tail_blocks
-        pos = view.tail_block[:, None] * PV_BLOCK + torch.arange(tail * PV_BLOCK, device=q.device)  # [B, W]
+        pos = view.tail_block[:, None] * KEY_BLOCK + torch.arange(tail * KEY_BLOCK, device=q.device)  # [B, W]
         inside = pos < s
         pos = pos.clamp(max=s - 1)
         w = pos.shape[1]
         slots = torch.gather(view.slots, -1, pos[:, None, :].expand(b, t, w))  # [B, T, W]
         own = vals[torch.arange(b, device=q.device)[:, None, None], slots]  # [B, T, W, KVH, D]
-        own = own.permute(0, 3, 1, 2, 4).reshape(b, kvh, t, tail, PV_BLOCK, d)
+        own = own.permute(0, 3, 1, 2, 4).reshape(b, kvh, t, tail, KEY_BLOCK, d)
         p = torch.gather(probs, -1, pos[:, None, None, None, :].expand(b, kvh, t, g, w)) * inside[:, None, None, None, :]
-        p = p.view(b, kvh, t, g, tail, PV_BLOCK).permute(0, 1, 2, 4, 3, 5)  # [B, KVH, T, tail, G, BLOCK]
+        p = p.view(b, kvh, t, g, tail, KEY_BLOCK).permute(0, 1, 2, 4, 3, 5)  # [B, KVH, T, tail, G, BLOCK]
         tail_parts = block_products(p, own)  # [B, KVH, T, tail, G, D]
         parts = torch.cat([parts, parts.new_zeros(b, kvh, tail, t, g, d)], dim=2)
         index = (view.tail_block[:, None] + torch.arange(tail, device=q.device))  # [B, tail]

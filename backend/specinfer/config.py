@@ -14,6 +14,7 @@ GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would
 VERIFIERS = ("mss", "naive", "gumbel")
 ATTENTION = ("sdpa", "triton")
 SSM_ENGINES = ("torch", "onnxruntime", "tensorrt")
+PROPOSERS = ("suffix", "ssm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPUs whose matrix units compute bfloat16
 
@@ -37,7 +38,6 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return dtype
     return "bfloat16" if device.startswith("cuda") or cpu_computes_bf16() else "float32"
-PROPOSERS = ("suffix", "ssm")
 
 
 @dataclass(frozen=True)

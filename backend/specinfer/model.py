@@ -40,7 +40,7 @@ class Linear(nn.Linear):
     """``nn.Linear`` that can pad its rows (zeros appended, results dropped) so that a row's result
     does not depend on how many rows share the call (``batch_invariance.py``)."""
 
-    invariant = False  # set per model by Transformer.batch_invariant
+    invariant = True  # Transformer.batch_invariant switches a model's layers off (to measure the cost, to trace)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(x, self.bias)
@@ -193,7 +193,6 @@ class Transformer(nn.Module):
         model.inv_freq = rope_inv_freq(args)  # replaces the meta buffer
         model = model.to(device=device, dtype=dtype).eval()
         model.inv_freq = rope_inv_freq(args).to(device)  # stays float32 whatever the weights' dtype
-        model.batch_invariant(True)
         return model
 
     def batch_invariant(self, on: bool) -> None:
