@@ -39,7 +39,7 @@ def main() -> None:
         onnx.checker.check_model(str(graph))
         print(f"{ssm}: {graph} ({graph.stat().st_size / 2**20:.1f} MiB, checked) in {time.perf_counter() - start:.1f} s")
         if args.tensorrt:
-            from specinfer.checkpoint import read_model_args
+            from specinfer.model.checkpoint import read_model_args
             from specinfer.runtimes.tensorrt_model import build_plan, engine_profiles
 
             tree = TreeConfig(expansion=parse_expansion(args.expansion), max_tree_tokens=args.max_tree_tokens)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from specinfer import TreeConfig
 from specinfer.config import ATTENTION, SSM_ENGINES, VERIFIERS, SuffixConfig, parse_expansion, parse_proposers
-from specinfer.checkpoint import read_model_args
-from specinfer.gguf_checkpoint import is_gguf
+from specinfer.model.checkpoint import read_model_args
+from specinfer.model.gguf import is_gguf
 from specinfer.parallel.shard import check_size
 from specinfer.serving.repository import RepositoryOptions, write_repository
 from specinfer.serving.requests import Limits

@@ -22,7 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
-from specinfer.kv_cache import KVCache
+from specinfer.model.kv_cache import KVCache
 from specinfer.runner import NodeBatch, layout
 from specinfer.tree import TreeBuilder, pad_trees
 

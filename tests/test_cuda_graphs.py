@@ -10,7 +10,7 @@ import torch
 
 from conftest import VOCAB, prompts
 from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig
-from specinfer.cuda_graphs import GraphedModel, bucket
+from specinfer.model.cuda_graphs import GraphedModel, bucket
 from specinfer.model import Transformer
 from specinfer.runner import ModelRunner, NodeBatch, chain_batch
 from specinfer.tree import pad_trees

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from gguf_files import CHAT_TEMPLATE, bpe_tokenizer, llama_cpp_permute, write_gguf
 from specinfer import SamplingParams, SpecInferEngine
-from specinfer.gguf_checkpoint import unpermute_rope
+from specinfer.model.gguf import unpermute_rope
 from specinfer.model import Transformer
 from specinfer.runner import ModelRunner, chain_batch
 from specinfer.tokenizer import TextTokenizer

@@ -12,7 +12,7 @@ import torch
 from conftest import prompts
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.config import EngineConfig
-from specinfer.kv_cache import KVCache
+from specinfer.model.kv_cache import KVCache
 from specinfer.runner import NodeBatch, layout
 from specinfer.serving.repository import RepositoryOptions, repository_files
 from specinfer.tree import TreeBuilder, pad_trees

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from specinfer import TreeConfig
-from specinfer.tree import TreeBuilder, ancestor_mask, merge_trees, packed_mask, pad_trees, path_to, root_only
+from specinfer.model.attention import packed_mask
+from specinfer.tree import TreeBuilder, ancestor_mask, merge_trees, pad_trees, path_to, root_only
 
 
 def brute_ancestors(parents: list[int]) -> torch.Tensor:

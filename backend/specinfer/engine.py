@@ -22,7 +22,7 @@ from .adaptive import (AcceptanceModel, RateCorrection, best_nodes, choose_depth
                        path_probability)
 from .config import DTYPES, EngineConfig, SamplingParams, TreeConfig
 from .cost_model import ForwardCosts, calibration_sizes
-from .cuda_graphs import GraphedModel
+from .model.cuda_graphs import GraphedModel
 from .draft import draft_trees, ssm_accepted
 from .log_probs import record
 from .logits_processors import process_batch

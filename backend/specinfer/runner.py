@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import MASKS, Visibility
-from .batch_invariance import KEY_BLOCK, round_up
+from .model.attention import MASKS, Visibility
+from .model.batch_invariance import KEY_BLOCK, round_up
 from .cost_model import FixedCosts, ForwardCosts
 from .model import Transformer
 from .runtimes.base import CompiledModel

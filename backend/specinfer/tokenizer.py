@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .gguf_checkpoint import is_gguf, read_gguf_config
+from .model.gguf import is_gguf, read_gguf_config
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 

@@ -161,17 +161,6 @@ def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
         node = torch.where(up, torch.gather(parents, -1, node.clamp(min=0)), node)
 
 
-def packed_mask(anc: torch.Tensor) -> torch.Tensor:
-    """TensorRT-LLM's packed tree mask: ``ceil(N/32)`` int32 words per row, bit ``j`` = ``anc[i, j]``."""
-    n = anc.shape[-1]
-    words = (n + 31) // 32
-    padded = torch.zeros(*anc.shape[:-1], words * 32, dtype=torch.int64)
-    padded[..., :n] = anc.long()
-    bits = padded.view(*anc.shape[:-1], words, 32) << torch.arange(32, dtype=torch.int64)
-    packed = bits.sum(dim=-1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-
-
 @dataclass
 class TreeBatch:
     """Trees of several requests padded to one size for a single batched forward."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import ModelArgs
+from ..model.checkpoint import ModelArgs
 from ..model import Linear
 from .shard import shard_args, shard_state
 

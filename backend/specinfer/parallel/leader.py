@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ..attention import Visibility
-from ..checkpoint import read_model_args
+from ..model.attention import Visibility
+from ..model.checkpoint import read_model_args
 from ..config import DTYPES
-from ..kv_cache import KVCache, Rows
+from ..model.kv_cache import KVCache, Rows
 from ..model import Transformer
 from . import protocol
 from .groups import connect

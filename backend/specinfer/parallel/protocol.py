@@ -12,8 +12,8 @@ from enum import IntEnum
 
 import torch
 
-from ..attention import DenseMask, PackedTreeMask, Visibility
-from ..kv_cache import Rows
+from ..model.attention import DenseMask, PackedTreeMask, Visibility
+from ..model.kv_cache import Rows
 
 SCALARS = 6
 MAX_TENSORS = 8

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from ..checkpoint import ModelArgs
+from ..model.checkpoint import ModelArgs
 
 
 def valid_sizes(args: ModelArgs) -> list[int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_model_args
+from ..model.checkpoint import read_model_args
 from ..config import SSM_ENGINES, TreeConfig
 from ..model import Transformer
 from .base import CompiledModel

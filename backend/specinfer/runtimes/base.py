@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import DenseMask
-from ..checkpoint import ModelArgs
-from ..kv_cache import KVCache, Rows
+from ..model.attention import DenseMask
+from ..model.checkpoint import ModelArgs
+from ..model.kv_cache import KVCache, Rows
 from .onnx_export import input_names, output_names
 
 

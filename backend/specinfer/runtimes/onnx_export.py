@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import DenseMask
-from ..checkpoint import ModelArgs
+from ..model.attention import DenseMask
+from ..model.checkpoint import ModelArgs
 from ..model import Transformer
 
 OPSET = 18

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from ..checkpoint import ModelArgs
+from ..model.checkpoint import ModelArgs
 from ..config import TreeConfig
 from .base import CompiledModel
 from .onnx_export import cache_names

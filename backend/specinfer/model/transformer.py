@@ -20,7 +20,7 @@ from .checkpoint import ModelArgs, read_checkpoint
 from .kv_cache import KVCache, Rows
 
 if TYPE_CHECKING:
-    from .parallel.layers import Shard
+    from ..parallel.layers import Shard
 
 
 class RMSNorm(nn.Module):

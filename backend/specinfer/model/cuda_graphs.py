@@ -20,7 +20,7 @@ import torch
 
 from .attention import PackedTreeMask, Visibility
 from .kv_cache import KVCache, Rows
-from .model import Transformer
+from .transformer import Transformer
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)

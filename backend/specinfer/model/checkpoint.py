@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .gguf_checkpoint import is_gguf, read_gguf, read_gguf_config
+from .gguf import is_gguf, read_gguf, read_gguf_config
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")

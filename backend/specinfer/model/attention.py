@@ -19,7 +19,18 @@ import torch.nn.functional as F
 
 from .batch_invariance import KEY_BLOCK, VirtualKeys, attention, round_up
 from .kv_cache import KVCache, Rows
-from .tree import packed_mask
+
+
+def packed_mask(anc: torch.Tensor) -> torch.Tensor:
+    """TensorRT-LLM's packed tree mask: ``ceil(N/32)`` int32 words per row, bit ``j`` = ``anc[i, j]``."""
+    n = anc.shape[-1]
+    words = (n + 31) // 32
+    padded = torch.zeros(*anc.shape[:-1], words * 32, dtype=torch.int64)
+    padded[..., :n] = anc.long()
+    bits = padded.view(*anc.shape[:-1], words, 32) << torch.arange(32, dtype=torch.int64)
+    packed = bits.sum(dim=-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
 
 @dataclass
 class DenseMask:
@@ -75,7 +86,7 @@ class PackedTreeMask:
         return PackedTreeMask(self.lengths.to(device), self.bits.to(device), self.region)
 
     def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: Rows) -> torch.Tensor:
-        from .kernels import tree_attention  # triton is imported only where this backend is chosen
+        from ..kernels import tree_attention  # triton is imported only where this backend is chosen
 
         if isinstance(rows, slice):
             rows = torch.arange(rows.start, rows.stop, device=q.device)
