@@ -9,7 +9,7 @@ from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.adaptive import (AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_size,
                                 path_probability)
 from specinfer.cost_model import FixedCosts, ForwardCosts, calibration_sizes
-from specinfer.tree import TreeBuilder, prune
+from specinfer.tree import TreeBuilder, pad_trees, root_only
 
 PROMPTS = prompts(12, seed=31)
 PARAMS = [SamplingParams(max_tokens=5 + (i * 5) % 13, ignore_eos=True) for i in range(len(PROMPTS))]
@@ -17,12 +17,12 @@ TREES = {"chain": (1, 1, 1, 1), "paper": (1, 1, 3, 1, 1, 1, 1, 1)}
 
 
 def sample_tree():
-    """root -> a (0.9) -> c (0.5); root -> b (0.3)."""
+    """root -> a (0.9) -> c (0.5); root -> b (0.3); beside a lone root (padded)."""
     b = TreeBuilder(7, selected=True)
     a = b.add(0, 10, confidence=0.9)
     b.add(0, 11, confidence=0.3)
     b.add(a, 12, confidence=0.5)
-    return b.build()
+    return pad_trees([b.build(), root_only(8)])
 
 
 def test_forward_costs_interpolate_and_extrapolate():
@@ -39,32 +39,39 @@ def test_forward_costs_interpolate_and_extrapolate():
 
 
 def test_path_probability_and_best_nodes_keep_parents():
-    tree = sample_tree()
-    prob = path_probability(tree, tree.confidence)
-    torch.testing.assert_close(prob, torch.tensor([1.0, 0.9, 0.3, 0.45]))
-    assert best_nodes(tree, prob, 1) == [0, 1]
-    assert best_nodes(tree, prob, 2) == [0, 1, 3]  # a's child before the weaker sibling b
-    small = prune(tree, best_nodes(tree, prob, 2))
-    assert small.tokens.tolist() == [7, 10, 12] and small.parents.tolist() == [-1, 0, 1]
-    assert small.selected and small.confidence.tolist() == pytest.approx([1.0, 0.9, 0.5])
+    batch = sample_tree()
+    prob = path_probability(batch, batch.confidence)
+    torch.testing.assert_close(prob, torch.tensor([[1.0, 0.9, 0.3, 0.45], [1.0, 0.0, 0.0, 0.0]]))
+    assert best_nodes(batch, prob, 1)[0].tolist() == [0, 1]
+    assert best_nodes(batch, prob, 2)[0].tolist() == [0, 1, 3]  # a's child before the weaker sibling b
+    small = batch.select(best_nodes(batch, prob, 2))
+    assert small.tokens[0].tolist() == [7, 10, 12] and small.parents[0].tolist() == [-1, 0, 1]
+    assert small.sizes.tolist() == [3, 1]  # the lone root keeps its root alone
+    assert small.selected[0] and small.confidence[0].tolist() == pytest.approx([1.0, 0.9, 0.5])
 
 
 def test_acceptance_model_learns_from_tested_nodes_only():
     model = AcceptanceModel()
-    tree = sample_tree()
-    before = model.rate(tree.confidence).clone()
+    batch = sample_tree()
+    mine = batch.valid
+    before = model.rate(batch.confidence[0]).clone()
+    a_accepted = torch.tensor([[True, True, False, False], [True, False, False, False]])
     for _ in range(50):
-        model.observe(tree, [1])  # a accepted, then c rejected; b rejected
-    after = model.rate(tree.confidence)
+        model.observe(batch, a_accepted, mine)  # a accepted, then c rejected; b rejected
+    after = model.rate(batch.confidence[0])
     assert after[1] > before[1] and after[2] < before[2] and after[3] < before[3]
     untested = AcceptanceModel()
+    b_accepted = torch.tensor([[True, False, True, False], [True, False, False, False]])
     for _ in range(50):
-        untested.observe(tree, [2])  # b accepted: a rejected, c (under a) never tested
-    assert untested.rate(tree.confidence)[3] == before[3]
+        untested.observe(batch, b_accepted, mine)  # b accepted: a rejected, c (under a) never tested
+    assert untested.rate(batch.confidence[0])[3] == before[3]
+    foreign = AcceptanceModel()
+    foreign.observe(batch, a_accepted, torch.zeros_like(mine))  # another proposer's nodes: nothing learned
+    assert torch.equal(foreign.tested, AcceptanceModel().tested)
 
 
 def test_verify_size_follows_costs():
-    gains = [torch.tensor([0.9, 0.8, 0.1]), torch.tensor([0.5])]
+    gains = torch.tensor([[0.9, 0.8, 0.1], [0.5, 0.0, 0.0]])
     assert choose_verify_size(gains, lambda n: 1.0, spent=0.0) == (4, pytest.approx(4.3))  # free: all
     assert choose_verify_size(gains, lambda n: float(n), spent=0.0)[0] == 1  # each token a full forward
     assert choose_verify_size(gains, lambda n: 1.0 + 0.1 * n, spent=0.0)[0] == 3  # the 0.1 gain does not pay
@@ -72,7 +79,7 @@ def test_verify_size_follows_costs():
 
 
 def test_depth_follows_costs():
-    gains = [[0.8, 0.6, 0.4], [0.7, 0.5, 0.1]]
+    gains = torch.tensor([[0.8, 0.6, 0.4], [0.7, 0.5, 0.1]])
     assert choose_depth(gains, lambda n: 1.0, lambda n: 0.0, 3, (1, 1, 1)) == 3
     assert choose_depth(gains, lambda n: float(n), lambda n: 0.0, 3, (1, 1, 1)) == 0
     assert choose_depth(gains, lambda n: 1.0, lambda n: 1.0, 3, (1, 1, 1)) == 0  # drafting costs too much
@@ -154,10 +161,32 @@ def test_free_verification_means_the_full_tree(models, reference):
 
 
 def test_adaptive_sampling_is_reproducible_for_the_same_decisions(models):
-    """A seed fixes the output where the trees' sizes repeat (measured costs may choose others)."""
-    def run():
+    """With the decisions fixed (given costs, no correction by step times) a seed fixes the output,
+    and another seed changes it."""
+    def run(seed):
         engine, _ = engine_with_costs(models, lambda n: 1.0 + 0.01 * n, lambda n: 0.1, expansion=(1, 2, 1))
-        params = SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+        engine.policy.rates.observe = lambda *args: None
+        params = SamplingParams(max_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
         return [r.token_ids for r in engine.generate(PROMPTS[:4], params)]
 
-    assert run() == run()
+    first = run(5)
+    assert run(5) == first
+    assert run(6) != first
+
+
+def test_policy_learns_from_real_steps(models, reference):
+    """Every decision's state is fed by the steps: acceptance by confidence, gains per drafted depth
+    (overall and per row), the rate correction of speculating and of plain steps."""
+    engine, _ = engine_with_costs(models, lambda n: 1.0 + 0.01 * n, lambda n: 0.05)
+    policy = engine.policy
+    prior_tested, prior_gains = policy.ssm_acceptance.tested.sum().item(), policy.depth_gains.clone()
+    results = engine.generate(PROMPTS[:4], PARAMS[:4])
+    assert [r.token_ids for r in results] == reference[:4]
+    assert policy.ssm_acceptance.tested.sum().item() > prior_tested
+    assert policy.ssm_acceptance.accepted.sum().item() > 0
+    assert not torch.equal(policy.depth_gains, prior_gains)
+    assert not torch.isnan(policy.row_gains[:4]).all()
+    assert (4, True) in policy.rates.error and policy.predicted_rate > 0
+    before = policy.row_gains.clone()
+    policy.admit([0])
+    assert torch.isnan(policy.row_gains[0]).all() and torch.equal(policy.row_gains[1:], before[1:], )

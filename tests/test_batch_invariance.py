@@ -13,6 +13,7 @@ import torch
 from conftest import make_llama, prompts
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.config import DTYPES, EngineConfig, resolve_dtype
+from specinfer.cost_model import FixedCosts
 from specinfer.model import Transformer
 from specinfer.runner import ModelRunner, NodeBatch, chain_batch
 from specinfer.tree import pad_trees
@@ -138,6 +139,10 @@ def test_bfloat16_greedy_speculation_equals_incremental(models, batch, tree):
     engine = SpecInferEngine.from_pretrained(
         models["llm"], ssms, TreeConfig(expansion=expansion, adaptive=tree == "adaptive"), dtype="bfloat16",
         max_batch_size=batch)
+    if engine.policy is not None:  # decisions from given costs, not this machine's load: drafts are verified
+        engine.llm.costs = FixedCosts(lambda n: 1.0 + 0.01 * n)
+        engine.ssms[0].costs = FixedCosts(lambda n: 0.05)
+        engine.policy.rates.observe = lambda *args: None
     seqs = prompts(8, seed=11, lo=3, hi=40)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     reference = [engine.generate([p], params, speculate=False)[0].token_ids for p in seqs]

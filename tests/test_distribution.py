@@ -1,7 +1,7 @@
 """Stochastic verification emits tokens distributed exactly as the LLM samples them.
 
 A mock LLM and mock SSMs have known distributions at every prefix over a 5-token vocabulary. The
-real drafting (``draft.expand``), merging, adaptive pruning and verifiers decode the first two tokens many times; the
+real drafting (``draft.expand``, ``draft.select_children``), merging, adaptive pruning and verifiers decode the first two tokens many times; the
 empirical joint distribution must lie within a total-variation bound of the exact one. The bound is
 E[TV] (from the exact distribution and the sample count) plus a McDiarmid deviation at 1e-5, so a
 correct verifier fails it with probability < 1e-5 (and never, given the fixed seeds); a verifier
@@ -23,15 +23,24 @@ from dataclasses import replace
 from specinfer import SamplingParams
 from specinfer.adaptive import best_nodes, path_probability
 from specinfer.config import SuffixConfig
-from specinfer.draft import expand
+from specinfer.draft import expand, select_children
 from specinfer.proposers import SuffixProposer
 from specinfer.sampling import gumbel_choice, make_generator
 from specinfer.sequence import Sequence
-from specinfer.tree import TreeBuilder, merge_trees, pad_trees, prune
+from specinfer.tree import TreeBuilder, merge, pad_trees
 from specinfer.verify import greedy_verify, mss_verify, naive_verify
 
 V = 5
 SAMPLES = 5000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Thousands of 5-token tensors: intra-op threads only add overhead (10x on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @lru_cache(maxsize=None)
@@ -52,12 +61,19 @@ def ssm_logits(ssm: int, prefix: tuple[int, ...]) -> torch.Tensor:
 
 def draft(root_prefix: tuple[int, ...], ssm: int, expansion: tuple[int, ...], replacement: bool, seq: Sequence,
           selected: bool = False):
+    """The engine's drafting by the mock SSM: sampled candidates (``draft.expand``) or selected ones
+    (``draft.select_children``, the top-k of each node)."""
     builder = TreeBuilder(root_prefix[-1], selected=selected)
     prefixes = {0: root_prefix}
     level = [0]
     for width in expansion:
         logits = torch.stack([ssm_logits(ssm, prefixes[u]) for u in level])
-        level = expand(builder, seq, level, logits, width, replacement)
+        if selected:
+            tokens, conf = select_children(logits[None], [seq.params], width)
+            level = [builder.add(level[i // width], t, confidence=c)
+                     for i, (t, c) in enumerate(zip(tokens[0].tolist(), conf[0].tolist()))]
+        else:
+            level = expand(builder, seq, level, logits, width, replacement)
         for node in level:
             prefixes[node] = prefixes[builder.parents[node]] + (builder.tokens[node],)
     return builder.build(), prefixes
@@ -72,50 +88,53 @@ def suffix_tree(committed: tuple[int, ...]):
     return proposer.propose([Sequence(0, HISTORY + list(committed), SamplingParams(temperature=1.0), frozenset(), None)])[0]
 
 
-def gumbel_verify(tree, scores: torch.Tensor, seq: Sequence, position: int, reuse_noise: bool):
-    """The engine's Gumbel verification of one tree (``SpecInferEngine.verify``); ``reuse_noise``: the
-    deliberate bug of one noise vector for every position."""
-    batch = pad_trees([tree])
-    first, depths = (0, torch.zeros_like(batch.depths)) if reuse_noise else (position, batch.depths)
-    return greedy_verify(batch, gumbel_choice(scores[None], [seq.seed], torch.tensor([first]), depths))[0]
-
-
-def decode_two(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence, residual=None) -> tuple[int, int]:
-    committed: tuple[int, ...] = (0,)
-    out: list[int] = []
-    while len(out) < 2:
-        adaptive = "adaptive" in method
-        if method.startswith("suffix"):  # the suffix tree, alone or merged with an SSM's selected tree
-            ssm = [draft(committed, s, shape, True, seq, True)[0] for s, shape in enumerate(shapes)]
-            tree = merge_trees(ssm + [suffix_tree(committed)])
-        else:
-            built = [draft(committed, s, shape, method != "mss_without", seq, adaptive) for s, shape in enumerate(shapes)]
-            tree = merge_trees([t for t, _ in built])
-        if adaptive or method == "suffix_merged":  # the nodes most likely accepted, as many as a random cost model would take
-            keep = int(torch.randint(0, tree.size, (), generator=seq.generator))
-            tree = prune(tree, best_nodes(tree, path_probability(tree, tree.confidence), keep))
-        node_prefix = {0: committed}
+def decode_step(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence, committed: list[tuple[int, ...]],
+                seeds: list[int], residual=None) -> list[list[int]]:
+    """One speculation step of every unfinished sample at once, as the engine runs it: each sample's
+    trees drafted by the mock SSMs (and its suffix tree), merged and pruned as one batch, verified
+    (the Gumbel verifier batched; the sampling verifiers one by one). Returns the emitted tokens."""
+    adaptive = "adaptive" in method
+    if method.startswith("suffix"):  # the suffix tree, alone or merged with an SSM's selected tree
+        sources = [[draft(c, s, shape, True, seq, True)[0] for c in committed] for s, shape in enumerate(shapes)]
+        sources.append([suffix_tree(c) for c in committed])
+    else:
+        sources = [[draft(c, s, shape, method != "mss_without", seq, adaptive)[0] for c in committed]
+                   for s, shape in enumerate(shapes)]
+    batch = merge([pad_trees(trees) for trees in sources])
+    if adaptive or method == "suffix_merged":  # the nodes most likely accepted, as many as a random cost model would take
+        keep = torch.stack([torch.randint(0, int(n), (), generator=seq.generator) for n in batch.sizes])
+        batch = batch.select(best_nodes(batch, path_probability(batch, batch.confidence), keep))
+    trees = [batch.tree(b) for b in range(len(committed))]
+    prefixes = []
+    for tree, c in zip(trees, committed):
+        node_prefix = {0: c}
         for i in range(1, tree.size):
             node_prefix[i] = node_prefix[int(tree.parents[i])] + (int(tree.tokens[i]),)
-        if method == "adaptive_as_sampled":  # the deliberate bug: selected candidates tested as draws from q
-            q = torch.stack([torch.stack([torch.softmax(ssm_logits(s, node_prefix[u]), -1) for u in range(tree.size)])
-                             for s in range(len(shapes))])
-            tree = replace(tree, selected=False, draft_probs=q)
-        scores = torch.stack([llm_logits(node_prefix[i]) for i in range(tree.size)])
-        p = torch.softmax(scores, dim=-1)
-        if method == "suffix_trusted":  # the deliberate bug: earlier text taken as a draw from the LLM itself
-            tree = replace(tree, selected=False, draft_probs=p[None])
-        if method.startswith("gumbel"):
-            path, bonus = gumbel_verify(tree, scores, seq, len(out), method.endswith("reused"))
-        elif method == "naive":
-            path, bonus = naive_verify(tree, p, seq.generator)
-        else:
-            kwargs = {"residual": residual} if residual else {}
-            path, bonus = mss_verify(tree, p, seq.generator, without_replacement=method == "mss_without", **kwargs)
-        emitted = tree.tokens[path].tolist() + [bonus]
-        out += emitted
-        committed += tuple(emitted)
-    return out[0], out[1]
+        prefixes.append(node_prefix)
+    scores = torch.zeros(*batch.tokens.shape, V)
+    for b, node_prefix in enumerate(prefixes):
+        scores[b, : len(node_prefix)] = torch.stack([llm_logits(node_prefix[i]) for i in range(len(node_prefix))])
+    if method.startswith("gumbel"):  # reused: the deliberate bug of one noise vector for every position
+        reused = method.endswith("reused")
+        first = torch.tensor([0 if reused else len(c) - 1 for c in committed])
+        depths = torch.zeros_like(batch.depths) if reused else batch.depths
+        verdicts = greedy_verify(batch, gumbel_choice(scores, seeds, first, depths)).rows()
+    else:
+        verdicts = []
+        for b, (tree, node_prefix) in enumerate(zip(trees, prefixes)):
+            p = torch.softmax(scores[b, : tree.size], dim=-1)
+            if method == "adaptive_as_sampled":  # the deliberate bug: selected candidates tested as draws from q
+                q = torch.stack([torch.stack([torch.softmax(ssm_logits(s, node_prefix[u]), -1) for u in range(tree.size)])
+                                 for s in range(len(shapes))])
+                tree = replace(tree, selected=False, draft_probs=q)
+            if method == "suffix_trusted":  # the deliberate bug: earlier text taken as a draw from the LLM itself
+                tree = replace(tree, selected=False, draft_probs=p[None])
+            if method == "naive":
+                verdicts.append(naive_verify(tree, p, seq.generator))
+            else:
+                kwargs = {"residual": residual} if residual else {}
+                verdicts.append(mss_verify(tree, p, seq.generator, without_replacement=method == "mss_without", **kwargs))
+    return [tree.tokens[path].tolist() + [bonus] for tree, (path, bonus) in zip(trees, verdicts)]
 
 
 def exact_two() -> dict[tuple[int, int], float]:
@@ -133,12 +152,15 @@ def tv_and_bound(counts: Counter, n: int) -> tuple[float, float]:
 
 
 def empirical(shapes, method, seed: int, residual=None) -> Counter:
+    """The first two tokens of ``SAMPLES`` requests (each its own Gumbel seed), decoded step by step."""
     seq = Sequence(0, [0], SamplingParams(temperature=1.0), frozenset(), make_generator(seed))
-    counts = Counter()
-    for i in range(SAMPLES):
-        seq.seed = seed * SAMPLES + i  # a request per sample: the Gumbel noise's key
-        counts[decode_two(shapes, method, seq, residual)] += 1
-    return counts
+    seeds = [seed * SAMPLES + i for i in range(SAMPLES)]
+    outs: list[list[int]] = [[] for _ in range(SAMPLES)]
+    while todo := [i for i in range(SAMPLES) if len(outs[i]) < 2]:
+        emitted = decode_step(shapes, method, seq, [(0, *outs[i]) for i in todo], [seeds[i] for i in todo], residual)
+        for i, tokens in zip(todo, emitted):
+            outs[i] += tokens
+    return Counter((out[0], out[1]) for out in outs)
 
 
 TREES = {

@@ -52,7 +52,7 @@ def test_graph_equals_pytorch_on_prefill_decode_and_trees(tmp_path, config, rows
     decode = chain_batch([[int(t)] for t in torch.randint(3, VOCAB, (3,), generator=g)])
     assert_close(*(r.forward(rows, lengths, decode) for r in (torch_runner, ort_runner)))
     for r in (torch_runner, ort_runner):
-        r.commit(rows, lengths, [[0]] * 3)
+        r.commit(rows, torch.tensor(lengths), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, dtype=torch.long))
     lengths = [n + 1 for n in lengths]
     batch = pad_trees([random_tree(n, g) for n in (7, 1, 12)])  # padded: different tree sizes
     b, n = batch.tokens.shape

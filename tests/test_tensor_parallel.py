@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import LlamaForCausalLM
 
 from conftest import make_llama, prompts
@@ -63,8 +64,10 @@ def test_two_ranks_give_the_logits_of_one(tmp_path, variant, attention):
         lengths = [len(p) for p in prefixes]
         same_on_both(one, two, rows, lengths, nodes)
         paths = [[0] + path_to(t.parents.tolist(), int(torch.argmax(t.depths))) for t in trees]
-        one.commit(rows, lengths, paths)
-        two.commit(rows, lengths, paths)
+        accepted = pad_sequence([torch.tensor(p) for p in paths], batch_first=True)
+        counts = torch.tensor([len(p) for p in paths])
+        one.commit(rows, torch.tensor(lengths), accepted, counts)
+        two.commit(rows, torch.tensor(lengths), accepted, counts)
         lengths = [length + len(p) for length, p in zip(lengths, paths)]
         same_on_both(one, two, rows, lengths, chain_batch([[5], [6], [7]]))
     finally:

@@ -6,7 +6,7 @@ import torch
 
 from specinfer import TreeConfig
 from specinfer.model.attention import packed_mask
-from specinfer.tree import TreeBuilder, ancestor_mask, merge_trees, pad_trees, path_to, root_only
+from specinfer.tree import TreeBuilder, merge, pad_trees, path_to, root_only, roots
 
 
 def brute_ancestors(parents: list[int]) -> torch.Tensor:
@@ -48,7 +48,7 @@ def test_merge_is_a_prefix_trie_union_keeping_every_proposal():
     b.set_draft_probs(0, q1)
     y = b.add(0, 1)
     b.add(y, 3)
-    merged = merge_trees([a.build(), b.build()])
+    merged = merge([pad_trees([a.build()]), pad_trees([b.build()])]).tree(0)
     paths = {tuple(merged.tokens[[0] + path_to(merged.parents.tolist(), i)].tolist()) for i in range(merged.size)}
     assert paths == {(9,), (9, 1), (9, 1, 2), (9, 0), (9, 1, 3)}
     one = paths_index(merged, (9, 1))
@@ -68,7 +68,78 @@ def paths_index(tree, tokens: tuple[int, ...]) -> int:
 
 def test_merge_rejects_trees_with_different_roots():
     with pytest.raises(ValueError, match="root"):
-        merge_trees([root_only(1), root_only(2)])
+        merge([pad_trees([root_only(1)]), pad_trees([root_only(2)])])
+
+
+def random_tree(size: int, vocab: int, g: torch.Generator, selected: bool = True):
+    """A proposer's trie of ``size`` random insertions (duplicates collapse) under root token 0."""
+    b = TreeBuilder(0, selected=selected)
+    for _ in range(size):
+        parent = int(torch.randint(0, len(b.tokens), (1,), generator=g))
+        b.add(parent, int(torch.randint(0, vocab, (1,), generator=g)), confidence=float(torch.rand(1, generator=g)))
+    return b.build()
+
+
+def prefixes(tree) -> dict[tuple[int, ...], int]:
+    parents = tree.parents.tolist()
+    return {tuple(tree.tokens[[0] + path_to(parents, i)].tolist()): i for i in range(tree.size)}
+
+
+def test_batched_merge_is_the_trie_union_of_every_request():
+    """Requests of different sizes at once, three proposers with overlapping tokens (a small vocabulary):
+    each merged tree holds exactly the union of the prefixes, proposals per column, the largest
+    confidence, its own node ids per proposer, parents before children."""
+    g = torch.Generator().manual_seed(3)
+    sources = [[random_tree(int(torch.randint(0, 9, (1,), generator=g)), 3, g) for _ in range(4)] for _ in range(3)]
+    merged = merge([pad_trees(trees) for trees in sources])
+    for r in range(4):
+        tree = merged.tree(r)
+        got = prefixes(tree)
+        want = [prefixes(trees[r]) for trees in sources]
+        assert set(got) == set().union(*want)
+        assert all(int(tree.parents[i]) < i for i in range(1, tree.size))
+        for key, node in got.items():
+            for col, own in enumerate(want):
+                mine = own.get(key)
+                src = sources[col][r]
+                assert int(tree.proposals[node, col]) == (int(src.proposals[mine, 0]) if mine is not None else 0)
+                assert int(tree.ssm_nodes[node, col]) == (mine if mine is not None else -1)
+            conf = [float(sources[c][r].confidence[own[key]]) for c, own in enumerate(want) if key in own]
+            assert float(tree.confidence[node]) == max(conf)
+        assert not merged.valid[r, tree.size:].any()
+
+
+def test_merge_refuses_selected_with_sampled_candidates():
+    g = torch.Generator().manual_seed(4)
+    with pytest.raises(ValueError, match="selected and sampled"):
+        merge([pad_trees([random_tree(3, 5, g)]), pad_trees([random_tree(3, 5, g, selected=False)])])
+    lone = merge([pad_trees([random_tree(3, 5, g)]), pad_trees([root_only(0)])])  # a lone root merges with either
+    assert bool(lone.selected[0])
+
+
+def test_select_keeps_sub_trees_and_remaps_parents():
+    first = TreeBuilder(0, selected=True)
+    a, b = first.add(0, 10, confidence=0.9), first.add(0, 20, confidence=0.8)
+    first.add(a, 11, confidence=0.7)
+    first.add(b, 21, confidence=0.6)
+    first.add(a, 12, confidence=0.5)  # node 5, under a
+    second = TreeBuilder(0, selected=True)
+    second.add(second.add(0, 30, confidence=0.4), 31, confidence=0.3)
+    batch = pad_trees([first.build(), second.build()])
+    small = batch.select(torch.tensor([[0, 1, 2, 5], [0, 1, 2, 5]]))  # row 1 has 3 nodes: index 5 is padding
+    assert small.tokens.tolist() == [[0, 10, 20, 12], [0, 30, 31, 0]]
+    assert small.parents.tolist() == [[-1, 0, 0, 1], [-1, 0, 1, -1]]
+    assert small.depths.tolist() == [[0, 1, 1, 2], [0, 1, 2, 0]]
+    assert small.sizes.tolist() == [4, 3]
+    assert small.confidence[0].tolist() == pytest.approx([1.0, 0.9, 0.8, 0.5])
+    assert small.ancestors[0, 3].tolist() == [True, True, False, True]
+    assert torch.equal(small.ancestors[1, 3], torch.eye(4, dtype=torch.bool)[3])  # padding sees itself only
+
+
+def test_lone_roots_are_incremental_decoding():
+    batch = roots(torch.tensor([5, 9]), 2)
+    assert batch.tokens.tolist() == [[5], [9]] and batch.sizes.tolist() == [1, 1]
+    assert batch.proposals.shape == (2, 1, 2) and not batch.selected.any()
 
 
 def test_ancestor_mask_matches_brute_force_batched():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import LlamaForCausalLM
 
 from conftest import VOCAB
@@ -50,7 +51,8 @@ def test_tree_logits_equal_incremental_decoding_of_each_path(models):
         deepest = int(torch.argmax(tree.depths))
         paths.append([0] + path_to(tree.parents.tolist(), deepest))
     lengths = [len(p) for p in prefixes]
-    runner.commit(rows, lengths, paths)
+    nodes = pad_sequence([torch.tensor(p) for p in paths], batch_first=True)
+    runner.commit(rows, torch.tensor(lengths), nodes, torch.tensor([len(p) for p in paths]))
     nxt = torch.randint(3, VOCAB, (4,), generator=g).tolist()
     after = runner.forward(rows, [l + len(p) for l, p in zip(lengths, paths)], chain_batch([[t] for t in nxt]))
     for i, (prefix, tree, path) in enumerate(zip(prefixes, trees, paths)):

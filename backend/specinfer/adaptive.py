@@ -11,18 +11,25 @@ A node is accepted iff every node on its path is, so with ``r(node)`` the probab
 is accepted given its parent was (``AcceptanceModel``: the draft confidence, calibrated by what
 verification accepted so far) the expected number of accepted draft tokens is the sum over the
 verified nodes of the product of ``r`` along their paths (at most one node per depth is accepted,
-so these events add up). These are pure functions of tensors plus one small learned table.
+so these events add up). These are pure functions of tensors over the whole batch; ``AdaptivePolicy``
+owns what they learn.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 
 import torch
 
-from .cost_model import moving_average
-from .tree import Tree
+from .config import TreeConfig
+from .cost_model import ForwardCosts, calibration_sizes, moving_average
+from .runner import ModelRunner, chain_batch
+from .sequence import Sequence
+from .tree import TreeBatch
 
 BINS = 20
+CALIBRATION_TOKENS = 256  # forwards are measured up to this many tokens at start-up
+MAX_PROBE_WAIT = 64  # steps without drafting before the SSMs are tried again, at most
 PRIOR_WEIGHT = 4.0  # pseudo-observations per bin: until measured, a confidence is taken at its word
 
 
@@ -42,78 +49,74 @@ class AcceptanceModel:
         b = self.bins(confidence)
         return (self.accepted[b] / self.tested[b]).float()
 
-    def observe(self, tree: Tree, path: list[int], mine: torch.Tensor | None = None) -> None:
-        """Every node whose parent was accepted was tested; those on ``path`` passed. ``mine``
-        ``[N]`` bool: only these nodes count (the ones this model's proposer drafted)."""
-        if tree.size == 1:
-            return
-        on_path = torch.zeros(tree.size, dtype=torch.bool)
-        on_path[[0] + path] = True
-        parents = tree.parents[1:]
-        tested = on_path[parents] if mine is None else on_path[parents] & mine[1:]
-        b = self.bins(tree.confidence[1:][tested])
+    def observe(self, batch: TreeBatch, on_path: torch.Tensor, mine: torch.Tensor) -> None:
+        """Every node whose parent was accepted was tested; those ``on_path [B, N]`` passed. Only
+        nodes ``mine [B, N]`` count (the ones this model's proposer drafted)."""
+        up = torch.gather(on_path, 1, batch.parents.clamp(min=0))
+        tested = up & mine & batch.valid & (batch.parents >= 0)
+        b = self.bins(batch.confidence[tested])
         self.tested.index_add_(0, b, torch.ones(len(b), dtype=torch.float64))
-        self.accepted.index_add_(0, b, on_path[1:][tested].double())
+        self.accepted.index_add_(0, b, on_path[tested].double())
 
 
-def path_probability(tree: Tree, rate: torch.Tensor) -> torch.Tensor:
-    """``[N]`` probability that each node is accepted: ``rate`` multiplied along its path (root 1)."""
-    prob = rate.clone()
-    prob[0] = 1.0
-    for d in range(1, int(tree.depths.max()) + 1):
-        level = tree.depths == d
-        prob[level] = prob[tree.parents[level]] * rate[level]
-    return prob
+def path_probability(batch: TreeBatch, rate: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` probability that each node is accepted: ``rate [B, N]`` multiplied along its path
+    (roots 1, padding 0)."""
+    rate = torch.where(batch.parents >= 0, rate, 1.0) * batch.valid
+    return torch.where(batch.ancestors, rate[:, None, :], 1.0).prod(dim=-1)
 
 
-def best_nodes(tree: Tree, prob: torch.Tensor, count: int) -> list[int]:
-    """The root and the ``count`` nodes most likely accepted, ascending (so parents come first: a
-    child is never likelier than its parent, and ties go to the lower index)."""
-    order = sorted(range(1, tree.size), key=lambda i: (-float(prob[i]), i))[:count]
-    return [0] + sorted(order)
+def best_nodes(batch: TreeBatch, prob: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """``[B, K]``: each request's root and its ``count`` (or ``count[b]``) nodes most likely accepted,
+    ascending (so parents come first: a child is never likelier than its parent, and ties go to the
+    lower index); past those, indices of padding (``TreeBatch.select`` keeps padding for them)."""
+    n = prob.shape[1]
+    score = torch.where(batch.valid, prob, -1.0)
+    score[:, 0] = 2.0
+    counts = torch.as_tensor(count).expand(prob.shape[0])
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, : int(counts.max()) + 1]
+    order = torch.where(torch.arange(order.shape[1]) <= counts[:, None], order, n)
+    return torch.sort(order, dim=1).values
 
 
-def choose_verify_size(gains: Sequence[torch.Tensor], llm_cost: Callable[[int], float], spent: float,
+def choose_verify_size(gains: torch.Tensor, llm_cost: Callable[[int], float], spent: float,
                        factor: float = 1.0) -> tuple[int, float]:
     """Tree tokens ``T`` (root included) each request verifies, and the predicted tokens per second.
 
-    ``gains[b]`` are request ``b``'s path probabilities sorted descending (root excluded);
-    ``llm_cost(tokens)`` the seconds of a verification forward over ``tokens`` slots; ``spent`` the
-    seconds this step already took; ``factor`` corrects the predicted rate of verifying drafts
-    (``RateCorrection``)."""
-    b = len(gains)
-    largest = max(len(g) for g in gains) + 1
-    cum = torch.zeros(largest)
-    for g in gains:
-        cum[1: len(g) + 1] += torch.cumsum(g, 0)
-        cum[len(g) + 1:] += g.sum()
+    ``gains [B, M]``: each request's path probabilities sorted descending (roots excluded, 0 past
+    its tree); ``llm_cost(tokens)`` the seconds of a verification forward over ``tokens`` slots;
+    ``spent`` the seconds this step already took; ``factor`` corrects the predicted rate of
+    verifying drafts (``RateCorrection``)."""
+    b = gains.shape[0]
+    cum = [0.0] + torch.cumsum(gains.sum(dim=0), 0).tolist()
     best, best_rate = 1, -1.0
-    for t in range(1, largest + 1):
+    for t in range(1, len(cum) + 1):
         seconds = spent + llm_cost(b * t)
-        rate = (b + float(cum[t - 1])) / seconds if seconds > 0 else float("inf")
+        rate = (b + cum[t - 1]) / seconds if seconds > 0 else float("inf")
         rate *= factor if t > 1 else 1.0
         if rate > best_rate:
             best, best_rate = t, rate
     return best, best_rate
 
 
-def choose_depth(depth_gains: Sequence[Sequence[float]], llm_cost: Callable[[int], float],
-                 ssm_cost: Callable[[int], float], catch_up: int, level_widths: Sequence[int],
+def choose_depth(depth_gains: torch.Tensor, llm_cost: Callable[[int], float],
+                 ssm_cost: Callable[[int], float], catch_up: int, level_widths: Seq[int],
                  factor: float = 1.0) -> int:
     """How deep the SSMs draft this step (0: not at all).
 
-    ``depth_gains[b][j]``: request ``b``'s expected accepted tokens from depth ``j + 1`` (its best
+    ``depth_gains [B, D]``: each request's expected accepted tokens from depth ``j + 1`` (its best
     node there, recently); ``ssm_cost(tokens)`` the seconds of one forward of all the SSMs;
     ``catch_up`` the padded catch-up tokens per request; ``level_widths[j]`` the nodes per request
     fed at level ``j + 1``; ``factor`` corrects the predicted rate of speculating. Depth ``d`` is
     costed as drafting ``d`` levels and verifying a chain of ``d`` nodes (the verification size is
     decided again once the tree is known).
     """
-    b = len(depth_gains)
+    b = depth_gains.shape[0]
+    per_depth = depth_gains.sum(dim=0).tolist()
     best, best_rate = 0, b / llm_cost(b) if llm_cost(b) > 0 else float("inf")
     tokens, seconds = float(b), ssm_cost(b * catch_up)
     for d in range(1, len(level_widths) + 1):
-        tokens += sum(g[d - 1] for g in depth_gains)
+        tokens += per_depth[d - 1]
         if d > 1:
             seconds += ssm_cost(b * level_widths[d - 2])
         total = seconds + llm_cost(b * (d + 1))
@@ -171,3 +174,117 @@ class RateCorrection:
         if spec is None or plain is None or self.probing(b):
             return 1.0
         return spec / plain
+
+
+class AdaptivePolicy:
+    """Adaptive trees' three decisions and everything they learn from, in one owner.
+
+    ``plan``: which requests the SSMs draft this step and how deep (a request whose suffix tree
+    already promises what its SSMs would add is left to it); ``prune``: which nodes of the merged
+    trees are verified; ``observe``: what verification accepted and how the step's rate compared
+    with the prediction. State: acceptance models of SSM and suffix nodes, expected gains per
+    drafted depth (per cache row and overall), the probes that try drafting again while it does not
+    pay, the rate correction. Forward costs are the runners' own measurements (``cost_model.py``).
+    """
+
+    def __init__(self, llm: ModelRunner, ssms: list[ModelRunner], tree: TreeConfig, rows: int, suffix: bool) -> None:
+        self.llm, self.ssms, self.tree, self.suffix = llm, ssms, tree, suffix
+        self.ssm_acceptance, self.suffix_acceptance = AcceptanceModel(), AcceptanceModel()
+        self.rates = RateCorrection()
+        self.depth_gains = torch.tensor([0.5 ** (j + 1) for j in range(tree.depth)])  # prior until drafts are seen
+        self.row_gains = torch.full((rows, tree.depth), float("nan"))  # nan: the row's request has no drafts yet
+        self.probe_wait, self.since_draft = 2, 0
+        self.predicted_rate = 0.0  # tokens per second the current step's choice expects
+
+    def admit(self, rows: list[int]) -> None:
+        self.row_gains[rows] = float("nan")
+
+    def gains(self, rows: list[int]) -> torch.Tensor:
+        """``[B, D]`` expected accepted tokens per drafted depth: the row's recent ones, else overall."""
+        g = self.row_gains[rows]
+        return torch.where(torch.isnan(g), self.depth_gains, g)
+
+    def node_rates(self, batch: TreeBatch, ssm_only: bool = False) -> torch.Tensor:
+        """``[B, N]`` P(node accepted | parent accepted): the best of its proposers' acceptance models."""
+        by, n = batch.proposals > 0, len(self.ssms)
+        rate = torch.where(by[..., :n].any(dim=-1), self.ssm_acceptance.rate(batch.confidence), 0.0)
+        if self.suffix and not ssm_only:
+            rate = torch.maximum(rate, torch.where(by[..., n], self.suffix_acceptance.rate(batch.confidence), 0.0))
+        return rate
+
+    def plan(self, seqs: list[Sequence], suffix: TreeBatch | None) -> tuple[torch.Tensor, int]:
+        """``[B]`` the requests the SSMs draft, and how deep (0: none)."""
+        rows = [s.row for s in seqs]
+        chosen = torch.full((len(seqs),), bool(self.ssms))
+        if suffix is not None and self.ssms:
+            promise = path_probability(suffix, self.suffix_acceptance.rate(suffix.confidence)).sum(dim=1) - 1
+            chosen = promise < self.gains(rows).sum(dim=1)
+        picked = chosen.nonzero().flatten().tolist()
+        depth = self.draft_depth([seqs[i] for i in picked], [rows[i] for i in picked]) if picked else 0
+        return chosen & (depth > 0), depth
+
+    def draft_depth(self, seqs: list[Sequence], rows: list[int]) -> int:
+        """How deep to draft, from recent gains and measured costs; while drafting does not pay, the
+        SSMs still draft one level now and then (ever more rarely) to notice when it starts to."""
+        catch_up = max(len(s.prompt) + len(s.output) - min(s.ssm_lens) for s in seqs)
+        depth = choose_depth(self.gains(rows), self.llm.costs.predict,
+                             lambda n: sum(r.costs.predict(n) for r in self.ssms), catch_up,
+                             self.tree.level_widths(), self.rates.factor(len(seqs)))
+        if depth > 0:
+            self.probe_wait, self.since_draft = 2, 0
+            return depth
+        self.since_draft += 1
+        if self.since_draft < self.probe_wait:
+            return 0
+        self.probe_wait, self.since_draft = min(2 * self.probe_wait, MAX_PROBE_WAIT), 0
+        return 1
+
+    def prune(self, batch: TreeBatch, rows: list[int], chosen: torch.Tensor, depth: int, spent: float) -> TreeBatch:
+        """Learn what each drafted depth promised, then keep the nodes that maximise the predicted
+        tokens per second (``spent``: the seconds drafting took)."""
+        if depth:
+            self.learn_depth_gains(batch, rows, chosen, depth)
+        b = batch.tokens.shape[0]
+        if batch.tokens.shape[1] == 1:
+            self.predicted_rate = b / max(self.llm.costs.predict(b), 1e-9)
+            return batch
+        prob = path_probability(batch, self.node_rates(batch))
+        gains = torch.sort(prob[:, 1:], dim=1, descending=True).values
+        factor = self.rates.factor(b)
+        size, rate = choose_verify_size(gains, self.llm.costs.predict, spent, factor)
+        self.predicted_rate = rate / factor if size > 1 else rate
+        return batch.select(best_nodes(batch, prob, size - 1))
+
+    def learn_depth_gains(self, batch: TreeBatch, rows: list[int], chosen: torch.Tensor, depth: int) -> None:
+        """Each drafted request's best SSM path probability per depth, averaged with its recent ones;
+        the overall gains follow every drafted request in turn."""
+        prob = path_probability(batch, self.node_rates(batch, ssm_only=True))[chosen]
+        depths = batch.depths[chosen]
+        seen = torch.stack([torch.where(depths == d, prob, 0.0).amax(dim=1) for d in range(1, depth + 1)], dim=1)
+        mine = [r for r, c in zip(rows, chosen.tolist()) if c]
+        self.row_gains[mine, :depth] = 0.5 * (self.gains(mine)[:, :depth] + seen)
+        k = seen.shape[0]
+        weights = 0.1 * 0.9 ** torch.arange(k - 1, -1, -1, dtype=torch.float32)
+        self.depth_gains[:depth] = 0.9 ** k * self.depth_gains[:depth] + (weights[:, None] * seen).sum(dim=0)
+
+    def observe(self, batch: TreeBatch, on_path: torch.Tensor, ok: torch.Tensor, realised: float) -> None:
+        """``on_path [B, N]``: the accepted nodes (roots included) of the requests ``ok [B]`` whose
+        verification succeeded; ``realised``: the step's tokens per second."""
+        by, n = (batch.proposals > 0) & ok[:, None, None], len(self.ssms)
+        if n:
+            self.ssm_acceptance.observe(batch, on_path, by[..., :n].any(dim=-1))
+        if self.suffix:
+            self.suffix_acceptance.observe(batch, on_path, by[..., n])
+        self.rates.observe(batch.tokens.shape[0], batch.tokens.shape[1] > 1, self.predicted_rate, realised)
+
+    def calibrate(self, rows: int, tree_tokens: int) -> None:
+        """Measure, before serving, the forwards adaptive trees choose between: every model at
+        token counts up to its largest step (a warm-up pass, then the measured one)."""
+        level = max(self.tree.level_widths())
+        for runner, largest in [(self.llm, rows * tree_tokens)] + [(r, rows * level) for r in self.ssms]:
+            sizes = calibration_sizes(min(largest, CALIBRATION_TOKENS))
+            for _ in range(2):
+                runner.costs = ForwardCosts()
+                for n in sizes:
+                    b = min(rows, n)
+                    runner.forward(list(range(b)), [0] * b, chain_batch([[0] * -(-n // b)] * b))

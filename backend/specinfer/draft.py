@@ -2,18 +2,27 @@
 
 Step 0 feeds each request's tokens the SSM has not seen yet (the accepted tokens it did not
 propose itself, and the new root) as one causal chunk; every further step feeds one tree level,
-batched over requests, under the topology-aware mask. Greedy requests take the SSM's top-k;
-sampled ones draw their children from the SSM's distribution after the request's sampling settings.
+batched over requests, under the topology-aware mask.
+
+Selected candidates (greedy requests, adaptive and suffix-merged trees) are the top-k of each node:
+every request's tree then has the expansion's static shape, so drafting is tensors over the whole
+batch, one ``topk`` per level (``draft_selected``). Sampled candidates are drawn one by one from the
+SSM's distribution after the request's sampling settings, and duplicates collapse, so those trees
+are grown by a ``TreeBuilder`` per request (``draft_trees``).
 """
 from __future__ import annotations
 
 import torch
 
-from .config import TreeConfig
+from functools import lru_cache
+
+from .config import SamplingParams, TreeConfig
 from .runner import ModelRunner, NodeBatch, chain_batch
-from .sampling import draw_children, target_probs
+from .sampling import draw_children, target_probs, target_scores
 from .sequence import Sequence
-from .tree import Tree, TreeBuilder
+from .tree import Tree, TreeBatch, TreeBuilder, ancestor_mask
+
+AS_IS = SamplingParams(temperature=1.0)  # greedy requests select from the raw logits
 
 
 def catch_up(runner: ModelRunner, seqs: list[Sequence], ssm: int) -> torch.Tensor:
@@ -30,27 +39,16 @@ def catch_up(runner: ModelRunner, seqs: list[Sequence], ssm: int) -> torch.Tenso
 
 def expand(builder: TreeBuilder, seq: Sequence, parents: list[int], logits: torch.Tensor, width: int,
            replacement: bool) -> list[int]:
-    """Add ``width`` children under each node of ``parents`` (logits ``[len(parents), V]``).
-
-    Greedy requests take the ``width`` most probable tokens; sampled ones too in a ``selected``
-    builder (of the distribution after the request's settings), otherwise they draw children from
-    that distribution. Each child records its draft probability as its confidence.
-    """
-    params = seq.params
+    """Add ``width`` children under each node of ``parents`` (logits ``[len(parents), V]``): a greedy
+    request's most probable ones, a sampled request's drawn from the distribution after its settings
+    (each parent then records that distribution, the stochastic verifier's ``q``). Each child records
+    its draft probability as its confidence."""
+    if seq.params.greedy:
+        tokens, conf = select_children(logits[None], [seq.params], width)
+        return [builder.add(parents[i // width], tok, confidence=c)
+                for i, (tok, c) in enumerate(zip(tokens[0].tolist(), conf[0].tolist()))]
+    probs = target_probs(logits, seq.params).cpu()
     new: list[int] = []
-    if params.greedy:  # the top-k logits and their probabilities, without a softmax over the vocabulary
-        top = torch.topk(logits, width, dim=-1)
-        conf = torch.exp(top.values.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True))
-        for parent, c, tokens in zip(parents, conf.tolist(), top.indices.tolist()):
-            new.extend(builder.add(parent, tok, confidence=x) for tok, x in zip(tokens, c))
-        return new
-    probs = target_probs(logits, params)
-    if builder.selected:
-        top = torch.topk(probs, width, dim=-1)
-        for parent, conf, tokens in zip(parents, top.values.tolist(), top.indices.tolist()):
-            new.extend(builder.add(parent, tok, confidence=c) for tok, c in zip(tokens, conf) if c > 0)
-        return new
-    probs = probs.cpu()
     for parent, q in zip(parents, probs):
         builder.set_draft_probs(parent, q)
         for tok in draw_children(q, width, replacement, seq.generator):
@@ -58,6 +56,31 @@ def expand(builder: TreeBuilder, seq: Sequence, parents: list[int], logits: torc
             if node not in new:
                 new.append(node)  # a token drawn twice is one node with two proposals
     return new
+
+
+def select_children(logits: torch.Tensor, params: list[SamplingParams], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` most probable children of every node (``logits [B, L, V]``, one request per
+    row) and their probabilities, ``[B, L * width]`` each, children of one parent together: of the
+    raw logits for greedy requests, of the distribution after the request's settings otherwise."""
+    scores = target_scores(logits, [AS_IS if p.greedy else p for p in params])
+    top = torch.topk(scores, width, dim=-1)
+    conf = torch.exp(top.values - torch.logsumexp(scores, dim=-1, keepdim=True))
+    b = logits.shape[0]
+    return top.indices.reshape(b, -1), conf.reshape(b, -1)
+
+
+@lru_cache(maxsize=32)
+def expansion_shape(expansion: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Parents, depths and ancestors of the full tree of ``expansion``, level by level, the children
+    of a node together (the order ``select_children`` returns them in)."""
+    parents, depths, level = [-1], [0], [0]
+    for d, width in enumerate(expansion, start=1):
+        start = len(parents)
+        parents += [p for p in level for _ in range(width)]
+        depths += [d] * (len(parents) - start)
+        level = list(range(start, len(parents)))
+    parent = torch.tensor(parents)
+    return parent, torch.tensor(depths), ancestor_mask(parent)
 
 
 def level_batch(builders: list[TreeBuilder], levels: list[list[int]], region: int) -> NodeBatch:
@@ -80,14 +103,12 @@ def level_batch(builders: list[TreeBuilder], levels: list[list[int]], region: in
     return NodeBatch(as_long(tokens), as_long(node_ids), as_long(depths), attend, valid)
 
 
-def draft_trees(runner: ModelRunner, seqs: list[Sequence], ssm: int, tree: TreeConfig,
-                depth: int | None = None) -> list[Tree]:
-    """Each request's tree from SSM ``ssm``, ``depth`` levels deep (default: the whole expansion);
-    the last level is proposed but not fed to the SSM. Greedy requests and adaptive trees select
-    candidates (so do trees merged with suffix trees), others sample them."""
-    depth = tree.depth if depth is None else depth
+def draft_trees(runner: ModelRunner, seqs: list[Sequence], ssm: int, tree: TreeConfig, depth: int) -> list[Tree]:
+    """Each request's tree from SSM ``ssm``, ``depth`` levels deep, for a batch where some requests
+    sample their candidates (greedy ones select theirs); the last level is proposed but not fed to
+    the SSM."""
     logits = catch_up(runner, seqs, ssm)[:, None]
-    builders = [TreeBuilder(s.tokens[-1], selected=tree.selected or s.params.greedy) for s in seqs]
+    builders = [TreeBuilder(s.tokens[-1], selected=s.params.greedy) for s in seqs]
     levels = [[0] for _ in seqs]
     region = tree.nodes_per_ssm() + 1
     replacement = tree.draft_sampling == "with_replacement"
@@ -103,15 +124,42 @@ def draft_trees(runner: ModelRunner, seqs: list[Sequence], ssm: int, tree: TreeC
     return [b.build() for b in builders]
 
 
-def ssm_accepted(tree: Tree, path: list[int], ssm: int, depth: int) -> list[int]:
-    """The SSM's own nodes, root first, holding K/V for the longest accepted prefix it proposed.
+def draft_selected(runner: ModelRunner, seqs: list[Sequence], chosen: torch.Tensor, ssm: int, tree: TreeConfig,
+                   depth: int, last: torch.Tensor) -> TreeBatch:
+    """SSM ``ssm``'s trees of selected candidates, ``depth`` levels deep for the requests ``chosen
+    [B]`` and lone roots for the others, as one batch of the expansion's shape: one forward and one
+    ``topk`` per level over every chosen request."""
+    picked = chosen.nonzero().flatten().tolist()
+    mine = [seqs[i] for i in picked]
+    params = [s.params for s in mine]
+    parents, depths, anc = expansion_shape(tuple(tree.expansion[:depth]))
+    n, b, region = len(parents), len(seqs), tree.nodes_per_ssm() + 1
+    logits = catch_up(runner, mine, ssm)[:, None]
+    tokens, confidence = [last[picked, None]], [torch.ones(len(picked), 1)]
+    first = 1
+    for d, width in enumerate(tree.expansion[:depth], start=1):
+        toks, conf = select_children(logits, params, width)
+        tokens.append(toks)
+        confidence.append(conf)
+        ids = torch.arange(first, first + toks.shape[1])
+        first += toks.shape[1]
+        if d < depth:
+            attend = torch.zeros(len(picked), len(ids), region, dtype=torch.bool)
+            attend[:, :, :n] = anc[ids]
+            nodes = NodeBatch(toks, ids.expand_as(toks), depths[ids].expand_as(toks), attend,
+                              torch.ones_like(toks, dtype=torch.bool))
+            logits = runner.forward([s.row for s in mine], [s.ssm_lens[ssm] for s in mine], nodes)
+    valid = chosen[:, None].expand(b, n).clone()
+    valid[:, 0] = True
+    rows = torch.tensor(picked, dtype=torch.long)
 
-    Nodes at the last level were never fed to the SSM, so they hold no K/V.
-    """
-    local = [0]
-    for node in path:
-        own = int(tree.ssm_nodes[node, ssm])
-        if own < 0 or int(tree.depths[node]) >= depth:
-            break
-        local.append(own)
-    return local
+    def spread(part: torch.Tensor) -> torch.Tensor:  # the chosen requests' rows among all
+        return torch.zeros((b, n), dtype=part.dtype).index_put_((rows,), part)
+
+    all_tokens, conf = spread(torch.cat(tokens, 1)), spread(torch.cat(confidence, 1))
+    all_tokens[:, 0], conf[:, 0] = last, 1.0
+    proposals = valid[:, :, None].long()
+    proposals[:, 0] = 0
+    return TreeBatch(all_tokens, torch.where(valid, parents, -1), depths * valid, valid,
+                     (anc & valid[:, :, None]) | torch.eye(n, dtype=torch.bool), conf * valid, proposals,
+                     torch.where(valid, torch.arange(n), -1)[:, :, None], torch.ones(b, dtype=torch.bool), [None] * b)

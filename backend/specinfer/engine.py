@@ -1,8 +1,10 @@
 """SpecInferEngine: speculate with the SSMs, verify every tree in one LLM forward, commit.
 
-One iteration (``step``) is a short sequence of named steps over all running requests:
-admit + prefill newcomers, ``speculate`` (SSM trees, merged), ``score`` (one LLM forward),
-``verify`` (per request), ``commit`` (tokens out, accepted K/V moved, finished requests leave).
+One iteration (``step``) is a pipeline over all running requests at once: admit + prefill
+newcomers, ``propose`` (the proposers' trees merged into one ``TreeBatch``; adaptive trees let
+``AdaptivePolicy`` choose what to draft and verify), ``score`` (one LLM forward), ``verify`` (one
+batched greedy verification; the sampling verifiers request by request), ``commit`` (accepted K/V
+moved in one copy per model, then tokens out from one transfer of the step's results).
 With ``speculate=False`` every tree is a lone root: plain incremental decoding, same batching.
 """
 from __future__ import annotations
@@ -18,15 +20,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .adaptive import (AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_size,
-                       path_probability)
+from .adaptive import AdaptivePolicy
 from .config import DTYPES, EngineConfig, SamplingParams, TreeConfig
-from .cost_model import ForwardCosts, calibration_sizes
-from .model.cuda_graphs import GraphedModel
-from .draft import draft_trees, ssm_accepted
+from .draft import draft_selected, draft_trees
 from .log_probs import record
 from .logits_processors import process_batch
 from .model import Transformer
+from .model.cuda_graphs import GraphedModel
 from .proposers import SuffixProposer
 from .runner import ModelRunner, NodeBatch, chain_batch
 from .runtimes import load_model
@@ -34,14 +34,12 @@ from .sampling import gumbel_choice, make_generator, sample, target_probs, targe
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .tokenizer import TextTokenizer
-from .tree import Tree, TreeBatch, merge_trees, pad_trees, prune, root_only
-from .verify import Verdict, greedy_verify, mss_verify, naive_verify
+from .tree import TreeBatch, merge, pad_trees, root_only, roots
+from .verify import Verdicts, greedy_verify, mss_verify, naive_verify
 
 if TYPE_CHECKING:
     from .parallel.leader import Workers
 
-CALIBRATION_TOKENS = 256  # adaptive trees measure forwards up to this many tokens at start-up
-MAX_PROBE_WAIT = 64  # steps without drafting before the SSMs are tried again, at most
 NO_FINITE_SCORE = "no token has a finite score under the sampling settings and logits changes"
 
 
@@ -114,16 +112,13 @@ class SpecInferEngine:
         self.scheduler = Scheduler(config.max_batch_size)
         self.stats = EngineStats()
         self._ids = count()
-        self.acceptance = AcceptanceModel()  # of SSM nodes
         self.suffix = SuffixProposer(tree.suffix) if "suffix" in tree.proposers else None
-        self.suffix_acceptance = AcceptanceModel()
-        self.columns = ["ssm"] * len(self.ssms) + (["suffix"] if self.suffix else [])  # Tree.proposals' columns
-        self.rates = RateCorrection()
-        self.predicted_rate = 0.0  # adaptive trees: tokens per second the current step's choice expects
-        self.depth_gains = [0.5 ** (j + 1) for j in range(tree.depth)]  # prior until drafts are seen
-        self.probe_wait, self.since_draft = 2, 0
-        if tree.adaptive and (self.ssms or self.suffix):
-            self.calibrate()
+        self.columns = ["ssm"] * len(self.ssms) + (["suffix"] if self.suffix else [])  # TreeBatch.proposals' columns
+        self.policy = (AdaptivePolicy(self.llm, self.ssms, tree, config.max_batch_size, self.suffix is not None)
+                       if tree.adaptive and self.columns else None)
+        if self.policy is not None:
+            largest = len(self.ssms) * tree.nodes_per_ssm() + 1 + (tree.suffix.max_nodes if self.suffix else 0)
+            self.policy.calibrate(config.max_batch_size, largest)
 
     @classmethod
     def from_pretrained(
@@ -236,34 +231,23 @@ class SpecInferEngine:
 
     # ----- one iteration --------------------------------------------------------------------
     def step(self, speculate: bool = True) -> list[Sequence]:
-        """One scheduling iteration; returns the requests that received tokens."""
-        start = time.perf_counter()
-        forwards_before = self.forward_seconds()
+        """One scheduling iteration: admit and prefill, propose, score, verify, commit; returns the
+        requests that received tokens."""
+        start, forwards_before = time.perf_counter(), self.forward_seconds()
         self.scheduler.retire()  # rows of requests aborted since the last step
         new = self.scheduler.admit()
-        use_ssms = speculate and bool(self.ssms)
-        drafting = use_ssms or (speculate and self.suffix is not None)
         if new:
-            self.prefill(new, use_ssms)
+            self.prefill(new, speculate and bool(self.ssms))
         active = [s for s in self.scheduler.running if not s.finished and s not in new]
         if active:
             began, emitted = time.perf_counter(), sum(len(s.output) for s in active)
-            trees, depths = self.speculate(active, use_ssms) if drafting else (self.no_trees(active), [0] * len(active))
-            batch = pad_trees(trees)
-            logits = process_batch(self.score(active, batch), active, trees)
-            self.stats.verify_forwards += 1
-            self.stats.verify_requests += len(active)
-            verdicts = self.verify(active, trees, batch, logits)
-            ok = [i for i, v in enumerate(verdicts) if v is not None]  # a failed request leaves alone
-            if ok:
-                before = [len(active[i].output) for i in ok]
-                self.commit([active[i] for i in ok], [trees[i] for i in ok], [verdicts[i] for i in ok],
-                            [depths[i] for i in ok])
-                for i, n in zip(ok, before):
-                    record(active[i], logits[i], trees[i], *verdicts[i], len(active[i].output) - n)
-            if drafting and self.tree.adaptive:
+            batch, drafted = self.propose(active, speculate)
+            logits = process_batch(self.score(active, batch), active, batch)
+            verdicts, ok = self.verify(active, batch, logits)
+            self.commit(active, batch, verdicts, ok, drafted, logits)
+            if self.policy is not None and speculate:
                 realised = (sum(len(s.output) for s in active) - emitted) / (time.perf_counter() - began)
-                self.rates.observe(len(active), any(t.size > 1 for t in trees), self.predicted_rate, realised)
+                self.policy.observe(batch, verdicts.on_path(batch.tokens.shape[1]), ok, realised)
         self.scheduler.retire()
         if self.suffix is not None:
             self.suffix.retain(self.scheduler.running)
@@ -286,6 +270,8 @@ class SpecInferEngine:
         self.stats.prefill_forwards += 1
         for runner in self.ssms if use_ssms else []:
             runner.forward(rows, [0] * len(seqs), chunks, output_index=last)
+        if self.policy is not None:
+            self.policy.admit(rows)
         for seq, row in zip(seqs, logits):
             seq.llm_len = len(seq.prompt)
             seq.ssm_lens = [len(seq.prompt) if use_ssms else 0] * len(self.ssms)
@@ -296,8 +282,8 @@ class SpecInferEngine:
                 seq.fail(exc)
 
     def pick(self, logits: torch.Tensor, seq: Sequence) -> int:
-        root = root_only(seq.tokens[-1])
-        logits = process_batch(logits[None, None], [seq], [root])[0]
+        root = pad_trees([root_only(seq.tokens[-1])])
+        logits = process_batch(logits[None, None], [seq], root)[0]
         if seq.params.greedy:
             token = int(torch.argmax(logits[0]))
         elif self.tree.verifier == "gumbel":
@@ -307,150 +293,88 @@ class SpecInferEngine:
             token = int(choice[0, 0])
         else:
             token = sample(target_probs(logits[0], seq.params).cpu(), seq.generator)
-        record(seq, logits, root, [], token, 1)
+        record(seq, logits, [token], 1)
         return token
 
-    def no_trees(self, seqs: list[Sequence]) -> list[Tree]:
-        return [root_only(s.tokens[-1], len(self.columns)) for s in seqs]
-
-    def speculate(self, seqs: list[Sequence], use_ssms: bool) -> tuple[list[Tree], list[int]]:
-        """Each request's merged tree (SSM and suffix nodes) and the depth its SSMs drafted (0: none).
-
-        Adaptive trees: a request whose suffix tree promises at least what its SSMs would add
-        is not drafted by the SSMs that step; suffix nodes cost no drafting time."""
-        suffix = self.suffix.propose(seqs) if self.suffix is not None else None
-        if not self.tree.adaptive:
-            depth = self.tree.depth if use_ssms else 0
-            return self.merged(seqs, list(range(len(seqs))) if depth else [], depth, suffix), [depth] * len(seqs)
-        chosen = list(range(len(seqs))) if use_ssms else []
-        if suffix is not None and chosen:
-            promise = [float(path_probability(t, self.suffix_acceptance.rate(t.confidence))[1:].sum()) for t in suffix]
-            chosen = [i for i in chosen if promise[i] < sum(seqs[i].depth_gains or self.depth_gains)]
-        depth = self.draft_depth([seqs[i] for i in chosen]) if chosen else 0
-        chosen = chosen if depth else []
+    def propose(self, seqs: list[Sequence], speculate: bool) -> tuple[TreeBatch, torch.Tensor]:
+        """Every request's tree (the suffix proposer's and the SSMs' merged), and how deep the SSMs
+        drafted each request (``[B]``, 0: not this step). Adaptive trees leave the choice of drafting
+        and of the nodes to verify to the policy."""
+        b = len(seqs)
+        last = torch.tensor([s.output[-1] if s.output else s.prompt[-1] for s in seqs])
+        if not speculate or not self.columns:
+            return roots(last, len(self.columns)), torch.zeros(b, dtype=torch.long)
+        suffix = pad_trees(self.suffix.propose(seqs)) if self.suffix is not None else None
+        if self.policy is None:
+            chosen, depth = torch.full((b,), bool(self.ssms)), self.tree.depth
+        else:
+            chosen, depth = self.policy.plan(seqs, suffix)
         before = sum(r.seconds for r in self.ssms)
-        trees = self.merged(seqs, chosen, depth, suffix)
-        spent = sum(r.seconds for r in self.ssms) - before
-        probs = [path_probability(t, self.node_rates(t)) for t in trees]
-        if chosen:
-            ssm_probs = [path_probability(trees[i], self.node_rates(trees[i], ssm_only=True)) for i in chosen]
-            self.learn_depth_gains([seqs[i] for i in chosen], [trees[i] for i in chosen], ssm_probs, depth)
-        if all(t.size == 1 for t in trees):
-            b = len(seqs)
-            self.predicted_rate = b / max(self.llm.costs.predict(b), 1e-9)
-            return trees, [0] * len(seqs)
-        gains = [torch.sort(p[1:], descending=True).values for p in probs]
-        factor = self.rates.factor(len(seqs))
-        size, rate = choose_verify_size(gains, self.llm.costs.predict, spent, factor)
-        self.predicted_rate = rate / factor if size > 1 else rate
-        depths = [depth if i in chosen else 0 for i in range(len(seqs))]
-        return [prune(t, best_nodes(t, p, size - 1)) for t, p in zip(trees, probs)], depths
+        parts = [self.drafted(runner, seqs, chosen, i, depth, last) for i, runner in enumerate(self.ssms)]
+        batch = merge(parts + ([suffix] if suffix is not None else []))
+        drafted = torch.where(chosen, depth, 0)
+        if self.policy is not None:
+            spent = sum(r.seconds for r in self.ssms) - before
+            batch = self.policy.prune(batch, [s.row for s in seqs], chosen, depth, spent)
+        return batch, drafted
 
-    def merged(self, seqs: list[Sequence], chosen: list[int], depth: int, suffix: list[Tree] | None) -> list[Tree]:
-        """Every request's tree: the SSMs' (drafted ``depth`` deep for requests ``chosen``, lone roots
-        for the others) merged with its suffix tree where the suffix proposer is on."""
-        picked = [seqs[i] for i in chosen]
-        per_ssm = [draft_trees(runner, picked, s, self.tree, depth) for s, runner in enumerate(self.ssms)] if chosen else []
-        drafted = dict(zip(chosen, zip(*per_ssm))) if per_ssm else {}
-        trees = []
-        for b, seq in enumerate(seqs):
-            parts = list(drafted.get(b) or [root_only(seq.tokens[-1], 1) for _ in self.ssms])
-            trees.append(merge_trees(parts + ([suffix[b]] if suffix is not None else [])))
-        return trees
-
-    def node_rates(self, tree: Tree, ssm_only: bool = False) -> torch.Tensor:
-        """``[N]`` P(node accepted | parent accepted): the best of its proposers' acceptance models."""
-        by = tree.proposals > 0
-        n = len(self.ssms)
-        rate = torch.where(by[:, :n].any(dim=1), self.acceptance.rate(tree.confidence), 0.0)
-        if self.suffix is not None and not ssm_only:
-            rate = torch.maximum(rate, torch.where(by[:, n], self.suffix_acceptance.rate(tree.confidence), 0.0))
-        return rate
-
-    def draft_depth(self, seqs: list[Sequence]) -> int:
-        """Adaptive trees: how deep to draft, from recent gains and measured costs; while drafting
-        does not pay, the SSMs still draft one level now and then (ever more rarely) to notice
-        when it starts to."""
-        catch_up = max(len(s.tokens) - min(s.ssm_lens) for s in seqs)
-        depth = choose_depth([s.depth_gains or self.depth_gains for s in seqs], self.llm.costs.predict,
-                             lambda n: sum(r.costs.predict(n) for r in self.ssms), catch_up,
-                             self.tree.level_widths(), self.rates.factor(len(seqs)))
-        if depth > 0:
-            self.probe_wait, self.since_draft = 2, 0
-            return depth
-        self.since_draft += 1
-        if self.since_draft < self.probe_wait:
-            return 0
-        self.probe_wait, self.since_draft = min(2 * self.probe_wait, MAX_PROBE_WAIT), 0
-        return 1
-
-    def learn_depth_gains(self, seqs: list[Sequence], trees: list[Tree], probs: list[torch.Tensor], depth: int) -> None:
-        """Each request's best path probability (``probs``: of its SSM nodes) per drafted depth,
-        averaged with its recent ones."""
-        for seq, tree, prob in zip(seqs, trees, probs):
-            gains = list(seq.depth_gains or self.depth_gains)
-            for d in range(1, depth + 1):
-                level = tree.depths == d
-                seen = float(prob[level].max()) if bool(level.any()) else 0.0
-                gains[d - 1] = 0.5 * (gains[d - 1] + seen)
-                self.depth_gains[d - 1] += 0.1 * (seen - self.depth_gains[d - 1])
-            seq.depth_gains = gains
-
-    def calibrate(self) -> None:
-        """Measure, before serving, the forwards adaptive trees choose between: every model at
-        token counts up to its largest step (a warm-up pass, then the measured one)."""
-        rows = self.config.max_batch_size
-        tree = len(self.ssms) * self.tree.nodes_per_ssm() + 1 + (self.tree.suffix.max_nodes if self.suffix else 0)
-        level = max(self.tree.level_widths())
-        for runner, largest in [(self.llm, rows * tree)] + [(r, rows * level) for r in self.ssms]:
-            sizes = calibration_sizes(min(largest, CALIBRATION_TOKENS))
-            for _ in range(2):
-                runner.costs = ForwardCosts()
-                for n in sizes:
-                    b = min(rows, n)
-                    runner.forward(list(range(b)), [0] * b, chain_batch([[0] * -(-n // b)] * b))
+    def drafted(self, runner: ModelRunner, seqs: list[Sequence], chosen: torch.Tensor, ssm: int, depth: int,
+                last: torch.Tensor) -> TreeBatch:
+        """SSM ``ssm``'s trees, ``depth`` deep for the requests ``chosen``, lone roots for the others."""
+        picked = chosen.nonzero().flatten().tolist()
+        if not picked or not depth:
+            return roots(last, 1)
+        if self.tree.selected or all(seqs[i].params.greedy for i in picked):
+            return draft_selected(runner, seqs, chosen, ssm, self.tree, depth, last)
+        trees = [root_only(int(t)) for t in last.tolist()]
+        for i, tree in zip(picked, draft_trees(runner, [seqs[i] for i in picked], ssm, self.tree, depth)):
+            trees[i] = tree
+        return pad_trees(trees)
 
     def score(self, seqs: list[Sequence], batch: TreeBatch) -> torch.Tensor:
         """One LLM forward over every request's tree: logits ``[B, N, V]`` at every node."""
         b, n = batch.tokens.shape
+        self.stats.verify_forwards += 1
+        self.stats.verify_requests += b
         nodes = NodeBatch(batch.tokens, torch.arange(n).expand(b, n), batch.depths, batch.ancestors, batch.valid)
         return self.llm.forward([s.row for s in seqs], [s.llm_len for s in seqs], nodes)
 
-    def verify(self, seqs: list[Sequence], trees: list[Tree], batch: TreeBatch,
-               logits: torch.Tensor) -> list[Verdict | None]:
-        """Each request's verdict; ``None`` for a request whose verification raised (it is failed).
+    def verify(self, seqs: list[Sequence], batch: TreeBatch, logits: torch.Tensor) -> tuple[Verdicts, torch.Tensor]:
+        """Every request's verdict, and ``[B]`` whether it stands (a request whose verification
+        raised is failed and commits nothing).
 
         Greedy requests, and sampled ones under the Gumbel verifier, share one batched greedy
-        verification: of the argmax of the logits, or of the Gumbel-perturbed target scores."""
+        verification: of the argmax of the logits, or of the Gumbel-perturbed target scores. The
+        other verifiers sample request by request."""
         gumbel = self.tree.verifier == "gumbel"
-        by_argmax = [s.params.greedy or gumbel for s in seqs]
-        finite = torch.ones(len(seqs), dtype=torch.bool)
-        if any(by_argmax):
-            choice = logits.argmax(dim=-1)
-            sampled = [b for b, s in enumerate(seqs) if gumbel and not s.params.greedy]
-            if sampled:
-                choice[sampled], ok = self.gumbel_choices(logits[sampled], [seqs[b] for b in sampled],
+        by_argmax = torch.tensor([s.params.greedy or gumbel for s in seqs])
+        ok = torch.ones(len(seqs), dtype=torch.bool)
+        choice = logits.argmax(dim=-1)
+        sampled = [b for b, s in enumerate(seqs) if gumbel and not s.params.greedy]
+        if sampled:
+            choice[sampled], finite = self.gumbel_choices(logits[sampled], [seqs[b] for b in sampled],
                                                           batch.depths[sampled])
-                finite[sampled] = (ok.cpu() | ~batch.valid[sampled]).all(dim=1)
-            chosen = greedy_verify(batch, choice.cpu())
+            ok[sampled] = (finite.cpu() | ~batch.valid[sampled]).all(dim=1)
+        verdicts = greedy_verify(batch, choice.cpu())
+        for b in (~ok).nonzero().flatten().tolist():
+            seqs[b].fail(ValueError(NO_FINITE_SCORE))
+        one_by_one = (~by_argmax).nonzero().flatten().tolist()
+        if not one_by_one:
+            return verdicts, ok
+        rows = verdicts.rows()
         without = self.tree.draft_sampling == "without_replacement"
-        verdicts: list[Verdict | None] = []
-        for b, (seq, tree) in enumerate(zip(seqs, trees)):
-            if by_argmax[b]:
-                if not finite[b]:
-                    seq.fail(ValueError(NO_FINITE_SCORE))
-                verdicts.append(chosen[b] if finite[b] else None)
-                continue
+        for b in one_by_one:
+            seq, tree = seqs[b], batch.tree(b)
             try:
                 p = target_probs(logits[b, : tree.size], seq.params).cpu()
                 if self.tree.verifier == "naive":
-                    verdicts.append(naive_verify(tree, p, seq.generator))
+                    rows[b] = naive_verify(tree, p, seq.generator)
                 else:
-                    verdicts.append(mss_verify(tree, p, seq.generator, without_replacement=without))
+                    rows[b] = mss_verify(tree, p, seq.generator, without_replacement=without)
             except Exception as exc:
                 seq.fail(exc)
-                verdicts.append(None)
-        return verdicts
+                ok[b] = False
+        return Verdicts.stack(rows), ok
 
     def gumbel_choices(self, logits: torch.Tensor, seqs: list[Sequence],
                        depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -461,36 +385,62 @@ class SpecInferEngine:
         scores = target_scores(logits, [s.params for s in seqs])
         return gumbel_choice(scores, [s.seed for s in seqs], first, depths), torch.isfinite(scores.amax(dim=-1))
 
-    def commit(self, seqs: list[Sequence], trees: list[Tree], verdicts: list[Verdict], depths: list[int]) -> None:
-        """Emit accepted tokens + bonus, then move accepted K/V into every model's committed cache.
+    def commit(self, seqs: list[Sequence], batch: TreeBatch, verdicts: Verdicts, ok: torch.Tensor,
+               drafted: torch.Tensor, logits: torch.Tensor) -> None:
+        """Move accepted K/V into every model's committed cache, in one batched copy per model, then
+        emit each request's accepted tokens + bonus.
 
-        ``depths``: how deep the SSMs drafted each request (0: they did not run for it this step)."""
-        self.llm.commit([s.row for s in seqs], [s.llm_len for s in seqs], [[0] + path for path, _ in verdicts])
-        drafted = [j for j, d in enumerate(depths) if d]
-        for i, runner in enumerate(self.ssms if drafted else []):
-            own = [ssm_accepted(trees[j], verdicts[j][0], i, depths[j]) for j in drafted]
-            runner.commit([seqs[j].row for j in drafted], [seqs[j].ssm_lens[i] for j in drafted], own)
-            for j, nodes in zip(drafted, own):
-                seqs[j].ssm_lens[i] += len(nodes)
+        ``drafted [B]``: how deep the SSMs drafted each request (0: they did not run for it this
+        step); an SSM holds K/V for its own nodes along the accepted path, above the last level."""
+        rows = [s.row for s in seqs]
+        b = len(seqs)
+        nodes = torch.cat([torch.zeros(b, 1, dtype=torch.long), verdicts.path], dim=1)  # root first
+        counts = torch.where(ok, verdicts.lengths + 1, 0)
+        self.llm.commit(rows, torch.tensor([s.llm_len for s in seqs]), nodes, counts)
+        safe = nodes.clamp(min=0)
+        lines = torch.arange(b)[:, None]
+        below = (batch.depths[lines, safe] < drafted[:, None]) & (nodes >= 0) & ok[:, None]
+        ssm_counts = []
+        for i, runner in enumerate(self.ssms if bool((drafted > 0).any()) else []):
+            own = batch.ssm_nodes[lines, safe, i]
+            count = ((own >= 0) & below).long().cumprod(dim=1).sum(dim=1)
+            runner.commit(rows, torch.tensor([s.ssm_lens[i] for s in seqs]), own, count)
+            ssm_counts.append(count)
+        self.emit(seqs, batch, verdicts, ok, ssm_counts, logits)
+
+    def emit(self, seqs: list[Sequence], batch: TreeBatch, verdicts: Verdicts, ok: torch.Tensor,
+             ssm_counts: list[torch.Tensor], logits: torch.Tensor) -> None:
+        """Each request's tokens, counters and statistics, from one transfer of the step's results."""
+        lines = torch.arange(len(seqs))[:, None]
+        safe = verdicts.path.clamp(min=0)
+        tokens = batch.tokens[lines, safe]
+        by = batch.proposals[lines, safe] > 0  # [B, D, P]
         n = len(self.ssms)
-        for seq, tree, (path, bonus), depth in zip(seqs, trees, verdicts, depths):
-            seq.llm_len += len(path) + 1
-            kept = seq.append(tree.tokens[path].tolist() + [bonus])
-            accepted = min(len(path), kept)
+        kinds = torch.stack([by[..., :n].any(dim=-1), by[..., n] if self.suffix else torch.zeros(by.shape[:2], dtype=torch.bool)], -1)
+        credit = torch.cumsum(kinds.long(), dim=1)  # [B, D, 2] accepted draft tokens per proposer kind, by length
+        host = (tokens.tolist(), verdicts.lengths.tolist(), verdicts.bonus.tolist(), ok.tolist(), batch.sizes.tolist(),
+                credit.tolist(), [c.tolist() for c in ssm_counts])
+        for b, (seq, toks, length, bonus, good, size, cred) in enumerate(zip(seqs, *host[:6])):
+            if not good:
+                continue
+            for i, counts in enumerate(host[6]):
+                seq.ssm_lens[i] += counts[b]
+            seq.llm_len += length + 1
+            kept = seq.append(toks[:length] + [bonus])
+            accepted = min(length, kept)
             seq.llm_steps += 1
-            seq.draft_tokens += tree.size - 1
+            seq.draft_tokens += size - 1
             seq.accepted_draft_tokens += accepted
-            seq.tree_sizes.append(tree.size)
-            self.stats.tree_sizes[tree.size] += 1
-            if tree.size == 1:
+            seq.tree_sizes.append(size)
+            self.stats.tree_sizes[size] += 1
+            if seq.params.log_probs:
+                record(seq, logits[b, [0] + verdicts.path[b, :length].tolist()], toks[:length] + [bonus], kept)
+            if size == 1:
                 continue
             self.stats.accepted_lengths[accepted] += 1
-            by = tree.proposals > 0
-            for name, mine in (("ssm", by[:, :n].any(dim=1)), ("suffix", by[:, n] if self.suffix else None)):
-                if mine is None or (name == "ssm" and not n):
+            for kind, name in ((0, "ssm"), (1, "suffix")):
+                if (name == "ssm" and not n) or (name == "suffix" and self.suffix is None):
                     continue
-                credit = int(mine[path[:accepted]].sum()) if accepted else 0
-                seq.accepted_by_proposer[name] += credit
-                self.stats.accepted_by_proposer[name] += credit
-                if self.tree.adaptive:
-                    (self.acceptance if name == "ssm" else self.suffix_acceptance).observe(tree, path, mine)
+                got = cred[accepted - 1][kind] if accepted else 0
+                seq.accepted_by_proposer[name] += got
+                self.stats.accepted_by_proposer[name] += got

@@ -13,7 +13,6 @@ import torch
 from .config import SamplingParams
 from .sampling import target_probs
 from .sequence import Sequence
-from .tree import Tree
 
 
 def target_log_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -23,11 +22,10 @@ def target_log_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
     return torch.log(target_probs(logits, params))
 
 
-def record(seq: Sequence, logits: torch.Tensor, tree: Tree, path: list[int], bonus: int, kept: int) -> None:
-    """Append the log-probabilities of the ``kept`` first of ``path``'s tokens + ``bonus``."""
+def record(seq: Sequence, logits: torch.Tensor, tokens: list[int], kept: int) -> None:
+    """Append the log-probabilities of the ``kept`` first of the emitted ``tokens``, each read at the
+    node before it (``logits [K, V]``: the root, then the accepted nodes)."""
     if not seq.params.log_probs or kept == 0:
         return
-    nodes = ([0] + path)[:kept]
-    tokens = (tree.tokens[path].tolist() + [bonus])[:kept]
-    lp = target_log_probs(logits[nodes], seq.params).cpu()
-    seq.log_probs += [float(lp[i, t]) for i, t in enumerate(tokens)]
+    lp = target_log_probs(logits[:kept], seq.params).cpu()
+    seq.log_probs += [float(lp[i, t]) for i, t in enumerate(tokens[:kept])]

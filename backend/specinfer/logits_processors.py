@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .sequence import Sequence
-from .tree import Tree, path_to
+from .tree import Tree, TreeBatch, path_to
 
 
 def changes_logits(seq: Sequence) -> bool:
@@ -59,13 +59,13 @@ def tree_paths(tree: Tree) -> list[list[int]]:
     return [[tokens[n] for n in path_to(parents, node)] for node in range(tree.size)]
 
 
-def process_batch(logits: torch.Tensor, seqs: list[Sequence], trees: list[Tree]) -> torch.Tensor:
+def process_batch(logits: torch.Tensor, seqs: list[Sequence], batch: TreeBatch) -> torch.Tensor:
     """The LLM's ``[B, N, V]`` logits over padded trees, changed for the requests that ask for it."""
     todo = [b for b, seq in enumerate(seqs) if changes_logits(seq)]
     if not todo:
         return logits
     logits = logits.clone()
     for b in todo:
-        size = trees[b].size
-        logits[b, :size] = process(logits[b, :size], seqs[b], tree_paths(trees[b]))
+        tree = batch.tree(b)
+        logits[b, : tree.size] = process(logits[b, : tree.size], seqs[b], tree_paths(tree))
     return logits

@@ -100,20 +100,16 @@ class ModelRunner:
         self.costs.observe(nodes.tokens.numel(), seconds)
         return logits
 
-    def commit(self, rows: list[int], lengths: list[int], accepted: list[list[int]]) -> None:
-        """Move each row's accepted region nodes (root first) to the slots right after its prefix.
+    def commit(self, rows: list[int], lengths: torch.Tensor, nodes: torch.Tensor, counts: torch.Tensor) -> None:
+        """Move each row's first ``counts [B]`` accepted region nodes (``nodes [B, L]``, root first)
+        to the slots right after its prefix (``lengths [B]``), in one batched copy.
 
-        Nodes already in place (a chain's accepted prefix always is) are not copied; most steps
-        copy nothing."""
-        moves = [[(length + node, length + i) for i, node in enumerate(nodes) if node != i]
-                 for length, nodes in zip(lengths, accepted)]
-        width = max(len(row) for row in moves)
-        if width == 0:
+        Nodes already in place (a chain's accepted prefix always is) need no copy; most steps copy nothing."""
+        place = torch.arange(nodes.shape[1])
+        moved = (place < counts[:, None]) & (nodes != place)
+        if not bool(moved.any()):
             return
-        src = torch.tensor([[length] * width for length in lengths], dtype=torch.long)  # padding: root onto itself
-        dst = src.clone()
-        for b, row in enumerate(moves):
-            for j, (a, z) in enumerate(row):
-                src[b, j], dst[b, j] = a, z
+        dst = lengths[:, None] + place
+        src = torch.where(moved, lengths[:, None] + nodes, dst)  # the rest copies onto itself
         dev = self.device
         self.cache.move(torch.tensor(rows, device=dev), src.to(dev), dst.to(dev))

@@ -29,7 +29,6 @@ class Sequence:
     finish_reason: str | None = None  # "length", "stop", "cancelled" or "error" once finished
     error: str | None = None  # why this request failed alone (finish_reason "error")
     tree_sizes: list[int] = field(default_factory=list)  # tree tokens the LLM verified, per step
-    depth_gains: list[float] | None = None  # adaptive trees: recent expected accepted tokens per depth
     log_probs: list[float] = field(default_factory=list)  # of the output tokens, where params.log_probs asks
 
     def __post_init__(self) -> None:

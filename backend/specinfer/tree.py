@@ -1,9 +1,10 @@
 """Token trees: a trie of candidate continuations, laid out parents-before-children.
 
 Node 0 is the root (the last committed token, not yet seen by the LLM). Every other node is a
-distinct token sequence and remembers its proposals: how many times each SSM drew it and, on its
-parent, that SSM's draft distribution, which the stochastic verifier needs. Merging trees of several
-SSMs is a prefix-trie union of their nodes with the proposals added up.
+distinct token sequence and remembers its proposals: how many times each proposer (the SSMs, the
+suffix proposer) proposed it and, on its parent, that SSM's draft distribution, which the stochastic
+verifier needs. Merging the trees of several proposers is a prefix-trie union of their nodes with the
+proposals added up, batched over requests (``merge``).
 
 A tree's candidates are either sampled from the SSMs' distributions or *selected* (the top-k by
 draft confidence, as adaptive trees and greedy decoding draft them); the stochastic verifier tests a
@@ -11,10 +12,10 @@ selected candidate as a draw from a one-hot distribution, which keeps it exact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from functools import lru_cache
+from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 
 @dataclass
@@ -40,22 +41,20 @@ class Tree:
 
 
 class TreeBuilder:
-    """Grows one trie; ``add`` of an existing (parent, token) adds a proposal to that node."""
+    """Grows one proposer's trie node by node (candidates sampled one by one, or a suffix match's
+    continuations); ``add`` of an existing (parent, token) adds a proposal to that node."""
 
-    def __init__(self, root_token: int, num_ssms: int = 1, selected: bool = False) -> None:
-        self.num_ssms, self.selected = num_ssms, selected
+    def __init__(self, root_token: int, selected: bool = False) -> None:
+        self.selected = selected
         self.tokens, self.parents, self.depths = [root_token], [-1], [0]
         self.confidence = [1.0]
         self.paths = [[0]]  # node -> the nodes from the root to it
-        self.proposals = [[0] * num_ssms]
-        self.ssm_nodes = [[0] * num_ssms]
+        self.proposals = [0]
         self.index: dict[tuple[int, int], int] = {}
-        self.draft_probs: dict[tuple[int, int], torch.Tensor] = {}
+        self.draft_probs: dict[int, torch.Tensor] = {}
 
-    def add(self, parent: int, token: int, ssm: int = 0, count: int = 1, ssm_node: int = -1,
-            confidence: float = 0.0) -> int:
-        """``confidence``: the proposing SSM's probability of ``token`` after ``parent`` (the
-        largest over SSMs is kept)."""
+    def add(self, parent: int, token: int, count: int = 1, confidence: float = 0.0) -> int:
+        """``confidence``: the proposer's probability of ``token`` after ``parent`` (the largest is kept)."""
         node = self.index.get((parent, token))
         if node is None:
             node = len(self.tokens)
@@ -64,82 +63,38 @@ class TreeBuilder:
             self.parents.append(parent)
             self.depths.append(self.depths[parent] + 1)
             self.paths.append(self.paths[parent] + [node])
-            self.proposals.append([0] * self.num_ssms)
-            self.ssm_nodes.append([-1] * self.num_ssms)
+            self.proposals.append(0)
             self.confidence.append(confidence)
         self.confidence[node] = max(self.confidence[node], confidence)
-        self.proposals[node][ssm] += count
-        if ssm_node >= 0:
-            self.ssm_nodes[node][ssm] = ssm_node
+        self.proposals[node] += count
         return node
 
-    def set_draft_probs(self, node: int, probs: torch.Tensor, ssm: int = 0) -> None:
-        self.draft_probs[(ssm, node)] = probs
+    def set_draft_probs(self, node: int, probs: torch.Tensor) -> None:
+        self.draft_probs[node] = probs
 
     def build(self) -> Tree:
         n = len(self.tokens)
         draft = None
         if self.draft_probs:
             vocab = next(iter(self.draft_probs.values())).shape[-1]
-            draft = torch.zeros(self.num_ssms, n, vocab)
-            for (s, u), q in self.draft_probs.items():
-                draft[s, u] = q
+            draft = torch.zeros(1, n, vocab)
+            for u, q in self.draft_probs.items():
+                draft[0, u] = q
         return Tree(
             tokens=torch.tensor(self.tokens, dtype=torch.long),
             parents=torch.tensor(self.parents, dtype=torch.long),
             depths=torch.tensor(self.depths, dtype=torch.long),
-            proposals=torch.tensor(self.proposals, dtype=torch.long),
-            ssm_nodes=torch.tensor(self.ssm_nodes, dtype=torch.long),
+            proposals=torch.tensor(self.proposals, dtype=torch.long)[:, None],
+            ssm_nodes=torch.arange(n)[:, None],
             draft_probs=draft,
             confidence=torch.tensor(self.confidence),
             selected=self.selected,
         )
 
 
-def merge_trees(trees: list[Tree]) -> Tree:
-    """Prefix-trie union of single-proposer trees (proposer column ``s`` built ``trees[s]``: the SSMs,
-    then the suffix proposer), sharing one root; all selected or all sampled (lone roots aside)."""
-    if len({t.selected for t in trees if t.size > 1}) > 1:
-        raise ValueError("selected and sampled trees cannot be merged: the verifier tests them differently")
-    if len(trees) == 1:  # already its own union, node ids the SSM's own
-        return replace(trees[0], ssm_nodes=torch.arange(trees[0].size)[:, None])
-    root = int(trees[0].tokens[0])
-    builder = TreeBuilder(root, num_ssms=len(trees), selected=any(t.selected for t in trees))
-    for s, tree in enumerate(trees):
-        if int(tree.tokens[0]) != root:
-            raise ValueError("trees to merge must share their root token")
-        remap = [0] * tree.size
-        counts = tree.proposals.sum(dim=1).tolist()
-        conf = tree.confidence.tolist()
-        for i, (tok, par) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
-            if i > 0:
-                remap[i] = builder.add(remap[par], tok, ssm=s, count=counts[i], ssm_node=i, confidence=conf[i])
-        if tree.draft_probs is not None:
-            expanded = tree.draft_probs[0].sum(dim=-1) > 0
-            for u in torch.nonzero(expanded).flatten().tolist():
-                builder.set_draft_probs(remap[u], tree.draft_probs[0, u], ssm=s)
-    return builder.build()
-
-
-def prune(tree: Tree, keep: list[int]) -> Tree:
-    """The sub-tree of nodes ``keep`` (ascending, root first, every kept node's parent kept)."""
-    if len(keep) == tree.size:
-        return tree
-    index = torch.tensor(keep, dtype=torch.long)
-    remap = torch.full((tree.size,), -1, dtype=torch.long)
-    remap[index] = torch.arange(len(keep))
-    parents = tree.parents[index]
-    parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
-    return Tree(
-        tokens=tree.tokens[index], parents=parents, depths=tree.depths[index], proposals=tree.proposals[index],
-        ssm_nodes=tree.ssm_nodes[index], draft_probs=None if tree.draft_probs is None else tree.draft_probs[:, index],
-        confidence=tree.confidence[index], selected=tree.selected,
-    )
-
-
-def root_only(token: int, num_ssms: int = 0) -> Tree:
+def root_only(token: int) -> Tree:
     """The tree of plain incremental decoding: the LLM scores just the pending token."""
-    return TreeBuilder(token, num_ssms).build()
+    return TreeBuilder(token).build()
 
 
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
@@ -163,37 +118,157 @@ def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TreeBatch:
-    """Trees of several requests padded to one size for a single batched forward."""
+    """Every running request's tree, padded to one size: the step's one tree type from proposal to
+    commit. Proposer column ``p`` of ``proposals``/``ssm_nodes``: the SSMs in order, then the suffix
+    proposer. Batch operations (``merge``, ``select``, verification, commit) are tensor operations
+    over all requests; ``tree(b)`` is one request's view for the verifiers that sample one by one."""
 
     tokens: torch.Tensor  # [B, N]
     parents: torch.Tensor  # [B, N], -1 for roots and padding
     depths: torch.Tensor  # [B, N]
     valid: torch.Tensor  # [B, N] false on padding
     ancestors: torch.Tensor  # [B, N, N]
+    confidence: torch.Tensor  # [B, N] draft probability given the parent (roots 1, padding 0)
+    proposals: torch.Tensor  # [B, N, P] times proposer p proposed the node
+    ssm_nodes: torch.Tensor  # [B, N, P] the node's index in proposer p's own tree, -1 where it has none
+    selected: torch.Tensor  # [B] candidates selected by confidence, not sampled
+    draft_probs: list[torch.Tensor | None]  # per request ``[P, N, V]``: sampled candidates only
 
+    @property
+    def sizes(self) -> torch.Tensor:
+        return self.valid.sum(dim=1)
 
-@lru_cache(maxsize=256)
-def tree_layout(shapes: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Parents, depths, valid and ancestors of a batch of tree shapes (each a tuple of parents).
+    def tree(self, b: int) -> Tree:
+        n = int(self.valid[b].sum())
+        return Tree(self.tokens[b, :n], self.parents[b, :n], self.depths[b, :n], self.proposals[b, :n],
+                    self.ssm_nodes[b, :n], self.draft_probs[b], self.confidence[b, :n], bool(self.selected[b]))
 
-    A static expansion has one shape per step and adaptive trees a handful: computed once each.
-    """
-    n, b = max(len(s) for s in shapes), len(shapes)
-    parents = torch.full((b, n), -1, dtype=torch.long)
-    valid = torch.zeros(b, n, dtype=torch.bool)
-    for i, shape in enumerate(shapes):
-        parents[i, : len(shape)] = torch.tensor(shape, dtype=torch.long)
-        valid[i, : len(shape)] = True
-    anc = ancestor_mask(parents)
-    return parents, (anc.sum(dim=-1) - 1) * valid, valid, anc
+    def select(self, keep: torch.Tensor) -> "TreeBatch":
+        """The sub-trees of nodes ``keep [B, K]`` (ascending per request, root first, every kept
+        node's parent kept; an index of padding, or past the batch's width, keeps padding)."""
+        b, n = self.tokens.shape
+        rows = torch.arange(b)[:, None]
+        safe = keep.clamp(max=n - 1)
+        valid = (keep < n) & self.valid[rows, safe]
+        remap = torch.full((b, n + 1), -1, dtype=torch.long)
+        remap.scatter_(1, torch.where(valid, keep, n), torch.arange(keep.shape[1]).expand_as(keep).clone())
+        old = self.parents[rows, safe]
+        parents = torch.where(valid & (old >= 0), remap[rows, old.clamp(min=0)], -1)
+        draft = [None if q is None else q[:, safe[i][valid[i]]] for i, q in enumerate(self.draft_probs)]
+        anc = self.ancestors[rows[:, :, None], safe[:, :, None], safe[:, None, :]] & valid[:, :, None] & valid[:, None, :]
+        anc |= torch.eye(keep.shape[1], dtype=torch.bool) & ~valid[:, :, None]  # padding sees itself
+        return TreeBatch(
+            self.tokens[rows, safe] * valid, parents, self.depths[rows, safe] * valid, valid, anc,
+            self.confidence[rows, safe] * valid, self.proposals[rows, safe] * valid[:, :, None],
+            torch.where(valid[:, :, None], self.ssm_nodes[rows, safe], -1), self.selected, draft,
+        )
 
 
 def pad_trees(trees: list[Tree]) -> TreeBatch:
-    parents, depths, valid, anc = tree_layout(tuple(tuple(t.parents.tolist()) for t in trees))
-    tokens = torch.zeros(valid.shape, dtype=torch.long)
-    for i, t in enumerate(trees):
-        tokens[i, : t.size] = t.tokens
-    return TreeBatch(tokens, parents, depths, valid, anc)
+    """Stack single trees (one proposer column each, or already merged ones) into a batch."""
+    def pad(field: str, value: int | float = 0) -> torch.Tensor:
+        return pad_sequence([getattr(t, field) for t in trees], batch_first=True, padding_value=value)
+
+    parents = pad("parents", -1)
+    sizes = torch.tensor([t.size for t in trees])
+    n = parents.shape[1]
+    valid = torch.arange(n) < sizes[:, None]
+    anc = ancestor_mask(parents) & valid[:, :, None]
+    anc |= torch.eye(n, dtype=torch.bool)  # padding sees itself
+    return TreeBatch(pad("tokens"), parents, pad("depths"), valid, anc, pad("confidence"), pad("proposals"),
+                     pad("ssm_nodes", -1), torch.tensor([t.selected for t in trees]), [t.draft_probs for t in trees])
+
+
+def roots(tokens: torch.Tensor, proposers: int) -> TreeBatch:
+    """Lone roots: the trees of plain incremental decoding (the LLM scores just the pending token)."""
+    b = tokens.shape[0]
+    return TreeBatch(tokens[:, None].clone(), torch.full((b, 1), -1), torch.zeros(b, 1, dtype=torch.long),
+                     torch.ones(b, 1, dtype=torch.bool), torch.ones(b, 1, 1, dtype=torch.bool), torch.ones(b, 1),
+                     torch.zeros(b, 1, proposers, dtype=torch.long), torch.zeros(b, 1, proposers, dtype=torch.long),
+                     torch.zeros(b, dtype=torch.bool), [None] * b)
+
+
+def merge(batches: list[TreeBatch]) -> TreeBatch:
+    """Prefix-trie union, request by request and all at once, of trees sharing their roots (proposer
+    columns concatenated in order). Nodes keep the order of their first appearance, so the merged
+    tree lists parents before children; a node's proposals add up, its confidence is the largest."""
+    if len(batches) == 1:
+        return batches[0]
+    b = batches[0].tokens.shape[0]
+    sizes = [x.tokens.shape[1] for x in batches]
+    offsets = [sum(sizes[:i]) for i in range(len(batches))]
+    tokens = torch.cat([x.tokens for x in batches], 1)
+    depths = torch.cat([x.depths for x in batches], 1)
+    valid = torch.cat([x.valid for x in batches], 1)
+    parents = torch.cat([torch.where(x.parents >= 0, x.parents + o, -1) for x, o in zip(batches, offsets)], 1)
+    m = tokens.shape[1]
+    for x in batches[1:]:
+        if not bool((x.tokens[:, 0] == batches[0].tokens[:, 0]).all()):
+            raise ValueError("trees to merge must share their root token")
+    many = torch.stack([x.sizes > 1 for x in batches], 1)
+    chosen = torch.stack([x.selected for x in batches], 1)
+    if bool(((chosen & many).any(1) & (~chosen & many).any(1)).any()):
+        raise ValueError("selected and sampled trees cannot be merged: the verifier tests them differently")
+    # canon[i]: the first node with node i's (canonical parent, token): decided level by level
+    index = torch.arange(m).expand(b, m)
+    canon = torch.where(depths == 0, 0, index)
+    for d in range(1, int(depths.max()) + 1):
+        level = valid & (depths == d)
+        up = torch.gather(canon, 1, parents.clamp(min=0))
+        same = (level[:, :, None] & level[:, None, :] & (up[:, :, None] == up[:, None, :])
+                & (tokens[:, :, None] == tokens[:, None, :]))
+        canon = torch.where(level, same.int().argmax(dim=2), canon)
+    first = valid & (canon == index)
+    order = torch.argsort((~first).int(), dim=1, stable=True)  # first appearances, in order
+    n = int(first.sum(1).max())
+    keep = order[:, :n]
+    new_id = torch.cumsum(first.long(), 1) - 1
+    target = torch.gather(new_id, 1, canon)  # [B, M] each node's merged index
+    rows = torch.arange(b)[:, None]
+    kept_valid = first[rows, keep]
+    old_parent = parents[rows, keep]
+    merged_parents = torch.where(kept_valid & (old_parent >= 0), target[rows, old_parent.clamp(min=0)], -1)
+    cols = [x.proposals.shape[2] for x in batches]
+    p = sum(cols)
+    proposals = torch.zeros(b, n, p, dtype=torch.long)
+    ssm_nodes = torch.full((b, n, p), -1, dtype=torch.long)
+    confidence = torch.zeros(b, n)
+    col = 0
+    for x, o, c in zip(batches, offsets, cols):
+        k = x.tokens.shape[1]
+        at = torch.where(x.valid, target[:, o: o + k], n)  # padding lands in a spill column
+        spill = torch.zeros(b, n + 1, c, dtype=torch.long)
+        proposals[:, :, col: col + c] = spill.scatter_add(1, at[:, :, None].expand(b, k, c), x.proposals)[:, :n]
+        own = torch.full((b, n + 1, c), -1, dtype=torch.long)
+        ssm_nodes[:, :, col: col + c] = own.scatter(1, at[:, :, None].expand(b, k, c), x.ssm_nodes)[:, :n]
+        conf = torch.zeros(b, n + 1).scatter_reduce(1, at, x.confidence, "amax")
+        confidence = torch.maximum(confidence, conf[:, :n])
+        col += c
+    ssm_nodes[:, 0] = 0
+    draft = [_merged_draft_probs(batches, target, offsets, r, n) for r in range(b)]
+    out_valid = kept_valid
+    merged_tokens = tokens[rows, keep] * out_valid
+    anc = ancestor_mask(merged_parents) & out_valid[:, :, None]
+    anc |= torch.eye(n, dtype=torch.bool)
+    return TreeBatch(merged_tokens, merged_parents, depths[rows, keep] * out_valid, out_valid, anc,
+                     confidence * out_valid, proposals, ssm_nodes, (chosen & many).any(1), draft)
+
+
+def _merged_draft_probs(batches: list[TreeBatch], target: torch.Tensor, offsets: list[int], r: int,
+                        n: int) -> torch.Tensor | None:
+    """Request ``r``'s draft distributions on the merged node ids (sampled candidates only)."""
+    sources = [x.draft_probs[r] for x in batches]
+    if all(q is None for q in sources):
+        return None
+    vocab = next(q for q in sources if q is not None).shape[-1]
+    out = torch.zeros(sum(x.proposals.shape[2] for x in batches), n, vocab)
+    col = 0
+    for x, o, q in zip(batches, offsets, sources):
+        c, k = x.proposals.shape[2], int(x.valid[r].sum())
+        if q is not None:
+            out[col: col + c, target[r, o: o + k]] = q[:, :k]
+        col += c
+    return out
 
 
 def path_to(parents: list[int], node: int) -> list[int]:

@@ -9,16 +9,53 @@ output position's draw is fixed by (seed, position), so it equals incremental de
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .sampling import sample
-from .tree import Tree, TreeBatch, path_to
+from .tree import Tree, TreeBatch
 
-Verdict = tuple[list[int], int]  # (accepted nodes, bonus token)
+Verdict = tuple[list[int], int]  # one request's (accepted nodes, bonus token)
 
 
-def greedy_verify(batch: TreeBatch, choice: torch.Tensor) -> list[Verdict]:
+@dataclass
+class Verdicts:
+    """Every request's accepted nodes (root excluded, root-to-leaf order, -1 past ``lengths``) and
+    the bonus token after them."""
+
+    path: torch.Tensor  # [B, D]
+    lengths: torch.Tensor  # [B]
+    bonus: torch.Tensor  # [B]
+
+    @classmethod
+    def from_mask(cls, on_path: torch.Tensor, bonus: torch.Tensor) -> "Verdicts":
+        """From ``on_path [B, N]`` (each request's accepted nodes, root included)."""
+        n = on_path.shape[1]
+        lengths = on_path[:, 1:].sum(dim=1)
+        index = torch.where(on_path[:, 1:], torch.arange(1, n), n)
+        width = int(lengths.max()) if n > 1 else 0
+        path = torch.sort(index, dim=1).values[:, :width]
+        return cls(torch.where(path < n, path, -1), lengths, bonus)
+
+    @classmethod
+    def stack(cls, verdicts: list[Verdict]) -> "Verdicts":
+        width = max(len(path) for path, _ in verdicts)
+        path = torch.tensor([p + [-1] * (width - len(p)) for p, _ in verdicts], dtype=torch.long).view(len(verdicts), width)
+        return cls(path, torch.tensor([len(p) for p, _ in verdicts]), torch.tensor([b for _, b in verdicts]))
+
+    def on_path(self, n: int) -> torch.Tensor:
+        """``[B, N]`` the accepted nodes, roots included."""
+        mask = torch.zeros(self.path.shape[0], n + 1, dtype=torch.bool)
+        mask.scatter_(1, torch.where(self.path >= 0, self.path, n), True)
+        mask[:, 0] = True
+        return mask[:, :n]
+
+    def rows(self) -> list[Verdict]:
+        return [([x for x in p if x >= 0], z) for p, z in zip(self.path.tolist(), self.bonus.tolist())]
+
+
+def greedy_verify(batch: TreeBatch, choice: torch.Tensor) -> Verdicts:
     """Follow, from each root, the child carrying the LLM's choice at its parent, then take the
     choice at the last node. ``choice [B, N]``: the LLM's argmax at every node (greedy requests), or
     its Gumbel-max sample there (the Gumbel verifier)."""
@@ -29,10 +66,8 @@ def greedy_verify(batch: TreeBatch, choice: torch.Tensor) -> list[Verdict]:
     for _ in range(int(batch.depths.max())):
         accepted = accepted | (match & torch.gather(accepted, 1, parents))
     deepest = torch.argmax(torch.where(accepted, batch.depths, -1), dim=1)
-    verdicts = []
-    for b, node in enumerate(deepest.tolist()):
-        verdicts.append((path_to(batch.parents[b].tolist(), node), int(choice[b, node])))
-    return verdicts
+    rows = torch.arange(choice.shape[0])
+    return Verdicts.from_mask(batch.ancestors[rows, deepest] & batch.valid, choice[rows, deepest])
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from ..config import DTYPES
 from ..model import Transformer
 from . import protocol
-from .groups import connect, rank_device, worker_store
+from .groups import connect, worker_store
 from .layers import Collectives, Shard
 from .protocol import Op
 
