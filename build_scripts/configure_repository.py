@@ -66,6 +66,8 @@ def main() -> None:
                    suffix=SuffixConfig(global_tokens=args.suffix_global_tokens)).check_size(max(1, len(args.ssm)))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if args.cuda_graphs and args.device == "cpu":
+        raise SystemExit("error: --cuda-graphs needs --device cuda")
     llm = Path(args.llm).resolve()
     llm_args = read_model_args(llm)
     vocab = llm_args.vocab_size
