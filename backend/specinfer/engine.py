@@ -222,7 +222,7 @@ class SpecInferEngine:
         return self.config.max_batch_size * self.llm.cache.slots
 
     def stats_snapshot(self) -> EngineStats:
-        """A copy of the running totals, which later steps leave as it is: the difference of two is what happened between."""
+        """A copy of the running totals that later steps leave as it is: two differ by what happened between."""
         return EngineStats(**{k: Counter(v) if isinstance(v, Counter) else v for k, v in vars(self.stats).items()})
 
     def generate(
