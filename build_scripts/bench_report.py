@@ -89,7 +89,7 @@ def write_load_plot(report: dict, out: Path) -> None:
     engine = report["engine"]
     inc = {r["batch"]: r["ms_per_token"] for r in engine if r["name"].startswith("incremental")}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label in ("adaptive", "chain depth 2 (a)", "paper tree (a+b)"):
+    for label in ("adaptive", "served", "chain depth 2 (a)", "paper tree (a+b)"):
         rows = sorted((r for r in engine if r["name"].startswith(label) and r["temperature"] == 0),
                       key=lambda r: r["batch"])
         by_batch = {r["batch"]: inc[r["batch"]] / r["ms_per_token"] for r in rows}

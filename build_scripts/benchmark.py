@@ -7,7 +7,7 @@ with the demo pair (SmolLM2-135M-Instruct, ssm-a, ssm-b):
   each SSM and both merged; a width sweep <1,1,w,1,1,1,1,1>, w = 1..5;
 - engine, sampling at temperature 1: MSS with replacement, without replacement, naive sampling;
 - engine, batch sizes 1, 4, 16, 32: adaptive trees (at most ADAPTIVE) against the static trees and
-  incremental decoding;
+  incremental decoding, and the engine the served repository runs (--config, `engine_from_config`);
 - the suffix proposer: its drafting cost at a 2,000-token context, and workloads (open prompts, code
   completion, grounded chat, multi-turn chat; engines/demo/workloads.json) at batch 1 against
   incremental, global index cold and warm (--workloads: only these);
@@ -35,10 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig  # noqa: E402
+from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig, engine_from_config  # noqa: E402
 from specinfer.config import DTYPES, SuffixConfig, resolve_dtype  # noqa: E402
 from specinfer.engine import EngineStats  # noqa: E402
 from specinfer.proposers import SuffixProposer  # noqa: E402
+from specinfer.serving.parameters import read_pbtxt_parameters  # noqa: E402
 from specinfer.sampling import make_generator  # noqa: E402
 from specinfer.sequence import Sequence  # noqa: E402
 from specinfer.model import Transformer  # noqa: E402
@@ -76,16 +77,25 @@ class Bench:
 
     def run(self, name: str, ssms: tuple[str, ...] = (), expansion: tuple[int, ...] = PAPER, batch: int = 1,
             temperature: float = 0.0, draft_sampling: str = "with_replacement", verifier: str = "mss",
-            n_prompts: int | None = None, adaptive: bool = False) -> dict:
+            n_prompts: int | None = None, adaptive: bool = False, config: Path | None = None) -> dict:
+        """``config``: a decoding model's config.pbtxt, whose engine runs instead (the settings above unused)."""
         n_prompts = n_prompts or len(self.prompts)
         prompts = (self.prompts * -(-n_prompts // len(self.prompts)))[:n_prompts]  # repeated where too few
-        tree = TreeConfig(expansion=expansion, draft_sampling=draft_sampling, verifier=verifier, adaptive=adaptive)
-        engine = self.engine(ssms, tree, batch)
+        if config is None:
+            tree = TreeConfig(expansion=expansion, draft_sampling=draft_sampling, verifier=verifier, adaptive=adaptive)
+            engine, speculate = self.engine(ssms, tree, batch), bool(ssms)
+        else:  # the served engine; the batch, device, dtype and context (capacity only) as for the other rows
+            engine = engine_from_config(config, {"max_batch_size": batch, "device": self.device, "dtype": self.dtype,
+                                                 "max_context": 1024})
+            speculate, tree = True, engine.tree
+            named = read_pbtxt_parameters(config.read_text()).get("ssms", "")
+            ssms = tuple(Path(s).name for s in named.split(",") if s)
+            expansion, verifier, adaptive = tree.expansion, tree.verifier, tree.adaptive
         params = SamplingParams(max_tokens=self.max_tokens, temperature=temperature, seed=0, ignore_eos=True)
-        engine.generate(prompts[:1], replace(params, max_tokens=8), speculate=bool(ssms))  # warm-up
+        engine.generate(prompts[:1], replace(params, max_tokens=8), speculate=speculate)  # warm-up
         engine.stats = EngineStats()
         start = time.perf_counter()
-        results = engine.generate(prompts, params, speculate=bool(ssms))
+        results = engine.generate(prompts, params, speculate=speculate)
         seconds = time.perf_counter() - start
         tokens = sum(len(r.token_ids) for r in results)
         steps = sum(r.llm_steps for r in results)
@@ -95,7 +105,7 @@ class Bench:
         depth_rate = [round(sum(c for n, c in lengths.items() if n >= d) / verified, 4) if verified else 0.0
                       for d in range(1, len(expansion) + 1)]
         ids = [r.token_ids for r in results]
-        is_reference = temperature == 0 and not ssms
+        is_reference = temperature == 0 and not speculate
         if is_reference:
             self.reference[batch] = ids
         row = {
@@ -228,6 +238,8 @@ def main() -> None:
     ap.add_argument("--output", default=str(ROOT / "benchmarks"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 where the CPU computes it), float32, bfloat16")
+    ap.add_argument("--config", default=str(ROOT / "model_repository" / "specinfer_llm" / "config.pbtxt"),
+                    help="a decoding model's config.pbtxt: its engine (engine_from_config) is measured at every batch size")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton part")
     ap.add_argument("--load", action="store_true",
                     help="only what adaptive trees are compared with: incremental, ssm-a's static trees, batch sizes, peers")
@@ -277,6 +289,8 @@ def main() -> None:
                 bench.run(f"paper tree (a+b) batch {batch}", ("ssm-a", "ssm-b"), PAPER, batch=batch, n_prompts=batch)
         bench.run(f"adaptive <{','.join(map(str, ADAPTIVE))}> (a) batch {batch}", ("ssm-a",), ADAPTIVE, batch=batch,
                   n_prompts=batch if batch > 1 else n, adaptive=True)
+        bench.run(f"served ({Path(args.config).parent.name}) batch {batch}", batch=batch,
+                  n_prompts=batch if batch > 1 else n, config=Path(args.config))
     print("[bench] peer: Hugging Face transformers, greedy, batch 1")
     peer = hf_peer(models, bench.prompts[:n], max_tokens, bench.reference[1][:n], args.dtype)
     triton = []

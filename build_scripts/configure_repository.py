@@ -51,6 +51,8 @@ def main() -> None:
                     help="tree attention: triton (the kernel) or sdpa; default: triton on CUDA, sdpa on CPU")
     ap.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                     help="shard each decoding model's LLM over N processes (GPUs device, device+1, ... on CUDA)")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="replay the models' forwards as CUDA graphs (with triton attention); default: on with CUDA")
     ap.add_argument("--ssm-engine", default="torch", choices=SSM_ENGINES,
                     help="what runs the SSMs: PyTorch, or their ONNX graph under onnxruntime or tensorrt")
     ap.add_argument("--proposers", default=",".join(RepositoryOptions.proposers),
@@ -64,6 +66,8 @@ def main() -> None:
                    suffix=SuffixConfig(global_tokens=args.suffix_global_tokens)).check_size(max(1, len(args.ssm)))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if args.cuda_graphs and args.device == "cpu":
+        raise SystemExit("error: --cuda-graphs needs --device cuda")
     llm = Path(args.llm).resolve()
     llm_args = read_model_args(llm)
     vocab = llm_args.vocab_size
@@ -78,10 +82,10 @@ def main() -> None:
             raise SystemExit(f"error: {ssm} has another vocabulary size than the LLM ({vocab})")
     opts = RepositoryOptions(
         llm=str(llm), ssms=tuple(str(Path(s).resolve()) for s in args.ssm), expansion=expansion,
-        device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_context=args.max_context,
+        device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_context=args.max_context or None,
         draft_sampling=args.draft_sampling, verifier=args.verifier, adaptive=args.adaptive, bls_name=args.bls_name,
-        ensemble_name=args.ensemble_name, unary_name=args.unary_name, attention=args.attention or "",
-        tensor_parallel=args.tensor_parallel, ssm_engine=args.ssm_engine,
+        ensemble_name=args.ensemble_name, unary_name=args.unary_name, attention=args.attention,
+        tensor_parallel_size=args.tensor_parallel, cuda_graphs=args.cuda_graphs, ssm_engine=args.ssm_engine,
         proposers=parse_proposers(args.proposers), suffix_global_tokens=args.suffix_global_tokens,
         limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )

@@ -68,13 +68,22 @@ def test_engine_stats_account_for_every_step(engine):
     assert 0 < stats.forward_seconds < stats.step_seconds
 
 
-def test_engine_stats_start_from_zero_after_a_reset(engine):
-    from specinfer.engine import EngineStats
-
-    engine.generate(prompts(2, seed=54), SamplingParams(max_tokens=6, ignore_eos=True))
-    engine.stats = EngineStats()
-    engine.generate(prompts(2, seed=55), SamplingParams(max_tokens=6, ignore_eos=True))
-    assert 0 < engine.stats.forward_seconds < engine.stats.step_seconds
+def test_stats_snapshots_differ_by_what_happened_between_them(engine):
+    """What a serving loop reports per step: a snapshot stays as it was, and the difference of two is
+    the forwards, requests and trees of the calls between them."""
+    engine.generate(prompts(3, seed=54), SamplingParams(max_tokens=6, ignore_eos=True))  # earlier work
+    before = engine.stats_snapshot()
+    assert sum(before.tree_sizes.values()) == before.verify_requests > 0
+    results = engine.generate(prompts(2, seed=55), SamplingParams(max_tokens=9, ignore_eos=True))
+    after = engine.stats_snapshot()
+    assert sum(before.tree_sizes.values()) == before.verify_requests  # the snapshot did not grow with the engine
+    assert after.prefill_forwards - before.prefill_forwards == 1  # both prompts in one prefill (two rows)
+    verified = sum(r.llm_steps - 1 for r in results)  # every step after the prefill verified a tree
+    assert after.verify_requests - before.verify_requests == verified
+    assert max(r.llm_steps for r in results) - 1 == after.verify_forwards - before.verify_forwards
+    assert sum((after.tree_sizes - before.tree_sizes).values()) == verified
+    assert sum(n * c for n, c in (after.tree_sizes - before.tree_sizes).items()) == sum(r.draft_tokens for r in results) + verified
+    assert 0 < after.forward_seconds - before.forward_seconds < after.step_seconds - before.step_seconds
 
 
 def test_long_prompt_joining_a_long_running_request_fits_the_cache(models):

@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
 from specinfer.serving.conventions import echo_prompt
 from specinfer.serving.detokenize import sendable, text_delta
 from specinfer.serving.errors import step_error_code
-from specinfer.serving.repository import RepositoryOptions, repository_files, repository_path
+from specinfer.serving.parameters import repository_path
+from specinfer.serving.repository import RepositoryOptions, repository_files
 from specinfer.serving.requests import (Limits, chat_messages, decode_prompt, decode_word_ids, encode_words, require,
                                         sampling_from_inputs)
 

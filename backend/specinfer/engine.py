@@ -198,6 +198,28 @@ class SpecInferEngine:
         """Stop ``seq`` (a cancelled request); its cache row is free after the next ``step``."""
         self.scheduler.abort(seq)
 
+    # what a serving loop reads (serving/loop.py), so that it never reaches into the engine's parts
+    def has_work(self) -> bool:
+        """Whether any request waits or runs (aborted ones until a step or ``retire`` frees their rows)."""
+        return self.scheduler.has_work()
+
+    def retire(self) -> None:
+        """Free the rows of finished and aborted requests now rather than at the next step."""
+        self.scheduler.retire()
+
+    def occupancy(self) -> tuple[int, int]:
+        """Requests holding a cache row, requests waiting for one."""
+        return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Token slots of the LLM's KV cache, all rows together."""
+        return self.config.max_batch_size * self.llm.cache.slots
+
+    def stats_snapshot(self) -> EngineStats:
+        """A copy of the running totals that later steps leave as it is: two differ by what happened between."""
+        return EngineStats(**{k: Counter(v) if isinstance(v, Counter) else v for k, v in vars(self.stats).items()})
+
     def generate(
         self, prompts: Seq[str | Seq[int]], sampling: SamplingParams | Seq[SamplingParams] = SamplingParams(),
         speculate: bool = True,

@@ -1,5 +1,8 @@
-"""Prometheus metrics of a decoding model, through the Python backend's custom-metrics API."""
+"""Prometheus metrics of a decoding model, through the Python backend's custom-metrics API (``pb_utils``
+is passed in); what ``loop.RequestLoop`` reports."""
 from __future__ import annotations
+
+from collections import Counter
 
 from ..config import PROPOSERS
 from ..sequence import Sequence
@@ -71,6 +74,11 @@ class ServingMetrics:
         self.running.set(running)
         self.waiting.set(waiting)
 
-    def step_tokens(self, n: int, tree_size: int) -> None:
+    def step_tokens(self, n: int) -> None:
         self.tokens_per_step.observe(n)
-        self.tree_size.observe(tree_size)
+
+    def tree_sizes(self, sizes: Counter) -> None:
+        """The tree sizes one step verified (size -> requests)."""
+        for size, count in sizes.items():
+            for _ in range(count):
+                self.tree_size.observe(size)

@@ -16,7 +16,8 @@ import triton_python_backend_utils as pb_utils
 
 from ..tokenizer import TextTokenizer
 from .conventions import echo_prompt
-from .repository import PRE_INPUTS, model_parameters, repository_path
+from .parameters import repository_path
+from .repository import PRE_INPUTS, model_parameters
 from .requests import Limits, chat_messages, decode_prompt, encode_words, require, scalar
 
 REQUIRED = ("text_input", "max_tokens")

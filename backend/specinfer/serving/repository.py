@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import EngineConfig, SuffixConfig, TreeConfig
+from .parameters import PARAMETERS, text
 from .requests import Limits
 
 COUNTERS = [("num_output_tokens", "TYPE_INT32"), ("num_llm_steps", "TYPE_INT32"),
@@ -71,22 +73,28 @@ from specinfer.serving.{module} import TritonPythonModel  # noqa: E402,F401
 
 @dataclass(frozen=True)
 class RepositoryOptions:
+    """What ``write_repository`` writes; a field named as a parameter of ``parameters.PARAMETERS`` is
+    written as that parameter of both decoding models. Defaults that are the library's refer to it."""
+
     llm: str = "../engines/demo/llm"
     ssms: tuple[str, ...] = ("../engines/demo/ssm-a",)  # the fastest demo set measured (README, Benchmarks)
     expansion: tuple[int, ...] = (1, 1)  # the largest adaptive tree: the demo SSMs match ~40% of tokens
+    max_tree_tokens: int = TreeConfig.max_tree_tokens
     device: str = "cpu"
     dtype: str = "auto"  # bfloat16 where the processor computes it natively (and on CUDA), else float32
     max_batch_size: int = 16  # concurrent requests per decoding model; more wait in its queue
-    max_context: int = 2048  # tokens per request (0: the LLM's max_position_embeddings, 8192 for SmolLM2:
-    # 6 GB of KV cache per decoding model at 16 rows in fp32)
-    draft_sampling: str = "with_replacement"
+    max_context: int | None = 2048  # tokens per request (None: the LLM's max_position_embeddings, 8192 for
+    # SmolLM2: 6 GB of KV cache per decoding model at 16 rows in fp32)
+    draft_sampling: str = TreeConfig.draft_sampling
     verifier: str = "gumbel"  # seeded sampled requests reproduce at any load; same acceptance as MSS on selected trees
     adaptive: bool = True  # the expansion is the largest tree; each step verifies what pays off here
     proposers: tuple[str, ...] = ("suffix", "ssm")  # where draft nodes come from (TreeConfig.proposers)
-    suffix_global_tokens: int = 0  # earlier outputs the suffix proposer keeps for every request (0: none)
-    attention: str = ""  # "sdpa" | "triton"; empty: the engine's default for the device (triton on CUDA)
-    tensor_parallel: int = 1  # processes each decoding model's LLM is sharded over (written only when > 1)
-    ssm_engine: str = "torch"  # "torch" | "onnxruntime" | "tensorrt": what runs the SSMs (runtimes/)
+    suffix_global_tokens: int = SuffixConfig.global_tokens  # earlier outputs the suffix proposer keeps for every request
+    attention: str | None = EngineConfig.attention  # "sdpa" | "triton"; None: the engine's default for the device
+    cuda_graphs: bool | None = EngineConfig.cuda_graphs  # None: on with CUDA (and triton attention)
+    tensor_parallel_size: int = EngineConfig.tensor_parallel_size  # processes each decoding model's LLM is sharded
+    # over (workers started at load on the devices after ``device``, stopped at unload)
+    ssm_engine: str = EngineConfig.ssm_engine  # "torch" | "onnxruntime" | "tensorrt": what runs the SSMs (runtimes/)
     bls_name: str = "specinfer_bls"  # TensorRT-LLM's clients know theirs as tensorrt_llm_bls
     unary_name: str = "specinfer_unary"  # the non-decoupled BLS model, for plain infer() (TensorRT-LLM's decoupled_mode: false)
     ensemble_name: str = "specinfer"  # TensorRT-LLM's clients and docs call theirs ensemble
@@ -97,12 +105,6 @@ def model_parameters(args: dict) -> dict[str, str]:
     """A Python model's ``config.pbtxt`` parameters, from the ``args`` Triton gives ``initialize``."""
     config = json.loads(args["model_config"])
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-
-
-def repository_path(value: str, model_dir: Path) -> Path:
-    """A path from a model's parameters: absolute, or relative to the repository (the model folder's parent)."""
-    path = Path(value)
-    return path if path.is_absolute() else (model_dir.parent / path).resolve()
 
 
 def tensor(name: str, dtype: str, dims: str, optional: bool = False) -> str:
@@ -138,17 +140,10 @@ def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
     outputs = [tensor("output_ids", "TYPE_INT32", "-1"), tensor("context_ids", "TYPE_INT32", "-1"),
                tensor("echo", "TYPE_STRING", "1")]
     outputs += [tensor(n, t, d) for n, t, d in PASSED]
-    params = {
-        "llm": opts.llm, "ssms": ",".join(opts.ssms) if speculate else "", "speculate": str(speculate).lower(),
-        "expansion": ",".join(map(str, opts.expansion)), "device": opts.device, "dtype": opts.dtype,
-        "max_batch_size": str(opts.max_batch_size), "max_context": str(opts.max_context or ""),
-        "draft_sampling": opts.draft_sampling, "verifier": opts.verifier, "attention": opts.attention,
-        "adaptive": str(opts.adaptive and speculate).lower(), "ssm_engine": opts.ssm_engine,
-        "proposers": ",".join(opts.proposers) if speculate else "", "suffix_global_tokens": str(opts.suffix_global_tokens),
-        **opts.limits.parameters(),
-    }
-    if opts.tensor_parallel > 1:  # workers started at load on the devices after ``device``, stopped at unload
-        params["tensor_parallel_size"] = str(opts.tensor_parallel)
+    values = {p.key: getattr(opts, p.key) for p in PARAMETERS if hasattr(opts, p.key)} | {"speculate": speculate}
+    if not speculate:  # the incremental model: nothing to draft with
+        values |= {"ssms": (), "adaptive": False, "proposers": ()}
+    params = {p.key: text(values[p.key]) for p in PARAMETERS if p.key in values} | opts.limits.parameters()
     return python_model(name, inputs, outputs, params, decoupled=True)
 
 
