@@ -94,6 +94,7 @@ def engine_from_parameters(params: dict[str, str], model_dir: Path) -> tuple[Spe
         dtype=params.get("dtype", "auto"), max_batch_size=int(params.get("max_batch_size", 16)),
         max_context=max_context, attention=params.get("attention") or None,
         tensor_parallel_size=int(params.get("tensor_parallel_size", 1)), ssm_engine=params.get("ssm_engine") or "torch",
+        offload=params.get("offload") or "none",
     )
     return engine, speculate
 

@@ -87,6 +87,7 @@ class RepositoryOptions:
     attention: str = ""  # "sdpa" | "triton"; empty: the engine's default for the device (triton on CUDA)
     tensor_parallel: int = 1  # processes each decoding model's LLM is sharded over (written only when > 1)
     ssm_engine: str = "torch"  # "torch" | "onnxruntime" | "tensorrt": what runs the SSMs (runtimes/)
+    offload: str = "none"  # "cpu": the LLM's decoder layers streamed from host memory (written only then)
     bls_name: str = "specinfer_bls"  # TensorRT-LLM's clients know theirs as tensorrt_llm_bls
     unary_name: str = "specinfer_unary"  # the non-decoupled BLS model, for plain infer() (TensorRT-LLM's decoupled_mode: false)
     ensemble_name: str = "specinfer"  # TensorRT-LLM's clients and docs call theirs ensemble
@@ -149,6 +150,8 @@ def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
     }
     if opts.tensor_parallel > 1:  # workers started at load on the devices after ``device``, stopped at unload
         params["tensor_parallel_size"] = str(opts.tensor_parallel)
+    if opts.offload != "none":  # model/offload.py
+        params["offload"] = opts.offload
     return python_model(name, inputs, outputs, params, decoupled=True)
 
 
