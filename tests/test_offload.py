@@ -16,6 +16,7 @@ from conftest import make_llama, prompts
 from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.cost_model import FixedCosts
 from specinfer.model import Transformer
+from specinfer.parallel.layers import Shard
 from specinfer.runner import ModelRunner, chain_batch
 from specinfer.serving.repository import RepositoryOptions, decoding_config
 
@@ -138,6 +139,8 @@ def test_bad_offload_values_are_refused(models):
         Transformer.from_pretrained(models["llm"], offload="gpu")
     with pytest.raises(ValueError, match="tensor_parallel_size=1"):
         EngineConfig(offload="cpu", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor-parallel shard"):
+        Transformer.from_pretrained(models["llm"], shard=Shard(comm=None), offload="cpu")
     with pytest.raises(ValueError, match="cuda_graphs"):
         EngineConfig(offload="cpu", device="cuda", cuda_graphs=True)
     assert EngineConfig(offload="cpu", device="cuda").cuda_graphs is False  # the default turns graphs off

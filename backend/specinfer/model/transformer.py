@@ -176,6 +176,8 @@ class Transformer(nn.Module):
         ``offload="cpu"`` its decoder layers stay in host memory, streamed to ``device`` (``offload.py``)."""
         if offload not in OFFLOAD:
             raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
+        if offload != "none" and shard is not None:
+            raise ValueError("offload needs the whole model: a tensor-parallel shard is not streamed from host memory")
         args, state = read_checkpoint(folder)
         with torch.device("meta"):
             model = cls(args) if shard is None else shard.build(cls, args)
