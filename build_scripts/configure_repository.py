@@ -15,6 +15,7 @@ from specinfer import TreeConfig
 from specinfer.config import ATTENTION, SSM_ENGINES, VERIFIERS, SuffixConfig, parse_expansion, parse_proposers
 from specinfer.model.checkpoint import read_model_args
 from specinfer.model.gguf import is_gguf
+from specinfer.model.offload import OFFLOAD
 from specinfer.parallel.shard import check_size
 from specinfer.serving.repository import RepositoryOptions, write_repository
 from specinfer.serving.requests import Limits
@@ -55,6 +56,8 @@ def main() -> None:
                     help="replay the models' forwards as CUDA graphs (with triton attention); default: on with CUDA")
     ap.add_argument("--ssm-engine", default="torch", choices=SSM_ENGINES,
                     help="what runs the SSMs: PyTorch, or their ONNX graph under onnxruntime or tensorrt")
+    ap.add_argument("--offload", default="none", choices=OFFLOAD,
+                    help="cpu: keep the LLM's decoder layers in host memory, streamed to the device every forward")
     ap.add_argument("--proposers", default=",".join(RepositoryOptions.proposers),
                     help="where draft nodes come from: suffix (text already seen, no model), ssm, or both (merged)")
     ap.add_argument("--suffix-global-tokens", type=int, default=RepositoryOptions.suffix_global_tokens,
@@ -86,6 +89,7 @@ def main() -> None:
         draft_sampling=args.draft_sampling, verifier=args.verifier, adaptive=args.adaptive, bls_name=args.bls_name,
         ensemble_name=args.ensemble_name, unary_name=args.unary_name, attention=args.attention,
         tensor_parallel_size=args.tensor_parallel, cuda_graphs=args.cuda_graphs, ssm_engine=args.ssm_engine,
+        offload=args.offload,
         proposers=parse_proposers(args.proposers), suffix_global_tokens=args.suffix_global_tokens,
         limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check in at most 8 minutes: versions, every `gpu`-marked test (kernel vs SDPA, CUDA engine parity,
-# CUDA graphs on and off, ONNX Runtime's CUDA provider where installed), a short benchmark, one table.
+# CUDA graphs on and off, ONNX Runtime's CUDA provider where installed, offloading), a short benchmark, the
+# offload benchmark (bench_offload.py: streamed layers, H2D bandwidth, overlap, HF + accelerate), one table.
 #
 #   build_scripts/gpu_check.sh          # from the repository root, on a machine with a CUDA GPU
 #
@@ -32,7 +33,7 @@ stage() {
     SUMMARY+=("$(printf '%-10s %5ss  %s' "$name" "$took" "$verdict")")
 }
 
-stage versions 60 "$PY" -c '
+stage versions 30 "$PY" -c '
 import sys, torch, triton, transformers
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__,
       "| transformers", transformers.__version__)
@@ -44,9 +45,10 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu
 
 # Only the files holding gpu tests: others import what this machine lacks (tritonclient).
 GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
-stage gpu-tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfEs --durations=10 \
+stage gpu-tests 210 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfEs --durations=10 \
     --junitxml="$LOGS/gpu-tests.xml" $GPU_TESTS
-stage benchmark 180 "$PY" build_scripts/gpu_bench.py --json "$LOGS/benchmark.json"
+stage benchmark 140 "$PY" build_scripts/gpu_bench.py --json "$LOGS/benchmark.json"
+stage offload 100 "$PY" build_scripts/bench_offload.py --json "$LOGS/offload.json"
 
 {
     echo
@@ -55,6 +57,7 @@ stage benchmark 180 "$PY" build_scripts/gpu_bench.py --json "$LOGS/benchmark.jso
     printf '%s\n' "${SUMMARY[@]}"
     grep -E "(passed|failed|skipped|error).* in [0-9.]+s" "$LOGS/gpu-tests.log" | tail -n 1
     sed -n '/^bfloat16\|^float/,$p' "$LOGS/benchmark.log"
+    sed -n '/^offload, /,$p' "$LOGS/offload.log"
     echo "logs: $LOGS"
 } | tee "$LOGS/table.txt"
 exit $FAILED

@@ -9,6 +9,8 @@ from functools import lru_cache
 
 import torch
 
+from .model.offload import OFFLOAD
+
 DRAFT_SAMPLING = ("with_replacement", "without_replacement")
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would overflow float32
 VERIFIERS = ("mss", "naive", "gumbel")
@@ -230,6 +232,8 @@ class EngineConfig:
     ``ssm_engine``: what runs the SSMs (``runtimes/``): ``"torch"``, or their exported ONNX graph run by
     ``"onnxruntime"`` or ``"tensorrt"``. ``cuda_graphs``: replay the PyTorch models' forwards as CUDA
     graphs at bucketed shapes (``cuda_graphs.py``; with ``attention="triton"``); ``None``: on CUDA.
+    ``offload``: ``"cpu"`` keeps the LLM's decoder layers in host memory and streams them to ``device``
+    for every forward (``model/offload.py``), for an LLM larger than the GPU; ``"none"``: resident.
     """
 
     max_batch_size: int = 16
@@ -242,8 +246,13 @@ class EngineConfig:
     ssm_engine: str = "torch"
     cuda_graphs: bool | None = None
     batch_invariant: bool = True
+    offload: str = "none"
 
     def __post_init__(self) -> None:
+        if self.offload not in OFFLOAD:
+            raise ValueError(f"offload must be one of {OFFLOAD}, got {self.offload!r}")
+        if self.offload != "none" and self.tensor_parallel_size != 1:
+            raise ValueError("offload needs tensor_parallel_size=1: a sharded LLM is not streamed from host memory")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.max_batch_size < 1:
@@ -262,7 +271,9 @@ class EngineConfig:
         if self.ssm_engine not in SSM_ENGINES:
             raise ValueError(f"ssm_engine must be one of {SSM_ENGINES}, got {self.ssm_engine!r}")
         if self.cuda_graphs is None:
-            object.__setattr__(self, "cuda_graphs", self.device != "cpu")
+            object.__setattr__(self, "cuda_graphs", self.device != "cpu" and self.offload == "none")
+        if self.cuda_graphs and self.offload != "none":  # a forward is the weights' copy time: launches do not count
+            raise ValueError("cuda_graphs=True does not combine with offload: leave cuda_graphs unset or False")
         if self.cuda_graphs and self.device == "cpu":
             raise ValueError("cuda_graphs=True needs a CUDA device")
         if self.attention == "triton" and self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

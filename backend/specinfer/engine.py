@@ -125,16 +125,16 @@ class SpecInferEngine:
         cls, llm: str | Path, ssms: Seq[str | Path] = (), tree: TreeConfig = TreeConfig(),
         device: str = "cpu", dtype: str = "float32", max_batch_size: int = 16, max_context: int | None = None,
         attention: str | None = None, tensor_parallel_size: int = 1, workers: "Workers | None" = None,
-        ssm_engine: str = "torch", cuda_graphs: bool | None = None, batch_invariant: bool = True,
+        ssm_engine: str = "torch", cuda_graphs: bool | None = None, batch_invariant: bool = True, offload: str = "none",
     ) -> "SpecInferEngine":
         """``tensor_parallel_size > 1`` shards the LLM over that many processes (``parallel/``), spawned
         here unless ``workers`` says otherwise (``parallel.MpiWorkers`` under mpiexec); ``close()`` stops them."""
         config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree,
                               attention=attention, tensor_parallel_size=tensor_parallel_size, ssm_engine=ssm_engine,
-                              cuda_graphs=cuda_graphs, batch_invariant=batch_invariant)
+                              cuda_graphs=cuda_graphs, batch_invariant=batch_invariant, offload=offload)
         dtype = config.dtype  # "auto" resolved
         if tensor_parallel_size == 1:
-            target = Transformer.from_pretrained(llm, device=device, dtype=DTYPES[dtype])
+            target = Transformer.from_pretrained(llm, device=device, dtype=DTYPES[dtype], offload=offload)
         else:
             from .parallel import TensorParallelLLM
 

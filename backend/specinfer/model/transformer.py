@@ -18,6 +18,7 @@ from .attention import Visibility
 from .batch_invariance import pad_rows, padded_rows
 from .checkpoint import ModelArgs, read_checkpoint
 from .kv_cache import KVCache, Rows
+from .offload import OFFLOAD, LayerStreamer
 
 if TYPE_CHECKING:
     from ..parallel.layers import Shard
@@ -166,11 +167,17 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.streamer: LayerStreamer | None = None  # set by ``offload``: the layers' weights live in host memory
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        shard: "Shard | None" = None) -> "Transformer":
-        """The checkpoint's model; with ``shard``, one rank's slice of it (``parallel/``)."""
+                        shard: "Shard | None" = None, offload: str = "none") -> "Transformer":
+        """The checkpoint's model; with ``shard``, one rank's slice of it (``parallel/``); with
+        ``offload="cpu"`` its decoder layers stay in host memory, streamed to ``device`` (``offload.py``)."""
+        if offload not in OFFLOAD:
+            raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
+        if offload != "none" and shard is not None:
+            raise ValueError("offload needs the whole model: a tensor-parallel shard is not streamed from host memory")
         args, state = read_checkpoint(folder)
         with torch.device("meta"):
             model = cls(args) if shard is None else shard.build(cls, args)
@@ -191,14 +198,26 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(args)  # replaces the meta buffer
-        model = model.to(device=device, dtype=dtype).eval()
+        if offload == "cpu":
+            model = model.to(dtype=dtype).eval()
+            model.offload(device)
+        else:
+            model = model.to(device=device, dtype=dtype).eval()
         model.inv_freq = rope_inv_freq(args).to(device)  # stays float32 whatever the weights' dtype
         return model
+
+    def offload(self, device: torch.device | str) -> None:
+        """Keep the decoder layers' weights in host memory and stream them into ``device`` buffers for
+        every forward (``offload.py``); embeddings, final norm and LM head move to ``device``."""
+        self.streamer = LayerStreamer(self.model.layers, device)
+        for module in (self.model.embed_tokens, self.model.norm, self.lm_head):
+            module.to(device)
+        self.inv_freq = self.inv_freq.to(device)
 
     def batch_invariant(self, on: bool) -> None:
         """Whether every linear layer pads its rows to the dtype's batch-invariant class (on by default;
         off only to measure what the property costs, and for tracing graphs of dynamic shape)."""
-        for module in self.modules():
+        for module in [*self.modules(), *(self.streamer.modules() if self.streamer else ())]:
             if isinstance(module, Linear):
                 module.invariant = on
 
@@ -222,7 +241,7 @@ class Transformer(nn.Module):
         cos = torch.cat((freqs, freqs), dim=-1).cos()[:, :, None].to(self.lm_head.weight.dtype)
         sin = torch.cat((freqs, freqs), dim=-1).sin()[:, :, None].to(self.lm_head.weight.dtype)
         x = self.model.embed_tokens(tokens)
-        for layer in self.model.layers:
+        for layer in self.model.layers if self.streamer is None else self.streamer:
             x = layer(x, cos, sin, cache, rows, slots, visibility)
         if output_index is not None:
             batch = torch.arange(x.shape[0], device=x.device).view(-1, *[1] * (output_index.dim() - 1))

@@ -51,6 +51,7 @@ PARAMETERS = (
     Parameter("tensor_parallel_size", int),
     Parameter("ssm_engine", str),
     Parameter("cuda_graphs", boolean),
+    Parameter("offload", str),
     Parameter("expansion", parse_expansion, "tree"),
     Parameter("max_tree_tokens", int, "tree"),
     Parameter("draft_sampling", str, "tree"),

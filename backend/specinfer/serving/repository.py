@@ -95,6 +95,7 @@ class RepositoryOptions:
     tensor_parallel_size: int = EngineConfig.tensor_parallel_size  # processes each decoding model's LLM is sharded
     # over (workers started at load on the devices after ``device``, stopped at unload)
     ssm_engine: str = EngineConfig.ssm_engine  # "torch" | "onnxruntime" | "tensorrt": what runs the SSMs (runtimes/)
+    offload: str = EngineConfig.offload  # "cpu": the LLM's decoder layers streamed from host memory (model/offload.py)
     bls_name: str = "specinfer_bls"  # TensorRT-LLM's clients know theirs as tensorrt_llm_bls
     unary_name: str = "specinfer_unary"  # the non-decoupled BLS model, for plain infer() (TensorRT-LLM's decoupled_mode: false)
     ensemble_name: str = "specinfer"  # TensorRT-LLM's clients and docs call theirs ensemble
