@@ -231,6 +231,24 @@ def hf_peer(models: Path, prompts: list[list[int]], max_tokens: int, reference: 
     return rows
 
 
+def host_time(bench: "Bench", config: Path, out: Path) -> None:
+    """Host time per step outside model forwards (``EngineStats``: step wall time less forwards, per
+    LLM forward) of speculative engines against incremental decoding at the same batch size."""
+    rows = []
+    for batch in (1, 16, 32):
+        plain = bench.run(f"incremental batch {batch}", batch=batch, n_prompts=batch)
+        for row in (bench.run(f"adaptive <{','.join(map(str, ADAPTIVE))}> (a) batch {batch}", ("ssm-a",), ADAPTIVE,
+                              batch=batch, n_prompts=batch, adaptive=True),
+                    bench.run(f"served ({config.parent.name}) batch {batch}", batch=batch, n_prompts=batch, config=config)):
+            rows.append({"batch": batch, "name": row["name"], "incremental_ms": plain["overhead_ms_per_step"],
+                         "speculative_ms": row["overhead_ms_per_step"],
+                         "extra_ms": round(row["overhead_ms_per_step"] - plain["overhead_ms_per_step"], 3)})
+    print("[bench] host ms per step outside forwards: speculative - incremental")
+    for r in rows:
+        print(f"  {r['name']:<40} {r['speculative_ms']:6.2f} - {r['incremental_ms']:5.2f} = {r['extra_ms']:+6.2f} ms")
+    (out / "host_time.json").write_text(json.dumps(rows, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer prompts, tokens and configurations")
@@ -240,6 +258,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 where the CPU computes it), float32, bfloat16")
     ap.add_argument("--config", default=str(ROOT / "model_repository" / "specinfer_llm" / "config.pbtxt"),
                     help="a decoding model's config.pbtxt: its engine (engine_from_config) is measured at every batch size")
+    ap.add_argument("--host-time", action="store_true",
+                    help="only the host time per step outside model forwards: incremental, adaptive (a) and the served "
+                         "engine at batch 1, 16 and 32 (the step's regression figure)")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton part")
     ap.add_argument("--load", action="store_true",
                     help="only what adaptive trees are compared with: incremental, ssm-a's static trees, batch sizes, peers")
@@ -257,6 +278,10 @@ def main() -> None:
     bench = Bench(models, args.device, args.dtype, max_tokens)
     print(f"[bench] {platform.machine()} cpu threads={torch.get_num_threads()} device={args.device} dtype={args.dtype}; "
           f"{n} held-out prompts x {max_tokens} tokens", flush=True)
+    if args.host_time:
+        host_time(bench, Path(args.config), out)
+        print(f"[bench] done in {time.monotonic() - started:.0f} s: {out}/host_time.json")
+        return
     print("[bench] suffix proposer: drafting cost; workloads at batch 1, speculative then incremental per prompt")
     cost = suffix_cost(bench.tokenizer)
     workloads = run_workloads(bench, args.quick)

@@ -109,6 +109,22 @@ def test_batched_merge_is_the_trie_union_of_every_request():
         assert not merged.valid[r, tree.size:].any()
 
 
+def test_merging_lone_roots_adds_their_columns_only():
+    """The common step where some proposers drafted nothing: the other's trees, columns widened."""
+    g = torch.Generator().manual_seed(6)
+    trees = [random_tree(int(torch.randint(1, 9, (1,), generator=g)), 4, g) for _ in range(3)]
+    merged = merge([roots(torch.zeros(3, dtype=torch.long), 1), pad_trees(trees), roots(torch.zeros(3, dtype=torch.long), 1)])
+    for r, tree in enumerate(trees):
+        got = merged.tree(r)
+        assert torch.equal(got.tokens, tree.tokens) and torch.equal(got.parents, tree.parents)
+        assert got.proposals[:, 0].sum() == 0 and got.proposals[:, 2].sum() == 0
+        assert torch.equal(got.proposals[:, 1], tree.proposals[:, 0])
+        assert got.ssm_nodes[1:, 0].eq(-1).all() and got.ssm_nodes[0].tolist() == [0, 0, 0]
+        assert torch.equal(got.ssm_nodes[:, 1], torch.arange(tree.size))
+    with pytest.raises(ValueError, match="root"):
+        merge([pad_trees(trees), roots(torch.ones(3, dtype=torch.long), 1)])
+
+
 def test_merge_refuses_selected_with_sampled_candidates():
     g = torch.Generator().manual_seed(4)
     with pytest.raises(ValueError, match="selected and sampled"):

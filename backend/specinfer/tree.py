@@ -194,6 +194,10 @@ def merge(batches: list[TreeBatch]) -> TreeBatch:
     tree lists parents before children; a node's proposals add up, its confidence is the largest."""
     if len(batches) == 1:
         return batches[0]
+    if any(x.tokens.shape[1] == 1 for x in batches):  # lone roots add proposer columns, never nodes
+        grown = [i for i, x in enumerate(batches) if x.tokens.shape[1] > 1] or [0]
+        if len(grown) == 1:
+            return _widened(batches, grown[0])
     b = batches[0].tokens.shape[0]
     sizes = [x.tokens.shape[1] for x in batches]
     offsets = [sum(sizes[:i]) for i in range(len(batches))]
@@ -252,6 +256,26 @@ def merge(batches: list[TreeBatch]) -> TreeBatch:
     anc |= torch.eye(n, dtype=torch.bool)
     return TreeBatch(merged_tokens, merged_parents, depths[rows, keep] * out_valid, out_valid, anc,
                      confidence * out_valid, proposals, ssm_nodes, (chosen & many).any(1), draft)
+
+
+def _widened(batches: list[TreeBatch], keep: int) -> TreeBatch:
+    """``batches[keep]`` with every other source's (lone roots') proposer columns around its own."""
+    x = batches[keep]
+    for other in batches:
+        if other.tokens.shape[1] == 1 and not bool((other.tokens[:, 0] == x.tokens[:, 0]).all()):
+            raise ValueError("trees to merge must share their root token")
+    b, n = x.tokens.shape
+    cols = [y.proposals.shape[2] for y in batches]
+    before, after = sum(cols[:keep]), sum(cols[keep + 1:])
+    proposals = torch.cat([torch.zeros(b, n, before, dtype=torch.long), x.proposals,
+                           torch.zeros(b, n, after, dtype=torch.long)], 2)
+    ssm_nodes = torch.full((b, n, before + cols[keep] + after), -1, dtype=torch.long)
+    ssm_nodes[:, :, before: before + cols[keep]] = x.ssm_nodes
+    ssm_nodes[:, 0] = 0
+    draft = [None if q is None else torch.cat([torch.zeros(before, *q.shape[1:]), q, torch.zeros(after, *q.shape[1:])])
+             for q in x.draft_probs]
+    return TreeBatch(x.tokens, x.parents, x.depths, x.valid, x.ancestors, x.confidence, proposals, ssm_nodes,
+                     x.selected & (x.sizes > 1), draft)
 
 
 def _merged_draft_probs(batches: list[TreeBatch], target: torch.Tensor, offsets: list[int], r: int,
