@@ -141,7 +141,7 @@ def suffix_cost(tokenizer: TextTokenizer, context: int = 2000, steps: int = 200)
     start, nodes = time.perf_counter(), 0
     for i in range(steps):
         seq.output.append(tokens[context + i])
-        nodes += proposer.propose([seq])[0].size - 1
+        nodes += int(proposer.propose([seq]).sizes[0]) - 1
     ms = 1000 * (time.perf_counter() - start) / steps
     print(f"  suffix drafting at a {context}-token context: {ms:.3f} ms per request per step "
           f"({nodes / steps:.1f} nodes per tree)", flush=True)

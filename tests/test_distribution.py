@@ -85,7 +85,7 @@ HISTORY = [0, 1, 2, 0, 1, 3, 0, 1, 2, 4, 0, 2, 1, 0, 1, 2, 3]  # text the suffix
 def suffix_tree(committed: tuple[int, ...]):
     """The suffix proposer's tree after ``HISTORY + committed`` (a request's own earlier text)."""
     proposer = SuffixProposer(SuffixConfig(max_match=3, max_nodes=6, min_probability=0.05))
-    return proposer.propose([Sequence(0, HISTORY + list(committed), SamplingParams(temperature=1.0), frozenset(), None)])[0]
+    return proposer.propose([Sequence(0, HISTORY + list(committed), SamplingParams(temperature=1.0), frozenset(), None)]).tree(0)
 
 
 def decode_step(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence, committed: list[tuple[int, ...]],

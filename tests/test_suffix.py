@@ -95,12 +95,12 @@ def test_own_repeated_text_is_proposed_from_the_first_repetition():
     text = [11, 12, 13, 14, 15, 16]
     proposer = SuffixProposer(SuffixConfig(max_nodes=8, min_probability=0.1))
     seq = Sequence(0, text + [20], SamplingParams(), frozenset(), make_generator(0))
-    assert proposer.propose([seq])[0].size == 1  # 20 was never followed by anything
+    assert proposer.propose([seq]).tree(0).size == 1  # 20 was never followed by anything
     seq.output = [11]  # the repetition starts: the rest of the text is proposed as a chain
-    tree = proposer.propose([seq])[0]
+    tree = proposer.propose([seq]).tree(0)
     assert tree.tokens.tolist() == [11, 12, 13]  # one matched token: depth 2 x 1
     seq.output = [11, 12, 13]
-    assert proposer.propose([seq])[0].tokens.tolist() == [13, 14, 15, 16, 20, 11, 12]  # 3 matched: depth 6
+    assert proposer.propose([seq]).tree(0).tokens.tolist() == [13, 14, 15, 16, 20, 11, 12]  # 3 matched: depth 6
 
 
 @pytest.fixture(scope="module")

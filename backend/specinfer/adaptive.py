@@ -23,6 +23,7 @@ import torch
 
 from .config import TreeConfig
 from .cost_model import ForwardCosts, calibration_sizes, moving_average
+from .proposers.base import Plan
 from .runner import ModelRunner, chain_batch
 from .sequence import Sequence
 from .tree import TreeBatch
@@ -212,8 +213,8 @@ class AdaptivePolicy:
             rate = torch.maximum(rate, torch.where(by[..., n], self.suffix_acceptance.rate(batch.confidence), 0.0))
         return rate
 
-    def plan(self, seqs: list[Sequence], suffix: TreeBatch | None) -> tuple[torch.Tensor, int]:
-        """``[B]`` the requests the SSMs draft, and how deep (0: none)."""
+    def plan(self, seqs: list[Sequence], suffix: TreeBatch | None) -> Plan:
+        """The requests the SSMs draft this step, and how deep (0: none)."""
         rows = [s.row for s in seqs]
         chosen = torch.full((len(seqs),), bool(self.ssms))
         if suffix is not None and self.ssms:
@@ -221,7 +222,7 @@ class AdaptivePolicy:
             chosen = promise < self.gains(rows).sum(dim=1)
         picked = chosen.nonzero().flatten().tolist()
         depth = self.draft_depth([seqs[i] for i in picked], [rows[i] for i in picked]) if picked else 0
-        return chosen & (depth > 0), depth
+        return Plan(chosen & (depth > 0), depth)
 
     def draft_depth(self, seqs: list[Sequence], rows: list[int]) -> int:
         """How deep to draft, from recent gains and measured costs; while drafting does not pay, the
@@ -239,11 +240,11 @@ class AdaptivePolicy:
         self.probe_wait, self.since_draft = min(2 * self.probe_wait, MAX_PROBE_WAIT), 0
         return 1
 
-    def prune(self, batch: TreeBatch, rows: list[int], chosen: torch.Tensor, depth: int, spent: float) -> TreeBatch:
+    def prune(self, batch: TreeBatch, rows: list[int], plan: Plan, spent: float) -> TreeBatch:
         """Learn what each drafted depth promised, then keep the nodes that maximise the predicted
         tokens per second (``spent``: the seconds drafting took)."""
-        if depth:
-            self.learn_depth_gains(batch, rows, chosen, depth)
+        if plan.depth:
+            self.learn_depth_gains(batch, rows, plan.chosen, plan.depth)
         b = batch.tokens.shape[0]
         if batch.tokens.shape[1] == 1:
             self.predicted_rate = b / max(self.llm.costs.predict(b), 1e-9)

@@ -22,12 +22,11 @@ import torch
 
 from .adaptive import AdaptivePolicy
 from .config import DTYPES, EngineConfig, SamplingParams, TreeConfig
-from .draft import draft_selected, draft_trees
 from .log_probs import record
 from .logits_processors import process_batch
 from .model import Transformer
 from .model.cuda_graphs import GraphedModel
-from .proposers import SuffixProposer
+from .proposers import Plan, SsmProposer, SuffixProposer
 from .runner import ModelRunner, NodeBatch, chain_batch
 from .runtimes import load_model
 from .sampling import gumbel_choice, make_generator, sample, target_probs, target_scores
@@ -112,6 +111,7 @@ class SpecInferEngine:
         self.scheduler = Scheduler(config.max_batch_size)
         self.stats = EngineStats()
         self._ids = count()
+        self.drafters = [SsmProposer(runner, i, tree) for i, runner in enumerate(self.ssms)]
         self.suffix = SuffixProposer(tree.suffix) if "suffix" in tree.proposers else None
         self.columns = ["ssm"] * len(self.ssms) + (["suffix"] if self.suffix else [])  # TreeBatch.proposals' columns
         self.policy = (AdaptivePolicy(self.llm, self.ssms, tree, config.max_batch_size, self.suffix is not None)
@@ -326,32 +326,15 @@ class SpecInferEngine:
         last = torch.tensor([s.output[-1] if s.output else s.prompt[-1] for s in seqs])
         if not speculate or not self.columns:
             return roots(last, len(self.columns)), torch.zeros(b, dtype=torch.long)
-        suffix = pad_trees(self.suffix.propose(seqs)) if self.suffix is not None else None
-        if self.policy is None:
-            chosen, depth = torch.full((b,), bool(self.ssms)), self.tree.depth
-        else:
-            chosen, depth = self.policy.plan(seqs, suffix)
+        suffix = self.suffix.propose(seqs) if self.suffix is not None else None
+        plan = Plan(torch.full((b,), bool(self.ssms)), self.tree.depth) if self.policy is None else self.policy.plan(seqs, suffix)
         before = sum(r.seconds for r in self.ssms)
-        parts = [self.drafted(runner, seqs, chosen, i, depth, last) for i, runner in enumerate(self.ssms)]
+        parts = [proposer.propose(seqs, last, plan) for proposer in self.drafters]
         batch = merge(parts + ([suffix] if suffix is not None else []))
-        drafted = torch.where(chosen, depth, 0)
         if self.policy is not None:
             spent = sum(r.seconds for r in self.ssms) - before
-            batch = self.policy.prune(batch, [s.row for s in seqs], chosen, depth, spent)
-        return batch, drafted
-
-    def drafted(self, runner: ModelRunner, seqs: list[Sequence], chosen: torch.Tensor, ssm: int, depth: int,
-                last: torch.Tensor) -> TreeBatch:
-        """SSM ``ssm``'s trees, ``depth`` deep for the requests ``chosen``, lone roots for the others."""
-        picked = chosen.nonzero().flatten().tolist()
-        if not picked or not depth:
-            return roots(last, 1)
-        if self.tree.selected or all(seqs[i].params.greedy for i in picked):
-            return draft_selected(runner, seqs, chosen, ssm, self.tree, depth, last)
-        trees = [root_only(int(t)) for t in last.tolist()]
-        for i, tree in zip(picked, draft_trees(runner, [seqs[i] for i in picked], ssm, self.tree, depth)):
-            trees[i] = tree
-        return pad_trees(trees)
+            batch = self.policy.prune(batch, [s.row for s in seqs], plan, spent)
+        return batch, torch.where(plan.chosen, plan.depth, 0)
 
     def score(self, seqs: list[Sequence], batch: TreeBatch) -> torch.Tensor:
         """One LLM forward over every request's tree: logits ``[B, N, V]`` at every node."""

@@ -1,19 +1,33 @@
-"""What a proposer is: something that drafts one token tree per running request."""
+"""What a proposer is: something that drafts one token tree per running request, as one batch."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from ..sequence import Sequence
-from ..tree import Tree
+from ..tree import TreeBatch
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a step asks of the proposers that cost model forwards: the requests ``chosen [B]`` to
+    draft for, ``depth`` levels deep (0: none). Model-free proposers draft for every request."""
+
+    chosen: torch.Tensor
+    depth: int
 
 
 class Proposer(Protocol):
-    """Drafts, for each request, a tree rooted at its last token (``Tree.selected`` where the
-    stochastic verifier must test candidates as one-hot draws); the engine merges the trees."""
+    """Drafts, for each request, a tree rooted at its last token (``last [B]``), as one ``TreeBatch``
+    of ``columns`` proposer columns (selected trees where the stochastic verifier must test candidates
+    as one-hot draws); the engine merges the proposers' batches."""
 
     name: str
+    columns: int
 
-    def propose(self, seqs: list[Sequence]) -> list[Tree]: ...
+    def propose(self, seqs: list[Sequence], last: torch.Tensor, plan: Plan) -> TreeBatch: ...
 
     def retain(self, running: list[Sequence]) -> None:
         """Called after each step with the requests still running (drop the state of the others)."""

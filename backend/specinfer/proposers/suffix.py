@@ -19,7 +19,8 @@ import torch
 
 from ..config import SuffixConfig
 from ..sequence import Sequence
-from ..tree import Tree
+from ..tree import Tree, TreeBatch, pad_trees
+from .base import Plan
 
 Occurrence = tuple[int, int]  # (document, position of the n-gram's last token)
 
@@ -133,6 +134,7 @@ class SuffixProposer:
     ``retain`` the running requests after it (finished outputs join the global index)."""
 
     name = "suffix"
+    columns = 1
 
     def __init__(self, config: SuffixConfig) -> None:
         self.config = config
@@ -164,8 +166,9 @@ class SuffixProposer:
         conts += [self.shared.continuation(o, depth) for o in occ_all] if k_all == k else []
         return grow_tree(tokens[-1], conts, cfg.max_nodes, cfg.min_probability)
 
-    def propose(self, seqs: list[Sequence]) -> list[Tree]:
-        return [self.propose_one(s) for s in seqs]
+    def propose(self, seqs: list[Sequence], last: torch.Tensor | None = None, plan: Plan | None = None) -> TreeBatch:
+        """Every request's tree (no model runs: ``plan`` does not apply, ``last`` is read from the requests)."""
+        return pad_trees([self.propose_one(s) for s in seqs])
 
     def retain(self, running: list[Sequence]) -> None:
         """Forget requests no longer running; outputs of those that finished normally go to the global index."""
