@@ -1,5 +1,5 @@
 """Llama-family checkpoints: a Hugging Face folder (``config.json`` + ``*.safetensors``, sharded or not)
-or a single llama ``.gguf`` file (see ``gguf_checkpoint``)."""
+or a single llama ``.gguf`` file (see ``gguf.py``)."""
 from __future__ import annotations
 
 import json
