@@ -127,3 +127,15 @@ def test_greedy_equals_incremental(models, reference, proposers, adaptive, batch
     assert engine.stats.accepted_by_proposer["suffix"] > 0
     assert ("ssm" in engine.stats.accepted_by_proposer) == ("ssm" in proposers)
     assert sum(r.accepted_draft_tokens for r in results) <= sum(engine.stats.accepted_by_proposer.values())
+
+
+def test_ssm_children_outside_top_k_are_not_proposed_beside_suffix_trees(models):
+    """Merged with suffix trees, a sampled request's SSM candidates are selected (its top-k per node):
+    with ``top_k=1`` only one child per node has any probability, and the others are not drafted."""
+    tree = TreeConfig(expansion=(3, 2), proposers=("suffix", "ssm"), suffix=SuffixConfig(max_nodes=4))
+    engine = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], tree=tree, max_batch_size=4)
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_k=1, seed=3, ignore_eos=True)
+    results = engine.generate(PROMPTS[:4], params)
+    assert all(len(r.token_ids) == 12 for r in results)
+    assert max(engine.stats.tree_sizes) <= 1 + 2 + 4  # one SSM child per level, at most 4 suffix nodes
+    assert max(engine.stats.tree_sizes) > 1

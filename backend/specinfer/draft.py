@@ -105,8 +105,8 @@ def level_batch(builders: list[TreeBuilder], levels: list[list[int]], region: in
 
 def draft_trees(runner: ModelRunner, seqs: list[Sequence], ssm: int, tree: TreeConfig, depth: int) -> list[Tree]:
     """Each request's tree from SSM ``ssm``, ``depth`` levels deep, for a batch where some requests
-    sample their candidates (greedy ones select theirs); the last level is proposed but not fed to
-    the SSM."""
+    sample their candidates (greedy ones select theirs; trees that select every candidate, adaptive
+    and suffix-merged ones, are ``draft_selected``'s); the last level is proposed but not fed to the SSM."""
     logits = catch_up(runner, seqs, ssm)[:, None]
     builders = [TreeBuilder(s.tokens[-1], selected=s.params.greedy) for s in seqs]
     levels = [[0] for _ in seqs]
@@ -139,6 +139,7 @@ def draft_selected(runner: ModelRunner, seqs: list[Sequence], chosen: torch.Tens
     first = 1
     for d, width in enumerate(tree.expansion[:depth], start=1):
         toks, conf = select_children(logits, params, width)
+        toks, conf = toks.cpu(), conf.cpu()  # trees live on the host; the forward moves what it feeds
         tokens.append(toks)
         confidence.append(conf)
         ids = torch.arange(first, first + toks.shape[1])
@@ -160,6 +161,11 @@ def draft_selected(runner: ModelRunner, seqs: list[Sequence], chosen: torch.Tens
     all_tokens[:, 0], conf[:, 0] = last, 1.0
     proposals = valid[:, :, None].long()
     proposals[:, 0] = 0
-    return TreeBatch(all_tokens, torch.where(valid, parents, -1), depths * valid, valid,
-                     (anc & valid[:, :, None]) | torch.eye(n, dtype=torch.bool), conf * valid, proposals,
-                     torch.where(valid, torch.arange(n), -1)[:, :, None], torch.ones(b, dtype=torch.bool), [None] * b)
+    batch = TreeBatch(all_tokens, torch.where(valid, parents, -1), depths * valid, valid,
+                      (anc & valid[:, :, None]) | torch.eye(n, dtype=torch.bool), conf * valid, proposals,
+                      torch.where(valid, torch.arange(n), -1)[:, :, None], torch.ones(b, dtype=torch.bool), [None] * b)
+    empty = valid & (conf == 0)  # a sampled request's children outside its top-k / top-p: not proposed
+    if not bool(empty.any()):
+        return batch
+    gone = (batch.ancestors & empty[:, None, :]).any(dim=-1)  # such a node and what grew under it
+    return batch.select(torch.sort(torch.where(valid & ~gone, torch.arange(n), n), dim=1).values)

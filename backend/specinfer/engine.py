@@ -34,7 +34,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 from .tokenizer import TextTokenizer
 from .tree import TreeBatch, merge, pad_trees, root_only, roots
-from .verify import Verdicts, greedy_verify, mss_verify, naive_verify
+from .verify import Verdict, Verdicts, greedy_verify, mss_verify, naive_verify
 
 if TYPE_CHECKING:
     from .parallel.leader import Workers
@@ -354,19 +354,21 @@ class SpecInferEngine:
         gumbel = self.tree.verifier == "gumbel"
         by_argmax = torch.tensor([s.params.greedy or gumbel for s in seqs])
         ok = torch.ones(len(seqs), dtype=torch.bool)
-        choice = logits.argmax(dim=-1)
-        sampled = [b for b, s in enumerate(seqs) if gumbel and not s.params.greedy]
-        if sampled:
-            choice[sampled], finite = self.gumbel_choices(logits[sampled], [seqs[b] for b in sampled],
-                                                          batch.depths[sampled])
-            ok[sampled] = (finite.cpu() | ~batch.valid[sampled]).all(dim=1)
-        verdicts = greedy_verify(batch, choice.cpu())
-        for b in (~ok).nonzero().flatten().tolist():
-            seqs[b].fail(ValueError(NO_FINITE_SCORE))
         one_by_one = (~by_argmax).nonzero().flatten().tolist()
-        if not one_by_one:
-            return verdicts, ok
-        rows = verdicts.rows()
+        rows: list[Verdict] = [([], 0)] * len(seqs)
+        if bool(by_argmax.any()):
+            choice = logits.argmax(dim=-1)
+            sampled = [b for b, s in enumerate(seqs) if gumbel and not s.params.greedy]
+            if sampled:
+                choice[sampled], finite = self.gumbel_choices(logits[sampled], [seqs[b] for b in sampled],
+                                                              batch.depths[sampled])
+                ok[sampled] = (finite.cpu() | ~batch.valid[sampled]).all(dim=1)
+            verdicts = greedy_verify(batch, choice.cpu())
+            for b in (~ok).nonzero().flatten().tolist():
+                seqs[b].fail(ValueError(NO_FINITE_SCORE))
+            if not one_by_one:
+                return verdicts, ok
+            rows = verdicts.rows()
         without = self.tree.draft_sampling == "without_replacement"
         for b in one_by_one:
             seq, tree = seqs[b], batch.tree(b)

@@ -21,13 +21,9 @@ class Plan:
 
 class Proposer(Protocol):
     """Drafts, for each request, a tree rooted at its last token (``last [B]``), as one ``TreeBatch``
-    of ``columns`` proposer columns (selected trees where the stochastic verifier must test candidates
-    as one-hot draws); the engine merges the proposers' batches."""
+    with one proposer column (selected trees where the stochastic verifier must test candidates as
+    one-hot draws); the engine merges the proposers' batches."""
 
     name: str
-    columns: int
 
     def propose(self, seqs: list[Sequence], last: torch.Tensor, plan: Plan) -> TreeBatch: ...
-
-    def retain(self, running: list[Sequence]) -> None:
-        """Called after each step with the requests still running (drop the state of the others)."""

@@ -16,7 +16,6 @@ class SsmProposer:
     request; its cache row of a request holds what it has seen of that request (``Sequence.ssm_lens``)."""
 
     name = "ssm"
-    columns = 1
 
     def __init__(self, runner: ModelRunner, index: int, tree: TreeConfig) -> None:
         self.runner, self.index, self.tree = runner, index, tree
@@ -33,6 +32,3 @@ class SsmProposer:
         for i, tree in zip(picked, drafted):
             trees[i] = tree
         return pad_trees(trees)
-
-    def retain(self, running: list[Sequence]) -> None:
-        del running  # a request's K/V rows are the runner's, freed with its cache row

@@ -134,7 +134,6 @@ class SuffixProposer:
     ``retain`` the running requests after it (finished outputs join the global index)."""
 
     name = "suffix"
-    columns = 1
 
     def __init__(self, config: SuffixConfig) -> None:
         self.config = config
