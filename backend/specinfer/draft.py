@@ -20,7 +20,7 @@ from .config import SamplingParams, TreeConfig
 from .runner import ModelRunner, NodeBatch, chain_batch
 from .sampling import draw_children, target_probs, target_scores
 from .sequence import Sequence
-from .tree import Tree, TreeBatch, TreeBuilder, ancestor_mask
+from .tree import Tree, TreeBatch, TreeBuilder, ancestor_mask, with_padding
 
 AS_IS = SamplingParams(temperature=1.0)  # greedy requests select from the raw logits
 
@@ -162,7 +162,7 @@ def draft_selected(runner: ModelRunner, seqs: list[Sequence], chosen: torch.Tens
     proposals = valid[:, :, None].long()
     proposals[:, 0] = 0
     batch = TreeBatch(all_tokens, torch.where(valid, parents, -1), depths * valid, valid,
-                      (anc & valid[:, :, None]) | torch.eye(n, dtype=torch.bool), conf * valid, proposals,
+                      with_padding(anc, valid), conf * valid, proposals,
                       torch.where(valid, torch.arange(n), -1)[:, :, None], torch.ones(b, dtype=torch.bool), [None] * b)
     empty = valid & (conf == 0)  # a sampled request's children outside its top-k / top-p: not proposed
     if not bool(empty.any()):

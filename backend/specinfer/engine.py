@@ -33,7 +33,7 @@ from .sampling import gumbel_choice, make_generator, sample, target_probs, targe
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .tokenizer import TextTokenizer
-from .tree import TreeBatch, merge, pad_trees, root_only, roots
+from .tree import TreeBatch, merge, roots
 from .verify import Verdict, Verdicts, greedy_verify, mss_verify, naive_verify
 
 if TYPE_CHECKING:
@@ -304,8 +304,7 @@ class SpecInferEngine:
                 seq.fail(exc)
 
     def pick(self, logits: torch.Tensor, seq: Sequence) -> int:
-        root = pad_trees([root_only(seq.tokens[-1])])
-        logits = process_batch(logits[None, None], [seq], root)[0]
+        logits = process_batch(logits[None, None], [seq], roots(torch.tensor([seq.tokens[-1]]), 0))[0]
         if seq.params.greedy:
             token = int(torch.argmax(logits[0]))
         elif self.tree.verifier == "gumbel":

@@ -116,6 +116,11 @@ def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
         node = torch.where(up, torch.gather(parents, -1, node.clamp(min=0)), node)
 
 
+def with_padding(anc: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, N, N]`` ancestors of the valid nodes; a padding node sees itself only (attention needs a key)."""
+    return (anc & valid[:, :, None]) | torch.eye(anc.shape[-1], dtype=torch.bool)
+
+
 @dataclass
 class TreeBatch:
     """Every running request's tree, padded to one size: the step's one tree type from proposal to
@@ -155,8 +160,7 @@ class TreeBatch:
         old = self.parents[rows, safe]
         parents = torch.where(valid & (old >= 0), remap[rows, old.clamp(min=0)], -1)
         draft = [None if q is None else q[:, safe[i][valid[i]]] for i, q in enumerate(self.draft_probs)]
-        anc = self.ancestors[rows[:, :, None], safe[:, :, None], safe[:, None, :]] & valid[:, :, None] & valid[:, None, :]
-        anc |= torch.eye(keep.shape[1], dtype=torch.bool) & ~valid[:, :, None]  # padding sees itself
+        anc = with_padding(self.ancestors[rows[:, :, None], safe[:, :, None], safe[:, None, :]] & valid[:, None, :], valid)
         return TreeBatch(
             self.tokens[rows, safe] * valid, parents, self.depths[rows, safe] * valid, valid, anc,
             self.confidence[rows, safe] * valid, self.proposals[rows, safe] * valid[:, :, None],
@@ -173,9 +177,8 @@ def pad_trees(trees: list[Tree]) -> TreeBatch:
     sizes = torch.tensor([t.size for t in trees])
     n = parents.shape[1]
     valid = torch.arange(n) < sizes[:, None]
-    anc = ancestor_mask(parents) & valid[:, :, None]
-    anc |= torch.eye(n, dtype=torch.bool)  # padding sees itself
-    return TreeBatch(pad("tokens"), parents, pad("depths"), valid, anc, pad("confidence"), pad("proposals"),
+    return TreeBatch(pad("tokens"), parents, pad("depths"), valid, with_padding(ancestor_mask(parents), valid),
+                     pad("confidence"), pad("proposals"),
                      pad("ssm_nodes", -1), torch.tensor([t.selected for t in trees]), [t.draft_probs for t in trees])
 
 
@@ -194,6 +197,9 @@ def merge(batches: list[TreeBatch]) -> TreeBatch:
     tree lists parents before children; a node's proposals add up, its confidence is the largest."""
     if len(batches) == 1:
         return batches[0]
+    for x in batches[1:]:
+        if not bool((x.tokens[:, 0] == batches[0].tokens[:, 0]).all()):
+            raise ValueError("trees to merge must share their root token")
     if any(x.tokens.shape[1] == 1 for x in batches):  # lone roots add proposer columns, never nodes
         grown = [i for i, x in enumerate(batches) if x.tokens.shape[1] > 1] or [0]
         if len(grown) == 1:
@@ -206,9 +212,6 @@ def merge(batches: list[TreeBatch]) -> TreeBatch:
     valid = torch.cat([x.valid for x in batches], 1)
     parents = torch.cat([torch.where(x.parents >= 0, x.parents + o, -1) for x, o in zip(batches, offsets)], 1)
     m = tokens.shape[1]
-    for x in batches[1:]:
-        if not bool((x.tokens[:, 0] == batches[0].tokens[:, 0]).all()):
-            raise ValueError("trees to merge must share their root token")
     many = torch.stack([x.sizes > 1 for x in batches], 1)
     chosen = torch.stack([x.selected for x in batches], 1)
     if bool(((chosen & many).any(1) & (~chosen & many).any(1)).any()):
@@ -252,8 +255,7 @@ def merge(batches: list[TreeBatch]) -> TreeBatch:
     draft = [_merged_draft_probs(batches, target, offsets, r, n) for r in range(b)]
     out_valid = kept_valid
     merged_tokens = tokens[rows, keep] * out_valid
-    anc = ancestor_mask(merged_parents) & out_valid[:, :, None]
-    anc |= torch.eye(n, dtype=torch.bool)
+    anc = with_padding(ancestor_mask(merged_parents), out_valid)
     return TreeBatch(merged_tokens, merged_parents, depths[rows, keep] * out_valid, out_valid, anc,
                      confidence * out_valid, proposals, ssm_nodes, (chosen & many).any(1), draft)
 
@@ -261,9 +263,6 @@ def merge(batches: list[TreeBatch]) -> TreeBatch:
 def _widened(batches: list[TreeBatch], keep: int) -> TreeBatch:
     """``batches[keep]`` with every other source's (lone roots') proposer columns around its own."""
     x = batches[keep]
-    for other in batches:
-        if other.tokens.shape[1] == 1 and not bool((other.tokens[:, 0] == x.tokens[:, 0]).all()):
-            raise ValueError("trees to merge must share their root token")
     b, n = x.tokens.shape
     cols = [y.proposals.shape[2] for y in batches]
     before, after = sum(cols[:keep]), sum(cols[keep + 1:])
