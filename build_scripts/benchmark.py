@@ -129,7 +129,7 @@ class Bench:
         return row
 
 
-def suffix_cost(tokenizer: TextTokenizer, context: int = 2000, steps: int = 200) -> dict:
+def suffix_cost(tokenizer: TextTokenizer, context: int = 2000, steps: int = 1000) -> dict:
     """Suffix drafting's host time per request and step at a ``context``-token context (real text:
     the standard library's argparse.py), the index growing by one step's tokens each time."""
     import argparse as source

@@ -76,19 +76,34 @@ def test_tree_respects_node_budget_and_min_probability():
     rng = random.Random(3)
     conts = [[rng.randrange(3) for _ in range(6)] for _ in range(40)]
     for budget, floor in [(1, 0.01), (5, 0.01), (30, 0.2), (100, 0.05)]:
-        tree = grow_tree(9, conts, budget, floor)
-        assert tree.selected and tree.size - 1 <= budget
-        assert int(tree.tokens[0]) == 9
+        tree, expected = grow_tree(9, conts, budget, floor)
+        assert tree.size - 1 <= budget
+        assert tree.tokens[0] == 9
+        shares = []
         for i in range(1, tree.size):
             path, node = [], i
             while node > 0:
-                path.append(int(tree.tokens[node]))
-                node = int(tree.parents[node])
+                path.append(tree.tokens[node])
+                node = tree.parents[node]
             share = sum(c[: len(path)] == path[::-1] for c in conts) / len(conts)
             assert share >= floor
-            assert float(tree.confidence[i]) == pytest.approx(
+            assert tree.confidence[i] == pytest.approx(
                 share / (sum(c[: len(path) - 1] == path[:0:-1] for c in conts) / len(conts)))
-    assert grow_tree(9, [], 10, 0.1).size == 1
+            shares.append(share)
+        assert expected == pytest.approx(sum(shares))  # what the tree promises: its nodes' shares
+    assert grow_tree(9, [], 10, 0.1)[0].size == 1
+
+
+def test_a_longer_match_in_earlier_outputs_does_not_crowd_out_the_requests_own_repetition():
+    """The global index matches 3 tokens, each time followed by something else (no node reaches the
+    minimum share); the request's own text matches 2 and repeats: its own tree is proposed."""
+    proposer = SuffixProposer(SuffixConfig(global_tokens=1000, max_nodes=8, min_probability=0.1))
+    for i in range(16):
+        proposer.remember(100 + i, [9, 5, 6, 200 + i])
+    seq = Sequence(0, [5, 6, 7, 8, 9, 5, 6], SamplingParams(), frozenset(), make_generator(0))
+    assert proposer.propose([seq]).tree(0).tokens.tolist() == [6, 7, 8, 9, 5]  # 2 matched: depth 4
+    proposer.remember(200, [9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9])  # now earlier outputs promise more than the request
+    assert proposer.propose([seq]).tree(0).size > 5
 
 
 def test_own_repeated_text_is_proposed_from_the_first_repetition():

@@ -6,7 +6,7 @@ import torch
 
 from specinfer import TreeConfig
 from specinfer.model.attention import packed_mask
-from specinfer.tree import TreeBuilder, merge, pad_trees, path_to, root_only, roots
+from specinfer.tree import ListTree, TreeBuilder, batch_of_lists, merge, pad_trees, path_to, root_only, roots
 
 
 def brute_ancestors(parents: list[int]) -> torch.Tensor:
@@ -167,6 +167,19 @@ def test_ancestor_mask_matches_brute_force_batched():
         assert torch.equal(batch.ancestors[b, :n, :n], brute_ancestors(par))
         pad = batch.ancestors[b, n:]
         assert torch.equal(pad, torch.eye(batch.tokens.shape[1], dtype=torch.bool)[n:])  # padding sees itself only
+
+
+def test_list_trees_stack_as_pad_trees_stacks_their_tensor_trees():
+    """``batch_of_lists`` (the suffix proposer's one-shot batch) builds what stacking the same trees
+    as tensors builds: tokens, parents, depths, ancestors, confidence, proposals, own ids, padding."""
+    g = torch.Generator().manual_seed(4)
+    tensor_trees = [random_tree(n, 7, g) for n in (0, 3, 11, 25)]
+    lists = [ListTree(t.tokens.tolist(), t.parents.tolist(), t.confidence.tolist()) for t in tensor_trees]
+    ours, theirs = batch_of_lists(lists, selected=True), pad_trees(tensor_trees)
+    for field in ("tokens", "parents", "depths", "valid", "ancestors", "confidence", "ssm_nodes", "selected"):
+        assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
+    assert torch.equal(ours.proposals, theirs.proposals.clamp(max=1))  # a list tree proposes each node once
+    assert ours.draft_probs == [None] * 4
 
 
 def tree_from_parents(parents: list[int]):

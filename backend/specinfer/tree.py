@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -180,6 +181,47 @@ def pad_trees(trees: list[Tree]) -> TreeBatch:
     return TreeBatch(pad("tokens"), parents, pad("depths"), valid, with_padding(ancestor_mask(parents), valid),
                      pad("confidence"), pad("proposals"),
                      pad("ssm_nodes", -1), torch.tensor([t.selected for t in trees]), [t.draft_probs for t in trees])
+
+
+@dataclass
+class ListTree:
+    """One proposer's tree as Python lists (root first, parents before children): how the suffix
+    proposer grows its trees, with no tensor per request; ``batch_of_lists`` stacks them."""
+
+    tokens: list[int]
+    parents: list[int]  # -1 for the root
+    confidence: list[float]  # 1.0 for the root
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+
+def batch_of_lists(trees: list[ListTree], selected: bool) -> TreeBatch:
+    """Stack list trees into a one-proposer batch, built in numpy for the whole batch at once (a
+    handful of array calls per step, whatever the batch; ancestors set from each node's path)."""
+    b, n = len(trees), max(t.size for t in trees)
+    # per request: tokens, parents, depths, valid, own node id (-1 on padding), proposals
+    ints = np.zeros((6, b, n), dtype=np.int64)
+    ints[1], ints[4] = -1, -1
+    confidence = np.zeros((b, n), dtype=np.float32)
+    seen: list[int] = []  # flat [B, N, N] indices of the ancestor pairs; padding sees itself
+    for r, t in enumerate(trees):
+        k, base = t.size, r * n * n
+        paths: list[list[int]] = []
+        for i, p in enumerate(t.parents):
+            paths.append(paths[p] + [i] if p >= 0 else [i])
+            seen += [base + i * n + j for j in paths[i]]
+        seen += [base + i * (n + 1) for i in range(k, n)]
+        ints[:3, r, :k] = t.tokens, t.parents, [len(q) - 1 for q in paths]
+        ints[3, r, :k], ints[4, r, :k], ints[5, r, 1:k] = 1, range(k), 1
+        confidence[r, :k] = t.confidence
+    anc = np.zeros(b * n * n, dtype=np.bool_)
+    anc[seen] = True
+    tokens, parents, depths, valid, own, proposals = torch.from_numpy(ints)
+    return TreeBatch(tokens, parents, depths, valid.bool(), torch.from_numpy(anc).view(b, n, n),
+                     torch.from_numpy(confidence), proposals[:, :, None], own[:, :, None],
+                     torch.full((b,), selected), [None] * b)
 
 
 def roots(tokens: torch.Tensor, proposers: int) -> TreeBatch:

@@ -19,7 +19,7 @@ import torch
 
 from ..config import SuffixConfig
 from ..sequence import Sequence
-from ..tree import Tree, TreeBatch, pad_trees
+from ..tree import ListTree, TreeBatch, batch_of_lists
 from .base import Plan
 
 Occurrence = tuple[int, int]  # (document, position of the n-gram's last token)
@@ -92,10 +92,11 @@ class SuffixIndex:
         return self.docs[doc][p + 1: p + 1 + depth]
 
 
-def grow_tree(root: int, continuations: list[list[int]], max_nodes: int, min_probability: float) -> Tree:
+def grow_tree(root: int, continuations: list[list[int]], max_nodes: int, min_probability: float) -> tuple[ListTree, float]:
     """The selected tree of the ``max_nodes`` most frequent continuation prefixes whose share of
     ``continuations`` is at least ``min_probability``; a node's confidence is the share of its
-    parent's continuations that go on through it."""
+    parent's continuations that go on through it. Also the tree's expected accepted tokens (the
+    sum of its nodes' shares, if the continuations were the LLM's distribution)."""
     children: list[dict[int, int]] = [{}]
     counts, parents, tokens = [len(continuations)], [-1], [root]
     for cont in continuations:
@@ -115,18 +116,9 @@ def grow_tree(root: int, continuations: list[list[int]], max_nodes: int, min_pro
     best = sorted((i for i in range(1, len(tokens)) if counts[i] >= floor), key=lambda i: (-counts[i], i))
     keep = [0] + sorted(best[:max_nodes])  # a child's count never exceeds its parent's, and it comes later
     local = {node: i for i, node in enumerate(keep)}
-    kept_parents = [-1] + [local[parents[i]] for i in keep[1:]]
-    depths = [0] * len(keep)
-    for i in range(1, len(keep)):
-        depths[i] = depths[kept_parents[i]] + 1
-    n = len(keep)
-    proposals = torch.ones(n, 1, dtype=torch.long)
-    proposals[0] = 0
-    return Tree(
-        tokens=torch.tensor([tokens[i] for i in keep]), parents=torch.tensor(kept_parents), depths=torch.tensor(depths),
-        proposals=proposals, ssm_nodes=torch.arange(n)[:, None], draft_probs=None,
-        confidence=torch.tensor([1.0] + [counts[i] / counts[parents[i]] for i in keep[1:]]), selected=True,
-    )
+    tree = ListTree(tokens=[tokens[i] for i in keep], parents=[-1] + [local[parents[i]] for i in keep[1:]],
+                    confidence=[1.0] + [counts[i] / counts[parents[i]] for i in keep[1:]])
+    return tree, sum(counts[i] for i in keep[1:]) / total
 
 
 class SuffixProposer:
@@ -140,8 +132,8 @@ class SuffixProposer:
         self.local: dict[int, tuple[Sequence, SuffixIndex]] = {}
         self.shared = SuffixIndex(config.max_match)
 
-    def index_of(self, seq: Sequence) -> list[int]:
-        """The request's index, brought up to its committed tokens; returns those tokens."""
+    def index_of(self, seq: Sequence) -> SuffixIndex:
+        """The request's index, brought up to its committed tokens."""
         entry = self.local.get(seq.request_id)
         if entry is None:
             entry = self.local[seq.request_id] = (seq, SuffixIndex(self.config.max_match))
@@ -149,25 +141,31 @@ class SuffixProposer:
         seen, prompt = index.tokens, seq.prompt
         if seen < len(prompt) + len(seq.output):
             index.extend(0, prompt[seen:] + seq.output if seen < len(prompt) else seq.output[seen - len(prompt):])
-        return index.docs[0]
+        return index
 
-    def propose_one(self, seq: Sequence) -> Tree:
+    def grow(self, index: SuffixIndex, context: list[int]) -> tuple[ListTree, float]:
+        """The tree continuing ``context``'s longest match in ``index``, and its expected accepted tokens."""
         cfg = self.config
-        tokens = self.index_of(seq)
-        own = self.local[seq.request_id][1]
-        k_own, occ_own = own.longest_match(tokens, cfg.max_occurrences)
-        k_all, occ_all = self.shared.longest_match(tokens, cfg.max_occurrences) if self.shared.tokens else (0, [])
-        k = max(k_own, k_all)
-        if k == 0:
-            return grow_tree(tokens[-1], [], cfg.max_nodes, cfg.min_probability)
+        k, found = index.longest_match(context, cfg.max_occurrences)
         depth = min(cfg.max_depth, math.ceil(cfg.depth_per_match * k))
-        conts = [own.continuation(o, depth) for o in occ_own] if k_own == k else []
-        conts += [self.shared.continuation(o, depth) for o in occ_all] if k_all == k else []
-        return grow_tree(tokens[-1], conts, cfg.max_nodes, cfg.min_probability)
+        return grow_tree(context[-1], [index.continuation(o, depth) for o in found], cfg.max_nodes, cfg.min_probability)
+
+    def propose_one(self, seq: Sequence) -> ListTree:
+        """From the request's own text or from earlier outputs, whichever tree promises more
+        (SuffixDecoding's choice; pooling both let a longer match in unrelated text crowd out the
+        request's own repetitions)."""
+        own = self.index_of(seq)
+        context = own.docs[0]
+        tree, score = self.grow(own, context)
+        if self.shared.tokens:
+            other, other_score = self.grow(self.shared, context)
+            if other_score > score:
+                return other
+        return tree
 
     def propose(self, seqs: list[Sequence], last: torch.Tensor | None = None, plan: Plan | None = None) -> TreeBatch:
         """Every request's tree (no model runs: ``plan`` does not apply, ``last`` is read from the requests)."""
-        return pad_trees([self.propose_one(s) for s in seqs])
+        return batch_of_lists([self.propose_one(s) for s in seqs], selected=True)
 
     def retain(self, running: list[Sequence]) -> None:
         """Forget requests no longer running; outputs of those that finished normally go to the global index."""
