@@ -98,7 +98,7 @@ def transfer(llm: Path, device: torch.device, dtype: torch.dtype, repeats: int) 
 
 def curve(engine: SpecInferEngine) -> dict[int, float]:
     """The LLM forward costs an adaptive engine calibrated, ms by tokens fed."""
-    return {n: 1e3 * engine.llm.costs.seconds[n] for n in engine.llm.costs.counts}
+    return {n: 1e3 * engine.llm.costs.predict(n) for n in engine.llm.costs.counts}
 
 
 def hf_offload(llm: Path, prompts: list[list[int]], batch: int, max_tokens: int, device: torch.device,

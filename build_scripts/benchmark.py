@@ -9,8 +9,11 @@ with the demo pair (SmolLM2-135M-Instruct, ssm-a, ssm-b):
 - engine, batch sizes 1, 4, 16, 32: adaptive trees (at most ADAPTIVE) against the static trees and
   incremental decoding, and the engine the served repository runs (--config, `engine_from_config`);
 - the suffix proposer: its drafting cost at a 2,000-token context, and workloads (open prompts, code
-  completion, grounded chat, multi-turn chat; engines/demo/workloads.json) at batch 1 against
-  incremental, global index cold and warm (--workloads: only these);
+  completion, grounded chat, multi-turn chat; engines/demo/workloads.json; answers of at most
+  --workload-tokens, ending at the model's end of turn) at batch 1 against incremental, global index
+  cold and warm (--workloads: only these);
+- --batches (only this): the served engine against incremental decoding at batch 1, 4, 16, 32,
+  alternating in 3 rounds;
 - peer: transformers `generate` plain and assisted (the SSM as assistant), greedy, batch 1;
 - through Triton: closed-loop clients against `specinfer` (adaptive) and `incremental` at
   concurrency 1 to 32.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -164,12 +168,13 @@ def workload_prompts(models: Path, tokenizer: TextTokenizer) -> dict[str, list[l
     }
 
 
-def run_workloads(bench: "Bench", quick: bool) -> list[dict]:
+def run_workloads(bench: "Bench", quick: bool, max_tokens: int) -> list[dict]:
     """Each workload at batch 1: every prompt decoded speculatively, then incrementally, timed apart
     (so both see the same machine moment); the global suffix index cold (none) or warm (filled from
-    the disjoint warm set first); no prompt is decoded twice by an engine with a global index."""
+    the disjoint warm set first); no prompt is decoded twice by an engine with a global index.
+    Answers end at the model's end of turn or after ``max_tokens`` (what a served chat returns)."""
     sets = workload_prompts(bench.models, bench.tokenizer)
-    params = SamplingParams(max_tokens=bench.max_tokens, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens)
     plain = bench.engine((), TreeConfig(expansion=(1,)), 1)
     configs = [("suffix,ssm adaptive, global cold", ("suffix", "ssm"), 0),
                ("suffix,ssm adaptive, global warm", ("suffix", "ssm"), 1 << 16),
@@ -178,7 +183,7 @@ def run_workloads(bench: "Bench", quick: bool) -> list[dict]:
     for name, proposers, global_tokens in configs[:2] if quick else configs:
         tree = TreeConfig(expansion=(1, 1), adaptive=True, proposers=proposers, suffix=SuffixConfig(global_tokens=global_tokens))
         engine = bench.engine(("ssm-a",), tree, 1)
-        engine.generate(sets["warm"][:1], replace(params, max_tokens=8))  # warm-up (a warm prompt: never measured)
+        engine.generate(sets["warm"][:1], replace(params, max_tokens=8, ignore_eos=True))  # warm-up (never measured)
         if global_tokens:
             engine.generate(sets["warm"][1:], params)
         for workload in ("open", "code", "grounded", "multi_turn"):
@@ -249,6 +254,41 @@ def host_time(bench: "Bench", config: Path, out: Path) -> None:
     (out / "host_time.json").write_text(json.dumps(rows, indent=2))
 
 
+def batch_pairs(bench: "Bench", config: Path, batches: tuple[int, ...], rounds: int) -> list[dict]:
+    """The served engine against incremental decoding (an engine without SSMs) at each batch size,
+    the same held-out prompts (a closed batch: all admitted at once, decoded to the end), the two
+    alternating ``rounds`` times so that the machine's drifting speed hits both alike; the median
+    of the per-round ratios."""
+    rows = []
+    params = SamplingParams(max_tokens=bench.max_tokens, seed=0, ignore_eos=True)
+    for batch in batches:
+        prompts = (bench.prompts * -(-batch // len(bench.prompts)))[:batch]
+        plain = bench.engine((), TreeConfig(expansion=(1,)), batch)
+        served = engine_from_config(config, {"max_batch_size": batch, "device": bench.device, "dtype": bench.dtype,
+                                             "max_context": 1024})
+        for engine, speculate in ((plain, False), (served, True)):
+            engine.generate(prompts[:1], replace(params, max_tokens=8), speculate=speculate)  # warm-up
+        ratios, steps, same = [], 0, True
+        for _ in range(rounds):
+            start = time.perf_counter()
+            reference = plain.generate(prompts, params, speculate=False)
+            inc_s = time.perf_counter() - start
+            start = time.perf_counter()
+            results = served.generate(prompts, params)
+            spec_s = time.perf_counter() - start
+            ratios.append(inc_s / spec_s)
+            steps += sum(r.llm_steps for r in results)
+            same &= [r.token_ids for r in results] == [r.token_ids for r in reference]
+        tokens = rounds * sum(len(r.token_ids) for r in results)
+        row = {"batch": batch, "rounds": rounds, "ratios": [round(r, 3) for r in ratios],
+               "speedup_median": round(statistics.median(ratios), 3), "tokens_per_step": round(tokens / steps, 3),
+               "identical_to_incremental": same}
+        rows.append(row)
+        print(f"  served vs incremental, batch {batch:>2}: speedup {row['speedup_median']:.3f}x (rounds {row['ratios']})  "
+              f"tok/step {row['tokens_per_step']:.2f}  identical {same}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer prompts, tokens and configurations")
@@ -269,6 +309,11 @@ def main() -> None:
     ap.add_argument("--workloads", action="store_true",
                     help="only the suffix proposer's figures: its drafting cost and the workloads (open, code, grounded, "
                          "multi-turn) against incremental, global index cold and warm")
+    ap.add_argument("--workload-tokens", type=int, default=128,
+                    help="longest answer in the workloads (they end at the model's end of turn otherwise)")
+    ap.add_argument("--batches", action="store_true",
+                    help="only the served engine against incremental decoding at batch 1, 4, 16 and 32, "
+                         "alternating in 3 rounds (the ratio's median)")
     args = ap.parse_args()
     args.dtype = resolve_dtype(args.dtype, args.device)
     models, out = Path(args.models), Path(args.output)
@@ -278,13 +323,18 @@ def main() -> None:
     bench = Bench(models, args.device, args.dtype, max_tokens)
     print(f"[bench] {platform.machine()} cpu threads={torch.get_num_threads()} device={args.device} dtype={args.dtype}; "
           f"{n} held-out prompts x {max_tokens} tokens", flush=True)
+    if args.batches:
+        rows = batch_pairs(bench, Path(args.config), (1, 4, 16, 32), rounds=3)
+        (out / "batches.json").write_text(json.dumps(rows, indent=2))
+        print(f"[bench] done in {time.monotonic() - started:.0f} s: {out}/batches.json")
+        return
     if args.host_time:
         host_time(bench, Path(args.config), out)
         print(f"[bench] done in {time.monotonic() - started:.0f} s: {out}/host_time.json")
         return
     print("[bench] suffix proposer: drafting cost; workloads at batch 1, speculative then incremental per prompt")
     cost = suffix_cost(bench.tokenizer)
-    workloads = run_workloads(bench, args.quick)
+    workloads = run_workloads(bench, args.quick, args.workload_tokens)
     if args.workloads:
         (out / "workloads.json").write_text(json.dumps({"suffix_cost": cost, "workloads": workloads}, indent=2))
         print(f"[bench] done in {time.monotonic() - started:.0f} s: {out}/workloads.json")

@@ -35,6 +35,19 @@ def test_forward_costs_interpolate_and_extrapolate():
     assert costs.predict(20) == pytest.approx(6.0)
     costs.observe(2, 2.0)  # a moving average follows the machine
     assert 1.0 < costs.predict(2) < 2.0
+    assert costs.predict(10) > 3.0  # and the machine's speed moves the counts not fed since
+
+
+def test_forward_costs_price_an_unfed_count_at_the_current_speed():
+    """The machine slows to half speed while only count 32 is fed (a speculating engine's forwards):
+    count 16 (plain decoding's) is priced at the new speed, keeping its ratio to count 32."""
+    costs = ForwardCosts()
+    costs.observe(16, 1.0)
+    costs.observe(32, 1.25)
+    for _ in range(30):
+        costs.observe(32, 2.5)
+    assert costs.predict(32) == pytest.approx(2.5, rel=0.02)
+    assert 1.6 < costs.predict(16) <= 2.0  # most of the way from 1.0
     assert calibration_sizes(20) == [1, 2, 3, 4, 6, 9, 13, 19, 20]
 
 

@@ -24,12 +24,14 @@ import torch
 from .config import TreeConfig
 from .cost_model import ForwardCosts, calibration_sizes, moving_average
 from .proposers.base import Plan
-from .runner import ModelRunner, chain_batch
+from .model.batch_invariance import KEY_BLOCK
+from .runner import ModelRunner, NodeBatch
 from .sequence import Sequence
 from .tree import TreeBatch
 
 BINS = 20
 CALIBRATION_TOKENS = 256  # forwards are measured up to this many tokens at start-up
+CALIBRATION_PREFIX = 128  # over a committed prefix this long (what a request has after a short prompt)
 MAX_PROBE_WAIT = 64  # steps without drafting before the SSMs are tried again, at most
 PRIOR_WEIGHT = 4.0  # pseudo-observations per bin: until measured, a confidence is taken at its word
 
@@ -280,7 +282,9 @@ class AdaptivePolicy:
 
     def calibrate(self, rows: int, tree_tokens: int) -> None:
         """Measure, before serving, the forwards adaptive trees choose between: every model at
-        token counts up to its largest step (a warm-up pass, then the measured one)."""
+        token counts up to its largest step (a warm-up pass, then the measured one), each row a tree
+        over a committed prefix, as verification and drafting feed them (a chain at no prefix costs
+        far less than a tree of the same size after a real context)."""
         level = max(self.tree.level_widths())
         for runner, largest in [(self.llm, rows * tree_tokens)] + [(r, rows * level) for r in self.ssms]:
             sizes = calibration_sizes(min(largest, CALIBRATION_TOKENS))
@@ -288,4 +292,15 @@ class AdaptivePolicy:
                 runner.costs = ForwardCosts()
                 for n in sizes:
                     b = min(rows, n)
-                    runner.forward(list(range(b)), [0] * b, chain_batch([[0] * -(-n // b)] * b))
+                    t = -(-n // b)
+                    prefix = max(0, min(CALIBRATION_PREFIX, runner.cache.slots - t - 1 - KEY_BLOCK))
+                    runner.forward(list(range(b)), [prefix] * b, star_trees(b, t))
+
+
+def star_trees(rows: int, tokens: int) -> NodeBatch:
+    """``rows`` trees of a root and ``tokens - 1`` children: past two children, a node's path is not
+    its slots' order, so the attention takes its tree path (what verifying a real tree costs)."""
+    ids = torch.arange(tokens)
+    attend = (ids[:, None] == ids[None, :]) | (ids[None, :] == 0)
+    return NodeBatch(torch.zeros(rows, tokens, dtype=torch.long), ids.expand(rows, tokens), (ids > 0).long().expand(rows, tokens),
+                     attend.expand(rows, tokens, tokens), torch.ones(rows, tokens, dtype=torch.bool))

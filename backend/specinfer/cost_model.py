@@ -1,8 +1,8 @@
 """What a model's forward costs on this machine, measured: seconds as a function of tokens fed.
 
 Every forward a ``ModelRunner`` runs is recorded against the number of token slots it fed (batch x
-padded tokens per request): an exponential moving average per count, so the figures follow the
-machine's load and the prefix lengths the engine currently serves. Counts never seen are
+padded tokens per request): an exponential moving average per count (the curve's shape, the prefix
+lengths the engine currently serves) and one of the machine's speed shared by all counts (its load). Counts never seen are
 interpolated between measured neighbours (extrapolated proportionally beyond the largest).
 Adaptive trees calibrate once at start-up (``calibrate``) and keep learning from real steps.
 """
@@ -12,6 +12,7 @@ import bisect
 from collections.abc import Callable
 
 DECAY = 0.25  # weight of the newest measurement
+SHAPE_DECAY = 0.1  # the same for the curve's shape, slower: the speed follows the load, the shape the prefixes
 
 
 def moving_average(old: float | None, new: float) -> float:
@@ -20,31 +21,42 @@ def moving_average(old: float | None, new: float) -> float:
 
 
 class ForwardCosts:
+    """A cost curve by token count times one speed shared by every count: a forward at one count
+    moves the machine's speed for all, so a count not fed for a while (plain decoding's, while the
+    engine speculates) is priced at the machine's current speed, not at the moment it was last seen."""
+
     def __init__(self) -> None:
-        self.seconds: dict[int, float] = {}
-        self.counts: list[int] = []  # sorted keys of ``seconds``
+        self.curve: dict[int, float] = {}  # seconds per count at speed 1
+        self.counts: list[int] = []  # sorted keys of ``curve``
+        self.speed = 1.0
 
     def observe(self, tokens: int, seconds: float) -> None:
-        if tokens not in self.seconds:
+        if tokens in self.curve:
+            self.speed = moving_average(self.speed, seconds / self.curve[tokens])
+        else:
             bisect.insort(self.counts, tokens)
-        self.seconds[tokens] = moving_average(self.seconds.get(tokens), seconds)
+        old = self.curve.get(tokens)
+        self.curve[tokens] = seconds / self.speed if old is None else old + SHAPE_DECAY * (seconds / self.speed - old)
 
     def predict(self, tokens: int) -> float:
         """Seconds for a forward over ``tokens`` slots; 0 before anything was measured."""
-        counts = self.counts
+        return self.speed * self.at_speed_one(tokens)
+
+    def at_speed_one(self, tokens: int) -> float:
+        counts, curve = self.counts, self.curve
         if not counts:
             return 0.0
         i = bisect.bisect_left(counts, tokens)
         if i < len(counts) and counts[i] == tokens:
-            return self.seconds[tokens]
+            return curve[tokens]
         if i == 0:
-            return self.seconds[counts[0]]
+            return curve[counts[0]]
         if i == len(counts):
             top = counts[-1]
-            return self.seconds[top] * tokens / top
+            return curve[top] * tokens / top
         lo, hi = counts[i - 1], counts[i]
         w = (tokens - lo) / (hi - lo)
-        return (1 - w) * self.seconds[lo] + w * self.seconds[hi]
+        return (1 - w) * curve[lo] + w * curve[hi]
 
 
 class FixedCosts:

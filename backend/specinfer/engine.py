@@ -288,10 +288,10 @@ class SpecInferEngine:
         """
         rows, chunks = [s.row for s in seqs], chain_batch([s.prompt for s in seqs])
         last = torch.tensor([len(s.prompt) - 1 for s in seqs])
-        logits = self.llm.forward(rows, [0] * len(seqs), chunks, output_index=last)
+        logits = self.llm.forward(rows, [0] * len(seqs), chunks, output_index=last, priced=False)
         self.stats.prefill_forwards += 1
         for runner in self.ssms if use_ssms else []:
-            runner.forward(rows, [0] * len(seqs), chunks, output_index=last)
+            runner.forward(rows, [0] * len(seqs), chunks, output_index=last, priced=False)
         if self.policy is not None:
             self.policy.admit(rows)
         for seq, row in zip(seqs, logits):

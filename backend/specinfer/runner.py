@@ -79,9 +79,13 @@ class ModelRunner:
         self.costs: ForwardCosts | FixedCosts = ForwardCosts()  # what forwards cost here, by tokens fed
 
     def forward(
-        self, rows: list[int], lengths: list[int], nodes: NodeBatch, output_index: torch.Tensor | None = None
+        self, rows: list[int], lengths: list[int], nodes: NodeBatch, output_index: torch.Tensor | None = None,
+        priced: bool = True,
     ) -> torch.Tensor:
-        """Logits at every fed node (``[B, T, V]``), or at ``output_index [B]`` only (``[B, V]``)."""
+        """Logits at every fed node (``[B, T, V]``), or at ``output_index [B]`` only (``[B, V]``).
+        ``priced``: a forward of the kinds adaptive trees price (decoding, verifying, drafting), whose
+        time teaches the cost curve; prompts are not (one row of many tokens costs unlike many rows
+        of a few, at the same count)."""
         lens = torch.tensor(lengths, dtype=torch.long)
         width = int(lens.max()) + nodes.attend.shape[-1] + 1  # the region and the padding's scratch slot
         if width > self.cache.slots:
@@ -97,7 +101,8 @@ class ModelRunner:
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        self.costs.observe(nodes.tokens.numel(), seconds)
+        if priced:
+            self.costs.observe(nodes.tokens.numel(), seconds)
         return logits
 
     def commit(self, rows: list[int], lengths: torch.Tensor, nodes: torch.Tensor, counts: torch.Tensor) -> None:
