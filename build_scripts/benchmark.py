@@ -133,23 +133,32 @@ class Bench:
         return row
 
 
-def suffix_cost(tokenizer: TextTokenizer, context: int = 2000, steps: int = 1000) -> dict:
+def suffix_cost(tokenizer: TextTokenizer, context: int = 2000, steps: int = 500) -> list[dict]:
     """Suffix drafting's host time per request and step at a ``context``-token context (real text:
-    the standard library's argparse.py), the index growing by one step's tokens each time."""
+    the standard library's argparse.py, each request at another offset), the index growing by one
+    step's tokens each time; at batch 1 and 16 (one batch of trees per step)."""
     import argparse as source
 
     tokens = tokenizer.encode(Path(source.__file__).read_text())
-    proposer = SuffixProposer(SuffixConfig())
-    seq = Sequence(0, tokens[:context], SamplingParams(), frozenset(), make_generator(0))
-    proposer.propose([seq])  # builds the index over the prompt (prefill's share, not a step's)
-    start, nodes = time.perf_counter(), 0
-    for i in range(steps):
-        seq.output.append(tokens[context + i])
-        nodes += int(proposer.propose([seq]).sizes[0]) - 1
-    ms = 1000 * (time.perf_counter() - start) / steps
-    print(f"  suffix drafting at a {context}-token context: {ms:.3f} ms per request per step "
-          f"({nodes / steps:.1f} nodes per tree)", flush=True)
-    return {"context": context, "ms_per_request_step": round(ms, 4), "nodes_per_tree": round(nodes / steps, 2)}
+    rows = []
+    for batch in (1, 16):
+        proposer = SuffixProposer(SuffixConfig())
+        offsets = [i * 500 for i in range(batch)]
+        seqs = [Sequence(i, tokens[o: o + context], SamplingParams(), frozenset(), make_generator(0))
+                for i, o in enumerate(offsets)]
+        proposer.propose(seqs)  # builds the indexes over the prompts (prefill's share, not a step's)
+        sizes = []
+        start = time.perf_counter()
+        for i in range(steps):
+            for seq, o in zip(seqs, offsets):
+                seq.output.append(tokens[o + context + i])
+            sizes.append(proposer.propose(seqs).sizes)
+        ms = 1000 * (time.perf_counter() - start) / (steps * batch)
+        nodes = float(torch.stack(sizes).float().mean()) - 1
+        print(f"  suffix drafting at a {context}-token context, batch {batch:>2}: {ms:.3f} ms per request per step "
+              f"({nodes:.1f} nodes per tree)", flush=True)
+        rows.append({"context": context, "batch": batch, "ms_per_request_step": round(ms, 4), "nodes_per_tree": round(nodes, 2)})
+    return rows
 
 
 def workload_prompts(models: Path, tokenizer: TextTokenizer) -> dict[str, list[list[int]]]:

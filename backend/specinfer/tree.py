@@ -236,32 +236,32 @@ def roots(tokens: torch.Tensor, proposers: int) -> TreeBatch:
 def merge(batches: list[TreeBatch]) -> TreeBatch:
     """Prefix-trie union, request by request and all at once, of trees sharing their roots (proposer
     columns concatenated in order). Nodes keep the order of their first appearance, so the merged
-    tree lists parents before children; a node's proposals add up, its confidence is the largest."""
+    tree lists parents before children; a node's proposals add up, its confidence is the largest.
+    Lone-root sources (a proposer with nothing this step) add their columns, never nodes."""
     if len(batches) == 1:
         return batches[0]
     for x in batches[1:]:
         if not bool((x.tokens[:, 0] == batches[0].tokens[:, 0]).all()):
             raise ValueError("trees to merge must share their root token")
-    if any(x.tokens.shape[1] == 1 for x in batches):  # lone roots add proposer columns, never nodes
-        grown = [i for i, x in enumerate(batches) if x.tokens.shape[1] > 1] or [0]
-        if len(grown) == 1:
-            return _widened(batches, grown[0])
-    b = batches[0].tokens.shape[0]
-    sizes = [x.tokens.shape[1] for x in batches]
-    offsets = [sum(sizes[:i]) for i in range(len(batches))]
-    tokens = torch.cat([x.tokens for x in batches], 1)
-    depths = torch.cat([x.depths for x in batches], 1)
-    valid = torch.cat([x.valid for x in batches], 1)
-    parents = torch.cat([torch.where(x.parents >= 0, x.parents + o, -1) for x, o in zip(batches, offsets)], 1)
-    m = tokens.shape[1]
     many = torch.stack([x.sizes > 1 for x in batches], 1)
     chosen = torch.stack([x.selected for x in batches], 1)
     if bool(((chosen & many).any(1) & (~chosen & many).any(1)).any()):
         raise ValueError("selected and sampled trees cannot be merged: the verifier tests them differently")
-    # canon[i]: the first node with node i's (canonical parent, token): decided level by level
+    grown = [x for x in batches if x.tokens.shape[1] > 1] or batches[:1]
+    b = batches[0].tokens.shape[0]
+    offsets = [0]
+    for x in grown:
+        offsets.append(offsets[-1] + x.tokens.shape[1])
+    tokens = torch.cat([x.tokens for x in grown], 1)
+    depths = torch.cat([x.depths for x in grown], 1)
+    valid = torch.cat([x.valid for x in grown], 1)
+    parents = torch.cat([torch.where(x.parents >= 0, x.parents + o, -1) for x, o in zip(grown, offsets)], 1)
+    m = tokens.shape[1]
     index = torch.arange(m).expand(b, m)
+    # canon[i]: the first node with node i's (canonical parent, token), decided level by level; one
+    # source's nodes are distinct already
     canon = torch.where(depths == 0, 0, index)
-    for d in range(1, int(depths.max()) + 1):
+    for d in range(1, int(depths.max()) + 1 if len(grown) > 1 else 1):
         level = valid & (depths == d)
         up = torch.gather(canon, 1, parents.clamp(min=0))
         same = (level[:, :, None] & level[:, None, :] & (up[:, :, None] == up[:, None, :])
@@ -277,50 +277,35 @@ def merge(batches: list[TreeBatch]) -> TreeBatch:
     kept_valid = first[rows, keep]
     old_parent = parents[rows, keep]
     merged_parents = torch.where(kept_valid & (old_parent >= 0), target[rows, old_parent.clamp(min=0)], -1)
+    # each source's nodes -> merged ids (padding -> a spill column n; a lone root -> the root)
+    places = {id(x): torch.where(x.valid, target[:, o: o + x.tokens.shape[1]], n) for x, o in zip(grown, offsets)}
+    at = [places.get(id(x), torch.zeros(b, 1, dtype=torch.long)) for x in batches]
     cols = [x.proposals.shape[2] for x in batches]
-    p = sum(cols)
-    proposals = torch.zeros(b, n, p, dtype=torch.long)
-    ssm_nodes = torch.full((b, n, p), -1, dtype=torch.long)
+    proposals = torch.zeros(b, n, sum(cols), dtype=torch.long)
+    ssm_nodes = torch.full((b, n, sum(cols)), -1, dtype=torch.long)
     confidence = torch.zeros(b, n)
     col = 0
-    for x, o, c in zip(batches, offsets, cols):
-        k = x.tokens.shape[1]
-        at = torch.where(x.valid, target[:, o: o + k], n)  # padding lands in a spill column
+    for x, a, c in zip(batches, at, cols):
+        k = a.shape[1]
         spill = torch.zeros(b, n + 1, c, dtype=torch.long)
-        proposals[:, :, col: col + c] = spill.scatter_add(1, at[:, :, None].expand(b, k, c), x.proposals)[:, :n]
+        proposals[:, :, col: col + c] = spill.scatter_add(1, a[:, :, None].expand(b, k, c), x.proposals)[:, :n]
         own = torch.full((b, n + 1, c), -1, dtype=torch.long)
-        ssm_nodes[:, :, col: col + c] = own.scatter(1, at[:, :, None].expand(b, k, c), x.ssm_nodes)[:, :n]
-        conf = torch.zeros(b, n + 1).scatter_reduce(1, at, x.confidence, "amax")
+        ssm_nodes[:, :, col: col + c] = own.scatter(1, a[:, :, None].expand(b, k, c), x.ssm_nodes)[:, :n]
+        conf = torch.zeros(b, n + 1).scatter_reduce(1, a, x.confidence, "amax")
         confidence = torch.maximum(confidence, conf[:, :n])
         col += c
     ssm_nodes[:, 0] = 0
-    draft = [_merged_draft_probs(batches, target, offsets, r, n) for r in range(b)]
-    out_valid = kept_valid
-    merged_tokens = tokens[rows, keep] * out_valid
-    anc = with_padding(ancestor_mask(merged_parents), out_valid)
-    return TreeBatch(merged_tokens, merged_parents, depths[rows, keep] * out_valid, out_valid, anc,
-                     confidence * out_valid, proposals, ssm_nodes, (chosen & many).any(1), draft)
+    draft = [_merged_draft_probs(batches, at, r, n) for r in range(b)]
+    if len(grown) == 1:  # the source's own ancestors, on the kept nodes
+        anc = grown[0].ancestors[rows[:, :, None], keep[:, :, None], keep[:, None, :]] & kept_valid[:, None, :]
+    else:
+        anc = ancestor_mask(merged_parents)
+    anc = with_padding(anc, kept_valid)
+    return TreeBatch(tokens[rows, keep] * kept_valid, merged_parents, depths[rows, keep] * kept_valid, kept_valid, anc,
+                     confidence * kept_valid, proposals, ssm_nodes, (chosen & many).any(1), draft)
 
 
-def _widened(batches: list[TreeBatch], keep: int) -> TreeBatch:
-    """``batches[keep]`` with every other source's (lone roots') proposer columns around its own."""
-    x = batches[keep]
-    b, n = x.tokens.shape
-    cols = [y.proposals.shape[2] for y in batches]
-    before, after = sum(cols[:keep]), sum(cols[keep + 1:])
-    proposals = torch.cat([torch.zeros(b, n, before, dtype=torch.long), x.proposals,
-                           torch.zeros(b, n, after, dtype=torch.long)], 2)
-    ssm_nodes = torch.full((b, n, before + cols[keep] + after), -1, dtype=torch.long)
-    ssm_nodes[:, :, before: before + cols[keep]] = x.ssm_nodes
-    ssm_nodes[:, 0] = 0
-    draft = [None if q is None else torch.cat([torch.zeros(before, *q.shape[1:]), q, torch.zeros(after, *q.shape[1:])])
-             for q in x.draft_probs]
-    return TreeBatch(x.tokens, x.parents, x.depths, x.valid, x.ancestors, x.confidence, proposals, ssm_nodes,
-                     x.selected & (x.sizes > 1), draft)
-
-
-def _merged_draft_probs(batches: list[TreeBatch], target: torch.Tensor, offsets: list[int], r: int,
-                        n: int) -> torch.Tensor | None:
+def _merged_draft_probs(batches: list[TreeBatch], at: list[torch.Tensor], r: int, n: int) -> torch.Tensor | None:
     """Request ``r``'s draft distributions on the merged node ids (sampled candidates only)."""
     sources = [x.draft_probs[r] for x in batches]
     if all(q is None for q in sources):
@@ -328,10 +313,10 @@ def _merged_draft_probs(batches: list[TreeBatch], target: torch.Tensor, offsets:
     vocab = next(q for q in sources if q is not None).shape[-1]
     out = torch.zeros(sum(x.proposals.shape[2] for x in batches), n, vocab)
     col = 0
-    for x, o, q in zip(batches, offsets, sources):
+    for x, a, q in zip(batches, at, sources):
         c, k = x.proposals.shape[2], int(x.valid[r].sum())
         if q is not None:
-            out[col: col + c, target[r, o: o + k]] = q[:, :k]
+            out[col: col + c, a[r, :k]] = q[:, :k]
         col += c
     return out
 
