@@ -6,7 +6,7 @@ import torch
 
 from conftest import prompts
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
-from specinfer.adaptive import (AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_size,
+from specinfer.adaptive import (MARGIN, AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_size,
                                 path_probability)
 from specinfer.cost_model import FixedCosts, ForwardCosts, calibration_sizes
 from specinfer.tree import TreeBuilder, pad_trees, root_only
@@ -102,11 +102,11 @@ def test_depth_follows_costs():
 
 def test_rate_correction_compares_speculating_with_plain_steps():
     rates = RateCorrection()
-    assert rates.factor(16) == 1.0
+    assert rates.factor(16) == pytest.approx(1 / MARGIN)  # nothing seen: speculation must clear the margin
     rates.observe(16, False, predicted=100.0, realised=95.0)
     rates.observe(16, True, predicted=150.0, realised=90.0)
-    assert rates.factor(16) == pytest.approx(0.6 / 0.95)
-    assert rates.factor(9) == rates.factor(16) and rates.factor(4) == 1.0  # by powers of two
+    assert rates.factor(16) == pytest.approx(0.6 / 0.95 / MARGIN)
+    assert rates.factor(9) == rates.factor(16) and rates.factor(4) == pytest.approx(1 / MARGIN)  # by powers of two
 
 
 def test_rate_correction_probes_speculation_again_after_plain_steps():
@@ -114,10 +114,10 @@ def test_rate_correction_probes_speculation_again_after_plain_steps():
     rates = RateCorrection()
     rates.observe(1, False, predicted=100.0, realised=100.0)
     rates.observe(1, True, predicted=100.0, realised=40.0)  # speculation disappointed once
-    assert rates.factor(1) == pytest.approx(0.4)
+    assert rates.factor(1) == pytest.approx(0.4 / MARGIN)
     for wait in (2, 4, 8):
         for _ in range(wait):
-            assert rates.factor(1) == pytest.approx(0.4)
+            assert rates.factor(1) == pytest.approx(0.4 / MARGIN)
             rates.observe(1, False, predicted=100.0, realised=100.0)
         assert rates.factor(1) == 1.0  # the probe: speculation judged on its predicted rate alone
         rates.observe(1, True, predicted=100.0, realised=40.0)  # still bad: the next probe waits twice as long
@@ -165,7 +165,8 @@ def test_expensive_verification_means_no_speculation(models, reference):
     assert len(calls) <= 1 + steps.bit_length()  # prompts, then rarer and rarer one-level probes
 
 
-def test_free_verification_means_the_full_tree(models, reference):
+def test_free_verification_means_the_full_tree(models, reference, monkeypatch):
+    monkeypatch.setattr("specinfer.adaptive.MARGIN", 1.0)  # any expected gain pays when nothing costs
     engine, _ = engine_with_costs(models, lambda n: 1.0, lambda n: 0.0, expansion=(2, 1, 2))
     results = engine.generate(PROMPTS[:4], PARAMS[:4])
     assert [r.token_ids for r in results] == reference[:4]

@@ -140,8 +140,8 @@ def test_bfloat16_greedy_speculation_equals_incremental(models, batch, tree):
         models["llm"], ssms, TreeConfig(expansion=expansion, adaptive=tree == "adaptive"), dtype="bfloat16",
         max_batch_size=batch)
     if engine.policy is not None:  # decisions from given costs, not this machine's load: drafts are verified
-        engine.llm.costs = FixedCosts(lambda n: 1.0 + 0.01 * n)
-        engine.ssms[0].costs = FixedCosts(lambda n: 0.05)
+        engine.llm.costs = FixedCosts(lambda n: 1.0 + 0.001 * n)
+        engine.ssms[0].costs = FixedCosts(lambda n: 0.01)
         engine.policy.rates.observe = lambda *args: None
     seqs = prompts(8, seed=11, lo=3, hi=40)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
