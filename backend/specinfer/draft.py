@@ -26,15 +26,44 @@ AS_IS = SamplingParams(temperature=1.0)  # greedy requests select from the raw l
 
 
 def catch_up(runner: ModelRunner, seqs: list[Sequence], ssm: int) -> torch.Tensor:
-    """Feed every request's unseen tokens up to its root; returns the SSM's logits at the roots."""
+    """Feed every request's unseen tokens up to its root; returns the SSM's logits at the roots.
+
+    The SSMs see a prompt only when they first draft for its request (never, while the adaptive
+    policy leaves drafting off), so a catch-up chunk can be a whole prompt beside a long-running
+    request's few tokens: requests go in as few forwards as keep every prefix plus the longest
+    chunk within the cache (``fitting_groups``)."""
     chunks = [s.tokens[s.ssm_lens[ssm]:] for s in seqs]
-    logits = runner.forward(
-        [s.row for s in seqs], [s.ssm_lens[ssm] for s in seqs], chain_batch(chunks),
-        output_index=torch.tensor([len(c) - 1 for c in chunks]),
-    )
+    starts = [s.ssm_lens[ssm] for s in seqs]
+    parts = []
+    for group in fitting_groups(starts, [len(c) for c in chunks], runner.cache.slots):
+        logits = runner.forward(
+            [seqs[i].row for i in group], [starts[i] for i in group], chain_batch([chunks[i] for i in group]),
+            output_index=torch.tensor([len(chunks[i]) - 1 for i in group]),
+        )
+        parts.append((group, logits))
     for s in seqs:
         s.ssm_lens[ssm] = len(s.tokens) - 1  # the root is slot 0 of the tree region
-    return logits
+    if len(parts) == 1:
+        return parts[0][1]
+    out = parts[0][1].new_empty(len(seqs), parts[0][1].shape[-1])
+    for group, logits in parts:
+        out[group] = logits
+    return out
+
+
+def fitting_groups(starts: list[int], lengths: list[int], slots: int) -> list[list[int]]:
+    """Requests (their prefix ``starts`` and chunk ``lengths``) in groups whose widest prefix plus
+    longest chunk (and the padding's scratch slot) fit ``slots``; one group unless a long chunk meets
+    a long prefix."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(starts)), key=lambda i: -lengths[i]):
+        for g in groups:  # a group's first member has its longest chunk
+            if max(starts[j] for j in g + [i]) + lengths[g[0]] + 1 <= slots:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return [sorted(g) for g in groups]
 
 
 def expand(builder: TreeBuilder, seq: Sequence, parents: list[int], logits: torch.Tensor, width: int,

@@ -259,7 +259,7 @@ class SpecInferEngine:
         self.scheduler.retire()  # rows of requests aborted since the last step
         new = self.scheduler.admit()
         if new:
-            self.prefill(new, speculate and bool(self.ssms))
+            self.prefill(new)
         active = [s for s in self.scheduler.running if not s.finished and s not in new]
         if active:
             began, emitted = time.perf_counter(), sum(len(s.output) for s in active)
@@ -280,23 +280,18 @@ class SpecInferEngine:
     def forward_seconds(self) -> float:
         return self.llm.seconds + sum(r.seconds for r in self.ssms)
 
-    def prefill(self, seqs: list[Sequence], use_ssms: bool) -> None:
+    def prefill(self, seqs: list[Sequence]) -> None:
         """The prompt through the LLM in one chunk per request; its last logits give the first token.
-
-        The SSMs take the prompt now too, so that later catch-up chunks stay a few tokens long (a
-        long prompt batched with the catch-up of a long-running request would exceed the cache).
-        """
+        The SSMs see it only when they first draft for the request (``draft.catch_up``)."""
         rows, chunks = [s.row for s in seqs], chain_batch([s.prompt for s in seqs])
         last = torch.tensor([len(s.prompt) - 1 for s in seqs])
         logits = self.llm.forward(rows, [0] * len(seqs), chunks, output_index=last, priced=False)
         self.stats.prefill_forwards += 1
-        for runner in self.ssms if use_ssms else []:
-            runner.forward(rows, [0] * len(seqs), chunks, output_index=last, priced=False)
         if self.policy is not None:
             self.policy.admit(rows)
         for seq, row in zip(seqs, logits):
             seq.llm_len = len(seq.prompt)
-            seq.ssm_lens = [len(seq.prompt) if use_ssms else 0] * len(self.ssms)
+            seq.ssm_lens = [0] * len(self.ssms)
             seq.llm_steps += 1
             try:
                 seq.append([self.pick(row, seq)])
