@@ -217,3 +217,13 @@ def test_an_engine_failure_fails_the_requests_in_flight_and_the_loop_goes_on(eng
         assert len(response.tokens) == 12
     finally:
         loop.close()
+
+
+def test_run_in_thread_returns_or_raises_from_another_thread():
+    import threading
+
+    from specinfer.serving.loop import run_in_thread
+
+    assert run_in_thread(lambda: threading.current_thread() is threading.main_thread()) is False
+    with pytest.raises(ValueError, match="bad"):
+        run_in_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))

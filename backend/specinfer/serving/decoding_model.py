@@ -23,7 +23,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..config import PROPOSERS
 from .errors import DRAIN_ID_ENV, step_error_code
-from .loop import Request, RequestLoop, Response
+from .loop import Request, RequestLoop, Response, run_in_thread
 from .metrics import ServingMetrics
 from .parameters import boolean, engine_from_parameters
 from .repository import PERF_METRICS, SAMPLING_INPUTS, model_parameters
@@ -82,7 +82,8 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.limits = Limits.from_parameters(params)
         self.model_name = args["model_name"]
-        engine = engine_from_parameters(params, Path(args["model_repository"]))
+        # built off the stub's main thread, which then never runs torch in parallel (``run_in_thread``)
+        engine = run_in_thread(lambda: engine_from_parameters(params, Path(args["model_repository"])))
         if engine.tokenizer is None:
             raise pb_utils.TritonModelException(f"{params['llm']} has no tokenizer.json, which text serving needs")
         self.engine = engine
