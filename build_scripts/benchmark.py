@@ -79,6 +79,12 @@ class Bench:
         config = EngineConfig(max_batch_size=batch, max_context=1024, device=self.device, dtype=self.dtype, tree=tree)
         return SpecInferEngine(self.llm, [self.ssms[s] for s in ssms], config, self.tokenizer)
 
+    def served(self, config: Path, batch: int) -> SpecInferEngine:
+        """The engine a decoding model's ``config`` builds, at this batch size, device and dtype, and
+        the other rows' context (a capacity only)."""
+        return engine_from_config(config, {"max_batch_size": batch, "device": self.device, "dtype": self.dtype,
+                                           "max_context": 1024})
+
     def run(self, name: str, ssms: tuple[str, ...] = (), expansion: tuple[int, ...] = PAPER, batch: int = 1,
             temperature: float = 0.0, draft_sampling: str = "with_replacement", verifier: str = "mss",
             n_prompts: int | None = None, adaptive: bool = False, config: Path | None = None) -> dict:
@@ -89,8 +95,7 @@ class Bench:
             tree = TreeConfig(expansion=expansion, draft_sampling=draft_sampling, verifier=verifier, adaptive=adaptive)
             engine, speculate = self.engine(ssms, tree, batch), bool(ssms)
         else:  # the served engine; the batch, device, dtype and context (capacity only) as for the other rows
-            engine = engine_from_config(config, {"max_batch_size": batch, "device": self.device, "dtype": self.dtype,
-                                                 "max_context": 1024})
+            engine = self.served(config, batch)
             speculate, tree = True, engine.tree
             named = read_pbtxt_parameters(config.read_text()).get("ssms", "")
             ssms = tuple(Path(s).name for s in named.split(",") if s)
@@ -273,8 +278,7 @@ def batch_pairs(bench: "Bench", config: Path, batches: tuple[int, ...], rounds: 
     for batch in batches:
         prompts = (bench.prompts * -(-batch // len(bench.prompts)))[:batch]
         plain = bench.engine((), TreeConfig(expansion=(1,)), batch)
-        served = engine_from_config(config, {"max_batch_size": batch, "device": bench.device, "dtype": bench.dtype,
-                                             "max_context": 1024})
+        served = bench.served(config, batch)
         for engine, speculate in ((plain, False), (served, True)):
             engine.generate(prompts[:1], replace(params, max_tokens=8), speculate=speculate)  # warm-up
         ratios, steps, same = [], 0, True

@@ -15,9 +15,9 @@ DECAY = 0.25  # weight of the newest measurement
 SHAPE_DECAY = 0.1  # the same for the curve's shape, slower: the speed follows the load, the shape the prefixes
 
 
-def moving_average(old: float | None, new: float) -> float:
-    """``new`` weighted by ``DECAY`` against the average so far (``new`` itself when there is none)."""
-    return new if old is None else old + DECAY * (new - old)
+def moving_average(old: float | None, new: float, decay: float = DECAY) -> float:
+    """``new`` weighted by ``decay`` against the average so far (``new`` itself when there is none)."""
+    return new if old is None else old + decay * (new - old)
 
 
 class ForwardCosts:
@@ -35,8 +35,7 @@ class ForwardCosts:
             self.speed = moving_average(self.speed, seconds / self.curve[tokens])
         else:
             bisect.insort(self.counts, tokens)
-        old = self.curve.get(tokens)
-        self.curve[tokens] = seconds / self.speed if old is None else old + SHAPE_DECAY * (seconds / self.speed - old)
+        self.curve[tokens] = moving_average(self.curve.get(tokens), seconds / self.speed, SHAPE_DECAY)
 
     def predict(self, tokens: int) -> float:
         """Seconds for a forward over ``tokens`` slots; 0 before anything was measured."""

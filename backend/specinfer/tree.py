@@ -247,11 +247,11 @@ def merge(batches: list[TreeBatch]) -> TreeBatch:
     chosen = torch.stack([x.selected for x in batches], 1)
     if bool(((chosen & many).any(1) & (~chosen & many).any(1)).any()):
         raise ValueError("selected and sampled trees cannot be merged: the verifier tests them differently")
-    grown = [x for x in batches if x.tokens.shape[1] > 1] or batches[:1]
+    offset: dict[int, int] = {}  # grown source's index -> where its nodes start in the concatenation
+    for i in [i for i, x in enumerate(batches) if x.tokens.shape[1] > 1] or [0]:
+        offset[i] = sum(batches[j].tokens.shape[1] for j in offset)
+    grown, offsets = [batches[i] for i in offset], list(offset.values())
     b = batches[0].tokens.shape[0]
-    offsets = [0]
-    for x in grown:
-        offsets.append(offsets[-1] + x.tokens.shape[1])
     tokens = torch.cat([x.tokens for x in grown], 1)
     depths = torch.cat([x.depths for x in grown], 1)
     valid = torch.cat([x.valid for x in grown], 1)
@@ -278,8 +278,8 @@ def merge(batches: list[TreeBatch]) -> TreeBatch:
     old_parent = parents[rows, keep]
     merged_parents = torch.where(kept_valid & (old_parent >= 0), target[rows, old_parent.clamp(min=0)], -1)
     # each source's nodes -> merged ids (padding -> a spill column n; a lone root -> the root)
-    places = {id(x): torch.where(x.valid, target[:, o: o + x.tokens.shape[1]], n) for x, o in zip(grown, offsets)}
-    at = [places.get(id(x), torch.zeros(b, 1, dtype=torch.long)) for x in batches]
+    at = [torch.where(x.valid, target[:, offset[i]: offset[i] + x.tokens.shape[1]], n) if i in offset
+          else torch.zeros(b, 1, dtype=torch.long) for i, x in enumerate(batches)]
     cols = [x.proposals.shape[2] for x in batches]
     proposals = torch.zeros(b, n, sum(cols), dtype=torch.long)
     ssm_nodes = torch.full((b, n, sum(cols)), -1, dtype=torch.long)
