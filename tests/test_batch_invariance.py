@@ -15,6 +15,7 @@ from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.config import DTYPES, EngineConfig, resolve_dtype
 from specinfer.cost_model import FixedCosts
 from specinfer.model import Transformer
+from specinfer.model.batch_invariance import KEY_WINDOW, MAX_TREE_TOKENS, VirtualKeys, attention
 from specinfer.runner import ModelRunner, NodeBatch, chain_batch
 from specinfer.tree import pad_trees
 from test_tree_attention import random_tree
@@ -118,6 +119,71 @@ def test_tree_nodes_equal_incremental_decoding_of_their_paths(wide, dtype):
             alone.forward([0], [0], chain_batch([prefix + tokens[:-1]]))
             step = alone.forward([0], [prefix_len + len(tokens) - 1], chain_batch([tokens[-1:]]))[0, 0]
             assert torch.equal(logits[node], step), f"node {node} (depth {len(tokens) - 1}), prefix {prefix_len}"
+
+
+def zero_weight_keys_change_nothing(keys: int, g: torch.Generator) -> bool:
+    """A float32 GEMM over ``keys`` keys, a block's nonzero weights spread among them in order with
+    zeros between, against the same weights packed into one 64-key block (incremental decoding's)."""
+    rows = 4 * int(torch.randint(1, 30, (1,), generator=g))
+    nonzero = int(torch.randint(1, 65, (1,), generator=g))
+    p = torch.zeros(4, 64)
+    p[:, :nonzero] = torch.rand(4, nonzero, generator=g)
+    v = torch.randn(64, 64, generator=g)
+    where = torch.sort(torch.randperm(keys, generator=g)[:nonzero]).values
+    spread = torch.zeros(rows, keys)
+    spread[:4, where] = p[:, :nonzero]
+    spread[4:] = torch.rand(rows - 4, keys, generator=g)
+    values = torch.randn(keys, 64, generator=g)
+    values[where] = v[:nonzero]
+    batch = int(torch.randint(1, 8, (1,), generator=g))
+    out = torch.matmul(spread.expand(batch, rows, keys), values.expand(batch, keys, 64))[0, :4]
+    return torch.equal(out, torch.matmul(p[None], v[None])[0])
+
+
+def test_float32_gemm_adds_zero_weight_keys_exactly_up_to_the_key_window():
+    """What the tree's window products rely on (``KEY_WINDOW``); past it the GEMM blocks its keys
+    and the property fails (the control): a new torch or CPU must be measured again."""
+    g = torch.Generator().manual_seed(6)
+    for keys in (64, 65, 100, 150, KEY_WINDOW - 1, KEY_WINDOW):
+        assert all(zero_weight_keys_change_nothing(keys, g) for _ in range(20)), f"{keys} keys"
+    assert not all(zero_weight_keys_change_nothing(KEY_WINDOW + 40, g) for _ in range(20))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_of_tree_nodes_equals_each_path_alone(dtype):
+    """``attention`` over random trees in batches with prefixes of any length (trees crossing key
+    blocks, rows ending their prefix just before a block's end) equals each node's path attended
+    alone as incremental decoding does, bit for bit; padding queries read the scratch slot past the
+    region, as SDPA's mask has them do."""
+    g = torch.Generator().manual_seed(8)
+    dt = DTYPES[dtype]
+    for lengths, sizes in [((60, 5, 127), (30, 3, 12)), ((63,), (MAX_TREE_TOKENS,)), ((200, 64), (9, 17))]:
+        trees = [random_tree(n, g) for n in sizes]
+        batch = pad_trees(trees)
+        lens = torch.tensor(lengths)
+        region = batch.ancestors & batch.valid[:, :, None]
+        width = -(-(int(lens.max()) + region.shape[-1] + 1) // 64) * 64
+        b, n = batch.tokens.shape
+        q, k, v = (torch.randn(b, n, 9, 64, generator=g).to(dt), torch.randn(b, width, 3, 64, generator=g).to(dt),
+                   torch.randn(b, width, 3, 64, generator=g).to(dt))
+        out = attention(q, k, v, VirtualKeys.build(lens, region, width))
+        for row, tree in enumerate(trees):
+            parents, prefix = tree.parents.tolist(), list(range(lengths[row]))
+            for node in range(len(parents)):
+                path = [node]
+                while parents[path[-1]] >= 0:
+                    path.append(parents[path[-1]])
+                slots = prefix + [lengths[row] + i for i in path[::-1]]
+                keys = -(-(len(slots) + 1) // 64) * 64
+                k1, v1 = torch.zeros(1, keys, 3, 64, dtype=dt), torch.zeros(1, keys, 3, 64, dtype=dt)
+                k1[0, :len(slots)], v1[0, :len(slots)] = k[row, slots], v[row, slots]
+                alone = attention(q[row:row + 1, node:node + 1], k1, v1,
+                                  VirtualKeys.build(torch.tensor([len(slots) - 1]), torch.ones(1, 1, 1, dtype=torch.bool), keys))
+                assert torch.equal(out[row, node], alone[0, 0]), f"row {row} node {node}, prefix {lengths[row]}"
+            scratch = v[row, lengths[row] + n].repeat_interleave(3, dim=0)  # padding sees the slot past the region
+            assert all(torch.equal(out[row, pad], scratch) for pad in range(len(parents), n))
+    with pytest.raises(ValueError, match="a tree of 129 tokens needs a key window of 193 slots"):
+        VirtualKeys.build(torch.tensor([63]), torch.eye(129, dtype=torch.bool)[None], 256)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

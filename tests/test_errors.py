@@ -110,6 +110,13 @@ def test_tree_too_large_for_the_ssms(models):
                                         tree=TreeConfig(expansion=(4, 2, 2, 1), max_tree_tokens=64))
 
 
+def test_tree_too_large_for_the_batch_invariant_attention(models):
+    with pytest.raises(ValueError, match="max_tree_tokens=129 is more than the batch-invariant attention verifies in one tree \\(128\\)"):
+        SpecInferEngine.from_pretrained(models["llm"], [models["close"]], tree=TreeConfig(max_tree_tokens=129))
+    SpecInferEngine.from_pretrained(models["llm"], [models["close"]], tree=TreeConfig(max_tree_tokens=129),
+                                    batch_invariant=False)
+
+
 def test_zero_width_expansion():
     with pytest.raises(ValueError, match="expansion width at step 2 must be an integer >= 1"):
         TreeConfig(expansion=(1, 1, 0))

@@ -25,6 +25,7 @@ from .config import DTYPES, EngineConfig, SamplingParams, TreeConfig
 from .log_probs import record
 from .logits_processors import process_batch
 from .model import Transformer
+from .model.batch_invariance import MAX_TREE_TOKENS
 from .model.cuda_graphs import GraphedModel
 from .proposers import Plan, SsmProposer, SuffixProposer
 from .runner import ModelRunner, NodeBatch, chain_batch
@@ -91,6 +92,9 @@ class SpecInferEngine:
         if "ssm" not in tree.proposers:
             ssms = []  # loaded but not asked for
         tree.check_size(max(1, len(ssms)))
+        if config.batch_invariant and config.attention == "sdpa" and tree.max_tree_tokens > MAX_TREE_TOKENS:
+            raise ValueError(f"max_tree_tokens={tree.max_tree_tokens} is more than the batch-invariant attention "
+                             f"verifies in one tree ({MAX_TREE_TOKENS}); lower it or turn batch_invariant off")
         if max(tree.expansion) > vocab:
             raise ValueError(f"expansion width {max(tree.expansion)} exceeds the vocabulary ({vocab})")
         self.config, self.tree, self.tokenizer = config, tree, tokenizer

@@ -10,6 +10,8 @@ classes by shape, each bit-identical within itself (``tests/test_batch_invarianc
   ``padded_rows`` keeps every row in one class; in bfloat16 that costs nothing (two rows cost one).
 - ``scaled_dot_product_attention`` rounds a query's result by the number of queries, its position
   among them and the key width (its flash kernel blocks keys by 512): ``attention`` below replaces it.
+- A float32 GEMM of up to ``KEY_WINDOW`` keys gives the same result when keys of weight zero are
+  inserted anywhere (it sums each output in one pass over the keys); past it, it blocks the keys.
 - RMSNorm, rotary embedding, SiLU, embedding gathers and cache scatters are per-token already.
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 KEY_BLOCK = 64  # keys per GEMM of the weighted sum over values; key widths and cache slots are multiples of it
+KEY_WINDOW = 192  # the most keys a float32 GEMM sums in one pass here: within it, zero-weight keys change nothing
+MAX_TREE_TOKENS = KEY_WINDOW - KEY_BLOCK  # a tree's window: up to KEY_BLOCK - 1 committed keys, the tree, a scratch slot
 MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 ROW_MULTIPLE = {torch.float32: 4, torch.bfloat16: 1, torch.float16: 1}
 
@@ -44,12 +48,19 @@ class VirtualKeys:
     """Each query's keys in the order incremental decoding would have them: its committed prefix, then
     its path through the tree (ancestors and itself) at the positions right after it. ``slots[b, t, j]``
     is the cache slot holding virtual key ``j`` of query ``t``; ``visible`` marks the keys it sees.
-    ``identity``: every query's keys are already in that order (chunks, chains, incremental decoding)."""
+    ``identity``: every query's keys are already in that order (chunks, chains, incremental decoding).
+
+    The tree's keys are summed over a window of slots shared by a row's queries: from its first
+    ``KEY_BLOCK`` holding a tree key (``window_start``) past the tree region. ``window_block[b, t, w]``
+    names the virtual block (counted from that first one) slot ``window_start + w`` falls in for query
+    ``t``, -1 where the query does not see it."""
 
     slots: torch.Tensor  # [B, T, S] long
     visible: torch.Tensor  # [B, T, S] bool
-    tail_block: torch.Tensor  # [B] the first KEY_BLOCK holding a key of the tree region
-    tail_blocks: int  # how many blocks from there may hold path keys
+    window_start: torch.Tensor  # [B] long, a multiple of KEY_BLOCK
+    window_pos: torch.Tensor  # [B, T, W] long: the virtual key each window slot is for each query (0 if unseen)
+    window_block: torch.Tensor  # [B, T, W] long
+    tail_blocks: int  # how many virtual blocks from window_start hold path keys
     identity: bool
 
     @classmethod
@@ -68,12 +79,27 @@ class VirtualKeys:
         padding = count == 0  # a padding query sees only the scratch slot past the region, as with SDPA
         visible = torch.where(padding, rel == n, visible)
         identity = bool(torch.equal(slots, j.expand(b, t, width)))
-        tail = round_up(KEY_BLOCK - 1 + n, KEY_BLOCK) // KEY_BLOCK
-        return cls(slots, visible, lengths // KEY_BLOCK, tail, identity)
+        start = lengths // KEY_BLOCK * KEY_BLOCK
+        if identity:  # every block is shared by a row's queries: no window
+            none = torch.zeros(b, t, 0, dtype=torch.long)
+            return cls(slots, visible, start, none, none, 0, identity)
+        w = int((lengths - start).max()) + n + 1  # through the scratch slot padding sees
+        if w > KEY_WINDOW:
+            raise ValueError(f"a tree of {n} tokens needs a key window of {w} slots; the batch-invariant "
+                             f"attention sums at most {KEY_WINDOW} keys in one product (trees up to "
+                             f"{MAX_TREE_TOKENS} tokens)")
+        virtual = torch.full((b, t, width + 1), -1)  # by slot: the virtual key that reads it; a dump column
+        virtual.scatter_(-1, torch.where(visible, slots, width), j.expand(b, t, width))
+        window = (start[:, None] + torch.arange(w)).clamp(max=width)  # [B, W]
+        pos = torch.gather(virtual[..., :width + 1], -1, window[:, None, :].expand(b, t, w))
+        block = torch.where(pos >= 0, pos // KEY_BLOCK - (start // KEY_BLOCK)[:, None, None], -1)
+        last = torch.where(padding[..., 0], lengths[:, None] + n, lengths[:, None] + count[..., 0] - 1)  # the last key seen
+        tail = int((last // KEY_BLOCK - (start // KEY_BLOCK)[:, None]).max()) + 1
+        return cls(slots, visible, start, pos.clamp(min=0), block, tail, identity)
 
     def to(self, device: torch.device) -> "VirtualKeys":
-        return VirtualKeys(self.slots.to(device), self.visible.to(device), self.tail_block.to(device),
-                           self.tail_blocks, self.identity)
+        return VirtualKeys(self.slots.to(device), self.visible.to(device), self.window_start.to(device),
+                           self.window_pos.to(device), self.window_block.to(device), self.tail_blocks, self.identity)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: VirtualKeys) -> torch.Tensor:
@@ -82,10 +108,13 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: V
     ``q [B, T, H, D]``, ``keys``/``values [B, S, KVH, D]`` (``S`` a multiple of ``KEY_BLOCK``). Scores
     are one GEMM per (row, KV head), rows padded to ``padded_rows``, then gathered into each query's
     virtual key order (``VirtualKeys``); softmax in float32 over all ``S`` keys (masked keys add exact
-    zeros); the weighted sum over keys one float32 GEMM per ``KEY_BLOCK`` keys, summed in key order.
-    A block holding only committed keys is the same for every query of a row (one GEMM for all of
-    them); a block with tree keys gets each query's own values. So neither the number of queries, nor
-    the tree's layout, nor the longest row of the batch changes any query's arithmetic.
+    zeros); the weighted sum over keys one float32 GEMM per ``KEY_BLOCK`` virtual keys, summed in key
+    order. A block holding only committed keys is the same for every query of a row (one GEMM for
+    all of them). A block with tree keys is one GEMM over the row's window of slots (its committed
+    keys and the whole tree region) with the query's weights at the slots of that block's keys and
+    zeros elsewhere: a float32 GEMM of at most ``KEY_WINDOW`` keys adds zero-weight keys exactly, so
+    this equals incremental decoding's block, without copying values per query. So neither the number
+    of queries, nor the tree's layout, nor the longest row of the batch changes any query's arithmetic.
     """
     b, t, h, d = q.shape
     kvh, s = keys.shape[2], keys.shape[1]
@@ -98,26 +127,21 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: V
     probs = torch.softmax(scores.masked_fill_(~view.visible[:, None, :, None, :], float("-inf")), dim=-1)
     probs = probs.nan_to_num_(0.0)  # rows that see nothing (padding)
     blocks = s // KEY_BLOCK
-    vals = values.float()
-    shared = block_products(probs.view(b, kvh, t * g, blocks, KEY_BLOCK).transpose(2, 3),
-                            vals.permute(0, 2, 1, 3).reshape(b, kvh, blocks, KEY_BLOCK, d))
-    parts = shared.view(b, kvh, blocks, t, g, d)
+    vals = values.float().permute(0, 2, 1, 3)  # [B, KVH, S, D]
+    parts = block_products(probs.view(b, kvh, t * g, blocks, KEY_BLOCK).transpose(2, 3),
+                           vals.reshape(b, kvh, blocks, KEY_BLOCK, d)).view(b, kvh, blocks, t, g, d)
     if not view.identity:
-        tail = view.tail_blocks
-        pos = view.tail_block[:, None] * KEY_BLOCK + torch.arange(tail * KEY_BLOCK, device=q.device)  # [B, W]
-        inside = pos < s
-        pos = pos.clamp(max=s - 1)
-        w = pos.shape[1]
-        slots = torch.gather(view.slots, -1, pos[:, None, :].expand(b, t, w))  # [B, T, W]
-        own = vals[torch.arange(b, device=q.device)[:, None, None], slots]  # [B, T, W, KVH, D]
-        own = own.permute(0, 3, 1, 2, 4).reshape(b, kvh, t, tail, KEY_BLOCK, d)
-        p = torch.gather(probs, -1, pos[:, None, None, None, :].expand(b, kvh, t, g, w)) * inside[:, None, None, None, :]
-        p = p.view(b, kvh, t, g, tail, KEY_BLOCK).permute(0, 1, 2, 4, 3, 5)  # [B, KVH, T, tail, G, BLOCK]
-        tail_parts = block_products(p, own)  # [B, KVH, T, tail, G, D]
-        parts = torch.cat([parts, parts.new_zeros(b, kvh, tail, t, g, d)], dim=2)
-        index = (view.tail_block[:, None] + torch.arange(tail, device=q.device))  # [B, tail]
-        parts.scatter_(2, index[:, None, :, None, None, None].expand(b, kvh, tail, t, g, d),
-                       tail_parts.permute(0, 1, 3, 2, 4, 5))
+        tail, w = view.tail_blocks, view.window_pos.shape[-1]
+        window = (view.window_start[:, None] + torch.arange(w, device=q.device)).clamp(max=s - 1)  # [B, W]
+        p = torch.gather(probs, -1, view.window_pos[:, None, :, None, :].expand(b, kvh, t, g, w))
+        own = view.window_block[:, None, :, None, :] == torch.arange(tail, device=q.device)[:, None, None, None]  # [B, tail, T, 1, W]
+        p = (p[:, :, None] * own[:, None]).view(b, kvh, tail, t * g, w)  # [B, KVH, tail, T*G, W]
+        v = torch.gather(vals, 2, window[:, None, :, None].expand(b, kvh, w, d))[:, :, None]  # [B, KVH, 1, W, D]
+        tail_parts = block_products(p, v.expand(b, kvh, tail, w, d)).view(b, kvh, tail, t, g, d)
+        index = view.window_start // KEY_BLOCK
+        index = (index[:, None] + torch.arange(tail, device=q.device))  # [B, tail]
+        parts = torch.cat([parts, parts.new_zeros(b, kvh, tail, t, g, d)], dim=2)  # room past the last block
+        parts.scatter_(2, index[:, None, :, None, None, None].expand(b, kvh, tail, t, g, d), tail_parts)
     out = torch.cumsum(parts, dim=2)[:, :, -1]  # blocks summed in key order (sequentially)
     return out.permute(0, 2, 1, 3, 4).reshape(b, t, h, d).to(q.dtype)
 
