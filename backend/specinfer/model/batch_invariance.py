@@ -46,21 +46,23 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 @dataclass
 class VirtualKeys:
     """Each query's keys in the order incremental decoding would have them: its committed prefix, then
-    its path through the tree (ancestors and itself) at the positions right after it. ``slots[b, t, j]``
-    is the cache slot holding virtual key ``j`` of query ``t``; ``visible`` marks the keys it sees.
-    ``identity``: every query's keys are already in that order (chunks, chains, incremental decoding).
+    its path through the tree (ancestors and itself) at the positions right after it; ``visible``
+    marks the keys (virtual positions) a query sees. ``identity``: every query's keys are already in
+    that order (chunks, chains, incremental decoding), and the fields below are empty.
 
-    The tree's keys are summed over a window of slots shared by a row's queries: from its first
-    ``KEY_BLOCK`` holding a tree key (``window_start``) past the tree region. ``window_block[b, t, w]``
-    names the virtual block (counted from that first one) slot ``window_start + w`` falls in for query
-    ``t``, -1 where the query does not see it."""
+    The order differs from the cache's only past a row's committed prefix, so the rest is read through
+    a window of slots per row: from the first ``KEY_BLOCK`` holding a tree key (``window[b, 0]``) past
+    the tree region and the scratch slot. ``window_slots[b, t, w]`` is the slot of virtual key
+    ``window[b, w]`` of query ``t``; ``window_pos[b, t, w]`` the virtual key window slot ``w`` is for
+    query ``t`` (0 where unseen); ``window_own[b, i, t, w]`` whether it is a key of the row's virtual
+    block ``tail_index[b, i]`` for query ``t``."""
 
-    slots: torch.Tensor  # [B, T, S] long
     visible: torch.Tensor  # [B, T, S] bool
-    window_start: torch.Tensor  # [B] long, a multiple of KEY_BLOCK
-    window_pos: torch.Tensor  # [B, T, W] long: the virtual key each window slot is for each query (0 if unseen)
-    window_block: torch.Tensor  # [B, T, W] long
-    tail_blocks: int  # how many virtual blocks from window_start hold path keys
+    window: torch.Tensor  # [B, W] long (clamped to the key width)
+    window_slots: torch.Tensor  # [B, T, W] long
+    window_pos: torch.Tensor  # [B, T, W] long
+    window_own: torch.Tensor  # [B, tail, T, W] bool
+    tail_index: torch.Tensor  # [B, tail] long: the virtual blocks that hold tree keys
     identity: bool
 
     @classmethod
@@ -74,47 +76,51 @@ class VirtualKeys:
         rel = j - lengths[:, None, None]  # [B, 1, S] offset past the prefix
         on_path = (rel >= 0) & (rel < count)
         node = torch.gather(path, -1, rel.clamp(0, n - 1).expand(b, t, width))
-        slots = torch.where(on_path, lengths[:, None, None] + node, j)
+        slots = torch.where(on_path, lengths[:, None, None] + node, j)  # the slot of each virtual key
         visible = (rel < 0) | on_path
         padding = count == 0  # a padding query sees only the scratch slot past the region, as with SDPA
         visible = torch.where(padding, rel == n, visible)
-        identity = bool(torch.equal(slots, j.expand(b, t, width)))
-        start = lengths // KEY_BLOCK * KEY_BLOCK
-        if identity:  # every block is shared by a row's queries: no window
+        if torch.equal(slots, j.expand(b, t, width)):
             none = torch.zeros(b, t, 0, dtype=torch.long)
-            return cls(slots, visible, start, none, none, 0, identity)
+            return cls(visible, none[:, 0], none, none, none[:, None].bool(), none[:, 0], True)
+        start = lengths // KEY_BLOCK * KEY_BLOCK
         w = int((lengths - start).max()) + n + 1  # through the scratch slot padding sees
         if w > KEY_WINDOW:
             raise ValueError(f"a tree of {n} tokens needs a key window of {w} slots; the batch-invariant "
                              f"attention sums at most {KEY_WINDOW} keys in one product (trees up to "
                              f"{MAX_TREE_TOKENS} tokens)")
+        window = (start[:, None] + torch.arange(w)).clamp(max=width - 1)  # [B, W]
         virtual = torch.full((b, t, width + 1), -1)  # by slot: the virtual key that reads it; a dump column
         virtual.scatter_(-1, torch.where(visible, slots, width), j.expand(b, t, width))
-        window = (start[:, None] + torch.arange(w)).clamp(max=width)  # [B, W]
-        pos = torch.gather(virtual[..., :width + 1], -1, window[:, None, :].expand(b, t, w))
+        beyond = (start[:, None] + torch.arange(w)) >= width
+        pos = torch.gather(virtual, -1, window[:, None, :].expand(b, t, w)).masked_fill_(beyond[:, None], -1)
         block = torch.where(pos >= 0, pos // KEY_BLOCK - (start // KEY_BLOCK)[:, None, None], -1)
         last = torch.where(padding[..., 0], lengths[:, None] + n, lengths[:, None] + count[..., 0] - 1)  # the last key seen
         tail = int((last // KEY_BLOCK - (start // KEY_BLOCK)[:, None]).max()) + 1
-        return cls(slots, visible, start, pos.clamp(min=0), block, tail, identity)
+        own = block[:, None] == torch.arange(tail)[None, :, None, None]
+        window_slots = torch.gather(slots, -1, window[:, None, :].expand(b, t, w))
+        tail_index = (start // KEY_BLOCK)[:, None] + torch.arange(tail)
+        return cls(visible, window, window_slots, pos.clamp(min=0), own, tail_index, False)
 
     def to(self, device: torch.device) -> "VirtualKeys":
-        return VirtualKeys(self.slots.to(device), self.visible.to(device), self.window_start.to(device),
-                           self.window_pos.to(device), self.window_block.to(device), self.tail_blocks, self.identity)
+        return VirtualKeys(self.visible.to(device), self.window.to(device), self.window_slots.to(device),
+                           self.window_pos.to(device), self.window_own.to(device), self.tail_index.to(device),
+                           self.identity)
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: VirtualKeys) -> torch.Tensor:
     """Attention whose result for a query depends only on its own keys, in incremental decoding's order.
 
     ``q [B, T, H, D]``, ``keys``/``values [B, S, KVH, D]`` (``S`` a multiple of ``KEY_BLOCK``). Scores
-    are one GEMM per (row, KV head), rows padded to ``padded_rows``, then gathered into each query's
-    virtual key order (``VirtualKeys``); softmax in float32 over all ``S`` keys (masked keys add exact
-    zeros); the weighted sum over keys one float32 GEMM per ``KEY_BLOCK`` virtual keys, summed in key
-    order. A block holding only committed keys is the same for every query of a row (one GEMM for
-    all of them). A block with tree keys is one GEMM over the row's window of slots (its committed
-    keys and the whole tree region) with the query's weights at the slots of that block's keys and
-    zeros elsewhere: a float32 GEMM of at most ``KEY_WINDOW`` keys adds zero-weight keys exactly, so
-    this equals incremental decoding's block, without copying values per query. So neither the number
-    of queries, nor the tree's layout, nor the longest row of the batch changes any query's arithmetic.
+    are one GEMM per (row, KV head), rows padded to ``padded_rows``, then put in each query's virtual
+    key order (``VirtualKeys``: only the window past the committed keys moves); softmax in float32 over
+    all ``S`` keys (masked keys add exact zeros); the weighted sum over keys one float32 GEMM per
+    ``KEY_BLOCK`` virtual keys, summed in key order. A block holding only committed keys is the same
+    for every query of a row (one GEMM for all of them). A block with tree keys is one GEMM over the
+    row's window of slots with the query's weights at the slots of that block's keys and zeros
+    elsewhere: a float32 GEMM of at most ``KEY_WINDOW`` keys adds zero-weight keys exactly, so this
+    equals incremental decoding's block, without copying values per query. So neither the number of
+    queries, nor the tree's layout, nor the longest row of the batch changes any query's arithmetic.
     """
     b, t, h, d = q.shape
     kvh, s = keys.shape[2], keys.shape[1]
@@ -122,8 +128,10 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: V
     qg = q.view(b, t, kvh, g, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, t * g, d)
     scores = torch.matmul(pad_rows(qg, padded_rows(t * g, q.dtype)), keys.permute(0, 2, 3, 1))[:, :, : t * g]
     scores = scores.float().mul_(d ** -0.5).view(b, kvh, t, g, s)
+    w = view.window.shape[-1]
     if not view.identity:
-        scores = torch.gather(scores, -1, view.slots[:, None, :, None, :].expand(b, kvh, t, g, s))
+        moved = torch.gather(scores, -1, view.window_slots[:, None, :, None, :].expand(b, kvh, t, g, w))
+        scores.scatter_(-1, view.window[:, None, None, None, :].expand(b, kvh, t, g, w), moved)
     probs = torch.softmax(scores.masked_fill_(~view.visible[:, None, :, None, :], float("-inf")), dim=-1)
     probs = probs.nan_to_num_(0.0)  # rows that see nothing (padding)
     blocks = s // KEY_BLOCK
@@ -131,17 +139,13 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: V
     parts = block_products(probs.view(b, kvh, t * g, blocks, KEY_BLOCK).transpose(2, 3),
                            vals.reshape(b, kvh, blocks, KEY_BLOCK, d)).view(b, kvh, blocks, t, g, d)
     if not view.identity:
-        tail, w = view.tail_blocks, view.window_pos.shape[-1]
-        window = (view.window_start[:, None] + torch.arange(w, device=q.device)).clamp(max=s - 1)  # [B, W]
+        tail = view.tail_index.shape[-1]
         p = torch.gather(probs, -1, view.window_pos[:, None, :, None, :].expand(b, kvh, t, g, w))
-        own = view.window_block[:, None, :, None, :] == torch.arange(tail, device=q.device)[:, None, None, None]  # [B, tail, T, 1, W]
-        p = (p[:, :, None] * own[:, None]).view(b, kvh, tail, t * g, w)  # [B, KVH, tail, T*G, W]
-        v = torch.gather(vals, 2, window[:, None, :, None].expand(b, kvh, w, d))[:, :, None]  # [B, KVH, 1, W, D]
+        p = (p[:, :, None] * view.window_own[:, None, :, :, None, :]).view(b, kvh, tail, t * g, w)
+        v = torch.gather(vals, 2, view.window[:, None, :, None].expand(b, kvh, w, d))[:, :, None]  # [B, KVH, 1, W, D]
         tail_parts = block_products(p, v.expand(b, kvh, tail, w, d)).view(b, kvh, tail, t, g, d)
-        index = view.window_start // KEY_BLOCK
-        index = (index[:, None] + torch.arange(tail, device=q.device))  # [B, tail]
         parts = torch.cat([parts, parts.new_zeros(b, kvh, tail, t, g, d)], dim=2)  # room past the last block
-        parts.scatter_(2, index[:, None, :, None, None, None].expand(b, kvh, tail, t, g, d), tail_parts)
+        parts.scatter_(2, view.tail_index[:, None, :, None, None, None].expand(b, kvh, tail, t, g, d), tail_parts)
     out = torch.cumsum(parts, dim=2)[:, :, -1]  # blocks summed in key order (sequentially)
     return out.permute(0, 2, 1, 3, 4).reshape(b, t, h, d).to(q.dtype)
 
