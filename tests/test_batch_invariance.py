@@ -15,7 +15,7 @@ from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.config import DTYPES, EngineConfig, resolve_dtype
 from specinfer.cost_model import FixedCosts
 from specinfer.model import Transformer
-from specinfer.model.batch_invariance import KEY_WINDOW, MAX_TREE_TOKENS, VirtualKeys, attention
+from specinfer.model.batch_invariance import KEY_BLOCK, KEY_WINDOW, MAX_TREE_TOKENS, VirtualKeys, attention, round_up
 from specinfer.runner import ModelRunner, NodeBatch, chain_batch
 from specinfer.tree import pad_trees
 from test_tree_attention import random_tree
@@ -162,7 +162,7 @@ def test_attention_of_tree_nodes_equals_each_path_alone(dtype):
         batch = pad_trees(trees)
         lens = torch.tensor(lengths)
         region = batch.ancestors & batch.valid[:, :, None]
-        width = -(-(int(lens.max()) + region.shape[-1] + 1) // 64) * 64
+        width = round_up(int(lens.max()) + region.shape[-1] + 1, KEY_BLOCK)
         b, n = batch.tokens.shape
         q, k, v = (torch.randn(b, n, 9, 64, generator=g).to(dt), torch.randn(b, width, 3, 64, generator=g).to(dt),
                    torch.randn(b, width, 3, 64, generator=g).to(dt))
@@ -174,7 +174,7 @@ def test_attention_of_tree_nodes_equals_each_path_alone(dtype):
                 while parents[path[-1]] >= 0:
                     path.append(parents[path[-1]])
                 slots = prefix + [lengths[row] + i for i in path[::-1]]
-                keys = -(-(len(slots) + 1) // 64) * 64
+                keys = round_up(len(slots) + 1, KEY_BLOCK)
                 k1, v1 = torch.zeros(1, keys, 3, 64, dtype=dt), torch.zeros(1, keys, 3, 64, dtype=dt)
                 k1[0, :len(slots)], v1[0, :len(slots)] = k[row, slots], v[row, slots]
                 alone = attention(q[row:row + 1, node:node + 1], k1, v1,

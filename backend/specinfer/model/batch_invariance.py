@@ -89,17 +89,18 @@ class VirtualKeys:
             raise ValueError(f"a tree of {n} tokens needs a key window of {w} slots; the batch-invariant "
                              f"attention sums at most {KEY_WINDOW} keys in one product (trees up to "
                              f"{MAX_TREE_TOKENS} tokens)")
-        window = (start[:, None] + torch.arange(w)).clamp(max=width - 1)  # [B, W]
+        span = start[:, None] + torch.arange(w)  # [B, W] the window's slots, some past the key width
+        window = span.clamp(max=width - 1)
         virtual = torch.full((b, t, width + 1), -1)  # by slot: the virtual key that reads it; a dump column
         virtual.scatter_(-1, torch.where(visible, slots, width), j.expand(b, t, width))
-        beyond = (start[:, None] + torch.arange(w)) >= width
-        pos = torch.gather(virtual, -1, window[:, None, :].expand(b, t, w)).masked_fill_(beyond[:, None], -1)
-        block = torch.where(pos >= 0, pos // KEY_BLOCK - (start // KEY_BLOCK)[:, None, None], -1)
+        pos = torch.gather(virtual, -1, window[:, None, :].expand(b, t, w)).masked_fill_((span >= width)[:, None], -1)
+        first = start // KEY_BLOCK  # [B] the row's first block with tree keys
+        block = torch.where(pos >= 0, pos // KEY_BLOCK - first[:, None, None], -1)
         last = torch.where(padding[..., 0], lengths[:, None] + n, lengths[:, None] + count[..., 0] - 1)  # the last key seen
-        tail = int((last // KEY_BLOCK - (start // KEY_BLOCK)[:, None]).max()) + 1
+        tail = int((last // KEY_BLOCK - first[:, None]).max()) + 1
         own = block[:, None] == torch.arange(tail)[None, :, None, None]
         window_slots = torch.gather(slots, -1, window[:, None, :].expand(b, t, w))
-        tail_index = (start // KEY_BLOCK)[:, None] + torch.arange(tail)
+        tail_index = first[:, None] + torch.arange(tail)
         return cls(visible, window, window_slots, pos.clamp(min=0), own, tail_index, False)
 
     def to(self, device: torch.device) -> "VirtualKeys":
