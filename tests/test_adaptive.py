@@ -6,7 +6,7 @@ import torch
 
 from conftest import prompts
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
-from specinfer.adaptive import (MARGIN, AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_size,
+from specinfer.adaptive import (MARGIN, AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_counts,
                                 path_probability)
 from specinfer.cost_model import FixedCosts, ForwardCosts, calibration_sizes
 from specinfer.tree import TreeBuilder, pad_trees, root_only
@@ -83,12 +83,20 @@ def test_acceptance_model_learns_from_tested_nodes_only():
     assert torch.equal(foreign.tested, AcceptanceModel().tested)
 
 
-def test_verify_size_follows_costs():
+def test_verify_counts_follow_costs():
     gains = torch.tensor([[0.9, 0.8, 0.1], [0.5, 0.0, 0.0]])
-    assert choose_verify_size(gains, lambda n: 1.0, spent=0.0) == (4, pytest.approx(4.3))  # free: all
-    assert choose_verify_size(gains, lambda n: float(n), spent=0.0)[0] == 1  # each token a full forward
-    assert choose_verify_size(gains, lambda n: 1.0 + 0.1 * n, spent=0.0)[0] == 3  # the 0.1 gain does not pay
-    assert choose_verify_size(gains, lambda n: 1.0, spent=0.0, factor=0.4)[0] == 1  # speculation disappoints
+    counts, rate = choose_verify_counts(gains, lambda n: 1.0, spent=0.0)  # free: every node that can be accepted
+    assert counts.tolist() == [3, 1] and rate == pytest.approx(4.3)
+    assert choose_verify_counts(gains, lambda n: float(n), spent=0.0)[0].tolist() == [0, 0]  # each token a full forward
+    assert choose_verify_counts(gains, lambda n: 1.0 + 0.1 * n, spent=0.0)[0].tolist() == [2, 1]  # 0.1 does not pay
+    assert choose_verify_counts(gains, lambda n: 1.0, spent=0.0, factor=0.4)[0].tolist() == [0, 0]  # speculation disappoints
+
+
+def test_verify_counts_differ_by_request():
+    """A request with weak guesses verifies its root alone beside one whose strong tree pays: the
+    forward's cost follows the real tokens, not every request padded to the largest tree."""
+    gains = torch.tensor([[0.9, 0.8], [0.05, 0.0]])
+    assert choose_verify_counts(gains, lambda n: 1.0 + 0.1 * n, spent=0.0)[0].tolist() == [2, 0]
 
 
 def test_depth_follows_costs():

@@ -97,28 +97,64 @@ def test_chain_nodes_equal_incremental_decoding(wide, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tree_nodes_equal_incremental_decoding_of_their_paths(wide, dtype):
-    """Every node of random trees (beside another request) gives the logits that decoding its path one
-    token at a time gives, though its ancestors are not next to each other in the tree region."""
+    """Every node of random trees (beside another request's tree, or beside lone roots, which then
+    attend apart: ``SplitKeys``) gives the logits that decoding its path one token at a time gives,
+    though its ancestors are not next to each other in the tree region."""
     model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype])
     g = torch.Generator().manual_seed(4)
-    for prefix_len, size in [(37, 9), (490, 14), (700, 21)]:
-        prefix = torch.randint(0, VOCAB, (prefix_len,), generator=g).tolist()
-        tree = random_tree(size, g)
-        batch = pad_trees([tree, random_tree(5, g)])
-        nodes = NodeBatch(batch.tokens, torch.arange(size).expand(2, size), batch.depths, batch.ancestors, batch.valid)
-        runner = ModelRunner(model, 2, 1100, "sdpa")
-        runner.forward([0, 1], [0, 0], chain_batch([prefix, [3] * 300]))
-        logits = runner.forward([0, 1], [prefix_len, 300], nodes)[0]
-        parents = tree.parents.tolist()
-        for node in range(size):
-            path = [node]
-            while parents[path[-1]] >= 0:
-                path.append(parents[path[-1]])
-            tokens = tree.tokens[path[::-1]].tolist()
-            alone = ModelRunner(model, 1, 1100, "sdpa")
-            alone.forward([0], [0], chain_batch([prefix + tokens[:-1]]))
-            step = alone.forward([0], [prefix_len + len(tokens) - 1], chain_batch([tokens[-1:]]))[0, 0]
-            assert torch.equal(logits[node], step), f"node {node} (depth {len(tokens) - 1}), prefix {prefix_len}"
+
+    def decoded(prefix: list[int], tokens: list[int]) -> torch.Tensor:
+        alone = ModelRunner(model, 1, 1100, "sdpa")
+        alone.forward([0], [0], chain_batch([prefix + tokens[:-1]]))
+        return alone.forward([0], [len(prefix) + len(tokens) - 1], chain_batch([tokens[-1:]]))[0, 0]
+
+    for prefix_len, size, beside in [(37, 9, (5,)), (490, 14, (1, 1)), (700, 21, (1, 4))]:
+        prefixes = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (prefix_len, 300, 65)]
+        trees = [random_tree(size, g)] + [random_tree(n, g) for n in beside]
+        batch = pad_trees(trees)
+        rows = list(range(len(trees)))
+        nodes = NodeBatch(batch.tokens, torch.arange(size).expand(len(trees), size), batch.depths, batch.ancestors,
+                          batch.valid)
+        runner = ModelRunner(model, 3, 1100, "sdpa")
+        runner.forward(rows, [0] * len(rows), chain_batch(prefixes[: len(rows)]))
+        logits = runner.forward(rows, [len(p) for p in prefixes[: len(rows)]], nodes)
+        for row, tree in enumerate(trees):
+            parents = tree.parents.tolist()
+            for node in range(tree.size):
+                path = [node]
+                while parents[path[-1]] >= 0:
+                    path.append(parents[path[-1]])
+                tokens = tree.tokens[path[::-1]].tolist()
+                assert torch.equal(logits[row, node], decoded(prefixes[row], tokens)), \
+                    f"row {row} node {node} (depth {len(tokens) - 1}), prefix {len(prefixes[row])}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_skipping_padding_changes_no_real_token(wide, dtype):
+    """Trees of 2, 11 and 6 nodes (padded to 11) and prompts of 3, 40 and 17 tokens: the model that
+    packs the real tokens gives the logits and K/V that the padded forward gives, bit for bit, and
+    computes nothing at the padding (its logits are zeros)."""
+    model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype])
+    g = torch.Generator().manual_seed(8)
+    chunks = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 40, 17)]
+    trees = pad_trees([random_tree(n, g) for n in (2, 11, 6)])
+    nodes = NodeBatch(trees.tokens, torch.arange(11).expand(3, 11), trees.depths, trees.ancestors, trees.valid)
+    results = []
+    for packs in (True, False):
+        runner = ModelRunner(model, 3, 200, "sdpa")
+        runner.packs = packs
+        prompt = runner.forward([0, 1, 2], [0, 0, 0], chain_batch(chunks), output_index=torch.tensor([2, 39, 16]))
+        logits = runner.forward([0, 1, 2], [3, 40, 17], nodes)
+        results.append((prompt, logits, runner.cache))
+    (prompt, logits, cache), (padded_prompt, padded, padded_cache) = results
+    assert torch.equal(prompt, padded_prompt)
+    assert torch.equal(logits[trees.valid], padded[trees.valid])
+    assert not bool(logits[~trees.valid].any()) and bool(padded[~trees.valid].any())
+    for b, (length, size) in enumerate(zip((3, 40, 17), (2, 11, 6))):
+        for layer in range(len(cache.k)):
+            assert torch.equal(cache.k[layer][b, : length + size], padded_cache.k[layer][b, : length + size])
+            assert torch.equal(cache.v[layer][b, : length + size], padded_cache.v[layer][b, : length + size])
+
 
 
 def zero_weight_keys_change_nothing(keys: int, g: torch.Generator) -> bool:

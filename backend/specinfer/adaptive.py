@@ -85,24 +85,31 @@ def best_nodes(batch: TreeBatch, prob: torch.Tensor, count: int | torch.Tensor) 
     return torch.sort(order, dim=1).values
 
 
-def choose_verify_size(gains: torch.Tensor, llm_cost: Callable[[int], float], spent: float,
-                       factor: float = 1.0) -> tuple[int, float]:
-    """Tree tokens ``T`` (root included) each request verifies, and the predicted tokens per second.
+def choose_verify_counts(gains: torch.Tensor, llm_cost: Callable[[int], float], spent: float,
+                         factor: float = 1.0) -> tuple[torch.Tensor, float]:
+    """How many nodes besides its root each request verifies (``[B]``), and the predicted tokens per second.
 
     ``gains [B, M]``: each request's path probabilities sorted descending (roots excluded, 0 past
-    its tree); ``llm_cost(tokens)`` the seconds of a verification forward over ``tokens`` slots;
+    its tree); ``llm_cost(tokens)`` the seconds of a verification forward over ``tokens`` real
+    tokens (the model skips padding, so a request verifying more nodes costs the others nothing);
     ``spent`` the seconds this step already took; ``factor`` corrects the predicted rate of
-    verifying drafts (``RateCorrection``)."""
-    b = gains.shape[0]
-    cum = [0.0] + torch.cumsum(gains.sum(dim=0), 0).tolist()
-    best, best_rate = 1, -1.0
-    for t in range(1, len(cum) + 1):
-        seconds = spent + llm_cost(b * t)
-        rate = (b + cum[t - 1]) / seconds if seconds > 0 else float("inf")
-        rate *= factor if t > 1 else 1.0
+    verifying drafts (``RateCorrection``). The nodes are taken best first across the whole batch, so
+    a request with a promising tree verifies it while one with weak guesses verifies its root alone."""
+    b, m = gains.shape
+    flat = gains.flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices
+    order = order[flat[order] > 0]
+    cum = [0.0] + torch.cumsum(flat[order], 0).tolist()
+    best, best_rate = 0, -1.0
+    for k, gained in enumerate(cum):
+        seconds = spent + llm_cost(b + k)
+        if seconds > 0 and best_rate > 0 and (b + cum[-1]) * (factor if k else 1.0) / seconds < best_rate:
+            break  # no more nodes can pay for a forward this wide (costs grow with tokens)
+        rate = (b + gained) / seconds if seconds > 0 else float("inf")
+        rate *= factor if k else 1.0
         if rate > best_rate:
-            best, best_rate = t, rate
-    return best, best_rate
+            best, best_rate = k, rate
+    return torch.bincount(order[:best] // m, minlength=b), best_rate
 
 
 def choose_depth(depth_gains: torch.Tensor, llm_cost: Callable[[int], float],
@@ -257,9 +264,9 @@ class AdaptivePolicy:
         prob = path_probability(batch, self.node_rates(batch))
         gains = torch.sort(prob[:, 1:], dim=1, descending=True).values
         factor = self.rates.factor(b)
-        size, rate = choose_verify_size(gains, self.llm.costs.predict, spent, factor)
-        self.predicted_rate = rate / factor if size > 1 else rate
-        return batch.select(best_nodes(batch, prob, size - 1))
+        counts, rate = choose_verify_counts(gains, self.llm.costs.predict, spent, factor)
+        self.predicted_rate = rate / factor if bool(counts.any()) else rate
+        return batch.select(best_nodes(batch, prob, counts))
 
     def learn_depth_gains(self, batch: TreeBatch, rows: list[int], chosen: torch.Tensor, depth: int) -> None:
         """Each drafted request's best SSM path probability per depth, averaged with its recent ones;

@@ -73,6 +73,9 @@ class ModelRunner:
         self.attention = attention
         # a compiled model runs its own kernels (and TensorRT's profiles are sized by the unpadded slots)
         self.invariant = batch_invariant and not isinstance(model, CompiledModel)
+        # an eager model skips the padding of ragged batches (``Packing``); compiled, graphed and
+        # tensor-parallel ones run the padded shapes
+        self.packs = isinstance(model, Transformer)
         self.cache = model.new_cache(rows, round_up(slots, KEY_BLOCK) if batch_invariant else slots)
         self.device = self.cache.batch_index.device  # the model's (a compiled one has no torch weights)
         self.seconds = 0.0  # wall time spent in forwards, for the overhead figure of benchmarks
@@ -93,17 +96,20 @@ class ModelRunner:
         positions, slots, visibility = layout(lens, nodes, self.attention, self.invariant)
         dev = self.device
         start = time.perf_counter()
-        logits = self.model(
-            nodes.tokens.to(dev), positions.to(dev), self.cache, self.cache.rows_index(rows, dev),
-            slots.to(dev), visibility.to(dev), None if output_index is None else output_index.to(dev),
-        )
+        inputs = (nodes.tokens.to(dev), positions.to(dev), self.cache, self.cache.rows_index(rows, dev),
+                  slots.to(dev), visibility.to(dev), None if output_index is None else output_index.to(dev))
+        logits = self.model(*inputs, valid=nodes.valid) if self.packs else self.model(*inputs)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start
         self.seconds += seconds
         if priced:
-            self.costs.observe(nodes.tokens.numel(), seconds)
+            self.costs.observe(self.tokens(nodes), seconds)
         return logits
+
+    def tokens(self, nodes: NodeBatch) -> int:
+        """The token count a forward of ``nodes`` costs: its real tokens where the model skips padding."""
+        return int(nodes.valid.sum()) if self.packs else nodes.tokens.numel()
 
     def commit(self, rows: list[int], lengths: torch.Tensor, nodes: torch.Tensor, counts: torch.Tensor) -> None:
         """Move each row's first ``counts [B]`` accepted region nodes (``nodes [B, L]``, root first)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .batch_invariance import KEY_BLOCK, VirtualKeys, attention, round_up
+from .batch_invariance import KEY_BLOCK, SplitKeys, VirtualKeys, attention, round_up
 from .kv_cache import KVCache, Rows
 
 
@@ -35,7 +35,7 @@ def packed_mask(anc: torch.Tensor) -> torch.Tensor:
 @dataclass
 class DenseMask:
     mask: torch.Tensor  # [B, T, S] bool
-    keys: VirtualKeys | None = None  # batch-invariant attention (``batch_invariance.attention``) instead of SDPA
+    keys: VirtualKeys | SplitKeys | None = None  # batch-invariant attention (``batch_invariance.attention``) instead of SDPA
 
     @classmethod
     def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor,
@@ -51,7 +51,7 @@ class DenseMask:
         mask.scatter_(2, cols, region)
         mask &= valid[:, :, None]
         mask[torch.arange(b)[:, None], torch.arange(t)[None, :], (lengths + n)[:, None]] |= ~valid
-        return cls(mask, VirtualKeys.build(lengths, region, width) if invariant else None)
+        return cls(mask, SplitKeys.build(lengths, region, width) if invariant else None)
 
     def to(self, device: torch.device) -> "DenseMask":
         return DenseMask(self.mask.to(device), None if self.keys is None else self.keys.to(device))

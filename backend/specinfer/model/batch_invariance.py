@@ -47,23 +47,28 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 class VirtualKeys:
     """Each query's keys in the order incremental decoding would have them: its committed prefix, then
     its path through the tree (ancestors and itself) at the positions right after it; ``visible``
-    marks the keys (virtual positions) a query sees. ``identity``: every query's keys are already in
-    that order (chunks, chains, incremental decoding), and the fields below are empty.
+    marks the keys (virtual positions) a query sees.
 
-    The order differs from the cache's only past a row's committed prefix, so the rest is read through
-    a window of slots per row: from the first ``KEY_BLOCK`` holding a tree key (``window[b, 0]``) past
-    the tree region and the scratch slot. ``window_slots[b, t, w]`` is the slot of virtual key
-    ``window[b, w]`` of query ``t``; ``window_pos[b, t, w]`` the virtual key window slot ``w`` is for
-    query ``t`` (0 where unseen); ``window_own[b, i, t, w]`` whether it is a key of the row's virtual
-    block ``tail_index[b, i]`` for query ``t``."""
+    The order differs from the cache's only past a row's committed prefix, and only in rows whose
+    tree is not a chain (``tree_rows``; the others, lone roots beside a tree, take the identity path),
+    so the rest is read through a window of slots per such row: from the first ``KEY_BLOCK`` holding
+    a tree key (``window[r, 0]``) past the tree region and the scratch slot. ``window_slots[r, t, w]``
+    is the slot of virtual key ``window[r, w]`` of query ``t``; ``window_pos[r, t, w]`` the virtual
+    key window slot ``w`` is for query ``t`` (0 where unseen); ``window_own[r, i, t, w]`` whether it
+    is a key of the row's virtual block ``tail_index[r, i]`` for query ``t``; ``r`` counts tree rows."""
 
     visible: torch.Tensor  # [B, T, S] bool
-    window: torch.Tensor  # [B, W] long (clamped to the key width)
-    window_slots: torch.Tensor  # [B, T, W] long
-    window_pos: torch.Tensor  # [B, T, W] long
-    window_own: torch.Tensor  # [B, tail, T, W] bool
-    tail_index: torch.Tensor  # [B, tail] long: the virtual blocks that hold tree keys
-    identity: bool
+    tree_rows: torch.Tensor  # [R] long: the rows whose keys are not in slot order
+    window: torch.Tensor  # [R, W] long (clamped to the key width)
+    window_slots: torch.Tensor  # [R, T, W] long
+    window_pos: torch.Tensor  # [R, T, W] long
+    window_own: torch.Tensor  # [R, tail, T, W] bool
+    tail_index: torch.Tensor  # [R, tail] long: the virtual blocks that hold tree keys
+
+    @property
+    def identity(self) -> bool:
+        """Every query's keys are already in that order (chunks, chains, incremental decoding)."""
+        return self.tree_rows.numel() == 0
 
     @classmethod
     def build(cls, lengths: torch.Tensor, region: torch.Tensor, width: int) -> "VirtualKeys":
@@ -80,36 +85,65 @@ class VirtualKeys:
         visible = (rel < 0) | on_path
         padding = count == 0  # a padding query sees only the scratch slot past the region, as with SDPA
         visible = torch.where(padding, rel == n, visible)
-        if torch.equal(slots, j.expand(b, t, width)):
-            none = torch.zeros(b, t, 0, dtype=torch.long)
-            return cls(visible, none[:, 0], none, none, none[:, None].bool(), none[:, 0], True)
+        rows = (slots != j).flatten(1).any(dim=1).nonzero().flatten()
+        if rows.numel() == 0:
+            none = torch.zeros(0, t, 0, dtype=torch.long)
+            return cls(visible, rows, none[:, 0], none, none, none[:, None].bool(), none[:, 0])
+        everyone = visible
+        lengths, slots, visible, padding, count = lengths[rows], slots[rows], visible[rows], padding[rows], count[rows]
+        r = len(rows)
         start = lengths // KEY_BLOCK * KEY_BLOCK
         w = int((lengths - start).max()) + n + 1  # through the scratch slot padding sees
         if w > KEY_WINDOW:
             raise ValueError(f"a tree of {n} tokens needs a key window of {w} slots; the batch-invariant "
                              f"attention sums at most {KEY_WINDOW} keys in one product (trees up to "
                              f"{MAX_TREE_TOKENS} tokens)")
-        span = start[:, None] + torch.arange(w)  # [B, W] the window's slots, some past the key width
+        span = start[:, None] + torch.arange(w)  # [R, W] the window's slots, some past the key width
         window = span.clamp(max=width - 1)
-        virtual = torch.full((b, t, width + 1), -1)  # by slot: the virtual key that reads it; a dump column
-        virtual.scatter_(-1, torch.where(visible, slots, width), j.expand(b, t, width))
-        pos = torch.gather(virtual, -1, window[:, None, :].expand(b, t, w)).masked_fill_((span >= width)[:, None], -1)
-        first = start // KEY_BLOCK  # [B] the row's first block with tree keys
+        virtual = torch.full((r, t, width + 1), -1)  # by slot: the virtual key that reads it; a dump column
+        virtual.scatter_(-1, torch.where(visible, slots, width), j.expand(r, t, width))
+        pos = torch.gather(virtual, -1, window[:, None, :].expand(r, t, w)).masked_fill_((span >= width)[:, None], -1)
+        first = start // KEY_BLOCK  # [R] the row's first block with tree keys
         block = torch.where(pos >= 0, pos // KEY_BLOCK - first[:, None, None], -1)
         last = torch.where(padding[..., 0], lengths[:, None] + n, lengths[:, None] + count[..., 0] - 1)  # the last key seen
         tail = int((last // KEY_BLOCK - first[:, None]).max()) + 1
         own = block[:, None] == torch.arange(tail)[None, :, None, None]
-        window_slots = torch.gather(slots, -1, window[:, None, :].expand(b, t, w))
+        window_slots = torch.gather(slots, -1, window[:, None, :].expand(r, t, w))
         tail_index = first[:, None] + torch.arange(tail)
-        return cls(visible, window, window_slots, pos.clamp(min=0), own, tail_index, False)
+        return cls(everyone, rows, window, window_slots, pos.clamp(min=0), own, tail_index)
 
     def to(self, device: torch.device) -> "VirtualKeys":
-        return VirtualKeys(self.visible.to(device), self.window.to(device), self.window_slots.to(device),
-                           self.window_pos.to(device), self.window_own.to(device), self.tail_index.to(device),
-                           self.identity)
+        return VirtualKeys(self.visible.to(device), self.tree_rows.to(device), self.window.to(device),
+                           self.window_slots.to(device), self.window_pos.to(device), self.window_own.to(device),
+                           self.tail_index.to(device))
 
 
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: VirtualKeys) -> torch.Tensor:
+@dataclass
+class SplitKeys:
+    """A batch in which only some rows verify more than their root: every row's root attends as a
+    one-query row (``roots``), the other queries of the rows ``rows`` apart (``rest``), so the lone
+    roots' padding to the widest tree costs no attention. A query's result does not depend on the
+    queries beside it, so the split changes no bit."""
+
+    roots: VirtualKeys
+    rows: torch.Tensor  # [R] long
+    rest: VirtualKeys
+
+    @classmethod
+    def build(cls, lengths: torch.Tensor, region: torch.Tensor, width: int) -> "VirtualKeys | SplitKeys":
+        """``VirtualKeys.build``'s arguments; a plain ``VirtualKeys`` where every row or none has more
+        than a root (splitting would only add a call)."""
+        rows = (region.any(dim=-1).sum(dim=1) > 1).nonzero().flatten()
+        if len(rows) in (0, region.shape[0]):
+            return VirtualKeys.build(lengths, region, width)
+        return cls(VirtualKeys.build(lengths, region[:, :1], width), rows,
+                   VirtualKeys.build(lengths[rows], region[rows, 1:], width))
+
+    def to(self, device: torch.device) -> "SplitKeys":
+        return SplitKeys(self.roots.to(device), self.rows.to(device), self.rest.to(device))
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: VirtualKeys | SplitKeys) -> torch.Tensor:
     """Attention whose result for a query depends only on its own keys, in incremental decoding's order.
 
     ``q [B, T, H, D]``, ``keys``/``values [B, S, KVH, D]`` (``S`` a multiple of ``KEY_BLOCK``). Scores
@@ -122,31 +156,40 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: V
     elsewhere: a float32 GEMM of at most ``KEY_WINDOW`` keys adds zero-weight keys exactly, so this
     equals incremental decoding's block, without copying values per query. So neither the number of
     queries, nor the tree's layout, nor the longest row of the batch changes any query's arithmetic.
+    A ``SplitKeys`` view attends its roots and the rest apart (padding queries of lone roots: zeros).
     """
+    if isinstance(view, SplitKeys):
+        out = q.new_zeros(q.shape)
+        out[:, :1] = attention(q[:, :1], keys, values, view.roots)
+        out[view.rows, 1:] = attention(q[view.rows, 1:], keys[view.rows], values[view.rows], view.rest)
+        return out
     b, t, h, d = q.shape
     kvh, s = keys.shape[2], keys.shape[1]
     g = h // kvh
     qg = q.view(b, t, kvh, g, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, t * g, d)
     scores = torch.matmul(pad_rows(qg, padded_rows(t * g, q.dtype)), keys.permute(0, 2, 3, 1))[:, :, : t * g]
     scores = scores.float().mul_(d ** -0.5).view(b, kvh, t, g, s)
-    w = view.window.shape[-1]
-    if not view.identity:
-        moved = torch.gather(scores, -1, view.window_slots[:, None, :, None, :].expand(b, kvh, t, g, w))
-        scores.scatter_(-1, view.window[:, None, None, None, :].expand(b, kvh, t, g, w), moved)
+    rows, (r, w) = view.tree_rows, view.window.shape
+    if r:
+        mine = scores[rows]
+        moved = torch.gather(mine, -1, view.window_slots[:, None, :, None, :].expand(r, kvh, t, g, w))
+        scores[rows] = mine.scatter_(-1, view.window[:, None, None, None, :].expand(r, kvh, t, g, w), moved)
     probs = torch.softmax(scores.masked_fill_(~view.visible[:, None, :, None, :], float("-inf")), dim=-1)
     probs = probs.nan_to_num_(0.0)  # rows that see nothing (padding)
     blocks = s // KEY_BLOCK
     vals = values.float().permute(0, 2, 1, 3)  # [B, KVH, S, D]
     parts = block_products(probs.view(b, kvh, t * g, blocks, KEY_BLOCK).transpose(2, 3),
                            vals.reshape(b, kvh, blocks, KEY_BLOCK, d)).view(b, kvh, blocks, t, g, d)
-    if not view.identity:
+    if r:
         tail = view.tail_index.shape[-1]
-        p = torch.gather(probs, -1, view.window_pos[:, None, :, None, :].expand(b, kvh, t, g, w))
-        p = (p[:, :, None] * view.window_own[:, None, :, :, None, :]).view(b, kvh, tail, t * g, w)
-        v = torch.gather(vals, 2, view.window[:, None, :, None].expand(b, kvh, w, d))[:, :, None]  # [B, KVH, 1, W, D]
-        tail_parts = block_products(p, v.expand(b, kvh, tail, w, d)).view(b, kvh, tail, t, g, d)
+        p = torch.gather(probs[rows], -1, view.window_pos[:, None, :, None, :].expand(r, kvh, t, g, w))
+        p = (p[:, :, None] * view.window_own[:, None, :, :, None, :]).view(r, kvh, tail, t * g, w)
+        heads = torch.arange(kvh, device=vals.device)[None, :, None]
+        v = vals[rows[:, None, None], heads, view.window[:, None, :]][:, :, None]  # [R, KVH, 1, W, D]
+        tail_parts = block_products(p, v.expand(r, kvh, tail, w, d)).view(r, kvh, tail, t, g, d)
         parts = torch.cat([parts, parts.new_zeros(b, kvh, tail, t, g, d)], dim=2)  # room past the last block
-        parts.scatter_(2, view.tail_index[:, None, :, None, None, None].expand(b, kvh, tail, t, g, d), tail_parts)
+        parts[rows] = parts[rows].scatter_(2, view.tail_index[:, None, :, None, None, None].expand(r, kvh, tail, t, g, d),
+                                           tail_parts)
     out = torch.cumsum(parts, dim=2)[:, :, -1]  # blocks summed in key order (sequentially)
     return out.permute(0, 2, 1, 3, 4).reshape(b, t, h, d).to(q.dtype)
 

@@ -75,6 +75,40 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled).float()
 
 
+class Packing:
+    """The real tokens of a padded ``[B, T]`` batch as one flat run of ``N``: the per-token layers
+    (embedding, projections, norms, MLP, LM head) compute only those, attention sees them padded back.
+
+    Verifying trees of different sizes, or prompts of different lengths, pads every request to the
+    largest; unpacked, the padding costs as much as real tokens. Packing leaves each real token's
+    result as it was: every per-token layer is batch-invariant (``batch_invariance.py``)."""
+
+    def __init__(self, valid: torch.Tensor | None, device: torch.device) -> None:
+        """``valid [B, T]`` (``None``: no padding to skip)."""
+        self.index = None if valid is None or bool(valid.all()) else valid.flatten().nonzero().flatten().to(device)
+        self.shape = None if valid is None else tuple(valid.shape)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, ...]`` -> ``[N, ...]`` (as it is without padding)."""
+        return x if self.index is None else x.flatten(0, 1)[self.index]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, ...]`` -> ``[B, T, ...]``, zeros at the padding (as it is without padding)."""
+        if self.index is None:
+            return x
+        out = x.new_zeros(self.shape[0] * self.shape[1], *x.shape[1:])
+        out[self.index] = x
+        return out.view(*self.shape, *x.shape[1:])
+
+    def position(self, output_index: torch.Tensor) -> torch.Tensor:
+        """Packed positions of the padded ones ``output_index [B]`` or ``[B, G]`` (real tokens)."""
+        b = self.shape[0]
+        where = torch.full((b * self.shape[1],), -1, dtype=torch.long, device=output_index.device)
+        where[self.index.to(output_index.device)] = torch.arange(len(self.index), device=output_index.device)
+        flat = torch.arange(b, device=output_index.device).view(-1, *[1] * (output_index.dim() - 1)) * self.shape[1]
+        return where[flat + output_index]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -92,10 +126,11 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-        rows: Rows, slots: torch.Tensor, visibility: Visibility,
+        rows: Rows, slots: torch.Tensor, visibility: Visibility, packing: Packing,
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        """``x``: ``[B, T, D]``, or ``[N, D]`` packed (``packing``), and so is the result."""
+        q, k, v = packing.unpack(self.qkv_proj(x)).split(self.split, dim=-1)
+        b, t = q.shape[:2]
         q = q.view(b, t, self.heads, self.head_dim)
         k = k.view(b, t, self.kv_heads, self.head_dim)
         v = v.reshape(b, t, self.kv_heads, self.head_dim)
@@ -103,7 +138,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         cache.write(self.layer, rows, slots, k, v)
         out = visibility.attend(q, cache, self.layer, rows)
-        return self.o_proj(out.reshape(b, t, -1))
+        return self.o_proj(packing.pack(out.reshape(b, t, -1)))
 
 
 class MLP(nn.Module):
@@ -126,8 +161,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, rows, slots, visibility):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, slots, visibility)
+    def forward(self, x, cos, sin, cache, rows, slots, visibility, packing):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, slots, visibility, packing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -230,20 +265,25 @@ class Transformer(nn.Module):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: Rows,
         slots: torch.Tensor, visibility: Visibility, output_index: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, V]`` for ``tokens [B, T]`` at ``positions``, written to ``slots`` of ``rows``.
 
         ``visibility`` says which cache slots each token attends to (its own slot included), in the
         form of the chosen attention backend (``attention.py``). With ``output_index [B]`` only that token of each row reaches the LM head
         and the result is ``[B, V]``; ``output_index [B, G]`` gives ``[B, G, V]`` (exported graphs take that form).
+        ``valid [B, T]``: the real tokens; the padding's are not computed (``Packing``; logits 0 there).
         """
+        packing = Packing(valid, tokens.device)
         freqs = positions[..., None].float() * self.inv_freq
         cos = torch.cat((freqs, freqs), dim=-1).cos()[:, :, None].to(self.lm_head.weight.dtype)
         sin = torch.cat((freqs, freqs), dim=-1).sin()[:, :, None].to(self.lm_head.weight.dtype)
-        x = self.model.embed_tokens(tokens)
+        x = self.model.embed_tokens(packing.pack(tokens))
         for layer in self.model.layers if self.streamer is None else self.streamer:
-            x = layer(x, cos, sin, cache, rows, slots, visibility)
-        if output_index is not None:
+            x = layer(x, cos, sin, cache, rows, slots, visibility, packing)
+        if output_index is None:
+            return packing.unpack(self.lm_head(self.model.norm(x)).float())
+        if packing.index is None:
             batch = torch.arange(x.shape[0], device=x.device).view(-1, *[1] * (output_index.dim() - 1))
-            x = x[batch, output_index]
-        return self.lm_head(self.model.norm(x)).float()
+            return self.lm_head(self.model.norm(x[batch, output_index])).float()
+        return self.lm_head(self.model.norm(x[packing.position(output_index)])).float()
