@@ -6,9 +6,11 @@ import torch
 
 from conftest import prompts
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
-from specinfer.adaptive import (MARGIN, AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_counts,
+from specinfer.adaptive import (MARGIN, PROBE_ROWS, AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_counts,
                                 path_probability)
+from specinfer.adaptive import ragged_trees, star_trees
 from specinfer.cost_model import FixedCosts, ForwardCosts, calibration_sizes
+from specinfer.runner import branches, chain_batch
 from specinfer.tree import TreeBuilder, pad_trees, root_only
 
 PROMPTS = prompts(12, seed=31)
@@ -36,6 +38,19 @@ def test_forward_costs_interpolate_and_extrapolate():
     costs.observe(2, 2.0)  # a moving average follows the machine
     assert 1.0 < costs.predict(2) < 2.0
     assert costs.predict(10) > 3.0  # and the machine's speed moves the counts not fed since
+
+
+def test_forward_costs_price_branching_trees_apart():
+    """A forward with a branching tree takes the attention's tree path: its own curve, priced as a
+    chain of as many tokens until measured."""
+    costs = ForwardCosts()
+    costs.observe(16, 1.0)
+    assert costs.predict(20, tree=True) == pytest.approx(1.25)  # the chains' curve, extrapolated
+    costs.observe(20, 1.5, tree=True)
+    assert costs.predict(20, tree=True) == pytest.approx(1.5) and costs.predict(20) == pytest.approx(1.25)
+    assert not branches(chain_batch([[1, 2, 3], [4]])) and not branches(star_trees(2, 2))  # slot order
+    assert branches(star_trees(2, 3)) and branches(ragged_trees(4, 5))
+    assert int(ragged_trees(4, 5).valid.sum()) == 5
 
 
 def test_forward_costs_price_an_unfed_count_at_the_current_speed():
@@ -169,8 +184,38 @@ def test_expensive_verification_means_no_speculation(models, reference):
     results = engine.generate(PROMPTS[:4], PARAMS[:4])
     assert [r.token_ids for r in results] == reference[:4]
     assert set(engine.stats.tree_sizes) == {1}  # only lone roots verified
-    steps = engine.stats.verify_forwards
-    assert len(calls) <= 1 + steps.bit_length()  # prompts, then rarer and rarer one-level probes
+    assert not calls  # each token a full forward: no node can pay, so nothing is proposed or drafted
+
+
+def test_proposing_stops_where_no_node_can_pay(models):
+    """A node pays only if accepted at least as often as its token's share of the forward's cost
+    (divided by the rate correction); beyond every acceptance model's best, nothing is proposed."""
+    engine, _ = engine_with_costs(models, lambda n: 1.0 + 0.1 * n, lambda n: 0.0)
+    policy = engine.policy
+    assert policy.worth_proposing(1)  # nothing observed yet: acceptance taken at its word
+    model = policy.ssm_acceptance
+    model.tested[:] += 100.0
+    model.accepted[:] = 0.5 * model.tested  # every bin tested: accepted half of the time
+    assert model.best() == pytest.approx(0.5)
+    assert policy.worth_proposing(1)  # one more token costs 0.1 / 1.1 of a forward: 0.09 (0.1 with the margin)
+    assert policy.worth_proposing(8)  # 0.8 / 1.8 = 0.44, 0.49 with the margin
+    assert not policy.worth_proposing(16)  # 1.6 / 2.6 = 0.62
+    assert policy.predicted_rate == pytest.approx(16 / 2.6)  # the plain step's, for the rate correction
+
+
+def test_probes_draft_for_few_requests(models, reference):
+    """While drafting does not pay (the SSM's forwards cost too much), its probes draft for at most
+    ``PROBE_ROWS`` requests, those with the least to catch up, not the whole batch."""
+    engine = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], max_batch_size=8,
+                                             tree=TreeConfig(expansion=(1, 1), adaptive=True))
+    engine.llm.costs = FixedCosts(lambda n: 1.0 + 0.001 * n)
+    engine.ssms[0].costs = FixedCosts(lambda n: 10.0)
+    fed = []
+    forward = engine.ssms[0].forward
+    engine.ssms[0].forward = lambda rows, *a, **k: fed.append(len(rows)) or forward(rows, *a, **k)
+    results = engine.generate(PROMPTS[:8], PARAMS[:8])
+    assert [r.token_ids for r in results] == reference[:8]
+    assert fed and max(fed) == PROBE_ROWS
 
 
 def test_free_verification_means_the_full_tree(models, reference, monkeypatch):

@@ -33,6 +33,7 @@ BINS = 20
 CALIBRATION_TOKENS = 256  # forwards are measured up to this many tokens at start-up
 CALIBRATION_PREFIX = 128  # over a committed prefix this long (what a request has after a short prompt)
 MAX_PROBE_WAIT = 64  # steps without drafting before the SSMs are tried again, at most
+PROBE_ROWS = 4  # requests a probe drafts for (those with the least to catch up): enough to learn from, cheap at any batch
 MARGIN = 1.1  # speculating must promise this much more than plain decoding: what no step's prediction
 # or realised rate shows (the SSMs' prompt forwards at admission, rows idle at the end of a batch, the
 # timings' noise) cost 5-15% at batch 16 on the 2-core CPU, where a step's own figures break even
@@ -54,6 +55,11 @@ class AcceptanceModel:
     def rate(self, confidence: torch.Tensor) -> torch.Tensor:
         b = self.bins(confidence)
         return (self.accepted[b] / self.tested[b]).float()
+
+    def best(self) -> float:
+        """The highest acceptance of any confidence bin verification has tested (1 before any)."""
+        seen = self.tested > PRIOR_WEIGHT
+        return float((self.accepted / self.tested)[seen].max()) if bool(seen.any()) else 1.0
 
     def observe(self, batch: TreeBatch, on_path: torch.Tensor, mine: torch.Tensor) -> None:
         """Every node whose parent was accepted was tested; those ``on_path [B, N]`` passed. Only
@@ -225,6 +231,26 @@ class AdaptivePolicy:
             rate = torch.maximum(rate, torch.where(by[..., n], self.suffix_acceptance.rate(batch.confidence), 0.0))
         return rate
 
+    def verify_cost(self, batch: int) -> Callable[[int], float]:
+        """Seconds of an LLM forward over ``tokens`` for ``batch`` requests: plain decoding's at
+        ``batch`` tokens, past it a forward with trees (priced as branching: the dearer kind)."""
+        return lambda tokens: self.llm.costs.predict(tokens, tree=tokens > batch)
+
+    def worth_proposing(self, batch: int) -> bool:
+        """Whether any node could pay for its token in this step's verification. A node pays only if
+        it is accepted with at least the probability ``needed``: what the forward's next ``batch``
+        tokens cost per token, against plain decoding's rate, less the rate correction. Where no
+        acceptance model reaches it (a large batch, on a machine where speculating disappointed) the
+        step proposes nothing: no suffix trees, no SSM drafts, no planning; the rate correction's
+        probes (factor 1) try again now and then."""
+        one = self.llm.costs.predict(batch)
+        self.predicted_rate = batch / max(one, 1e-9)
+        if one <= 0:
+            return True
+        needed = (self.llm.costs.predict(2 * batch, tree=True) - one) / batch * self.predicted_rate / self.rates.factor(batch)
+        models = ([self.ssm_acceptance] if self.ssms else []) + ([self.suffix_acceptance] if self.suffix else [])
+        return needed < max(m.best() for m in models)
+
     def plan(self, seqs: list[Sequence], suffix: TreeBatch | None) -> Plan:
         """The requests the SSMs draft this step, and how deep (0: none)."""
         rows = [s.row for s in seqs]
@@ -232,17 +258,22 @@ class AdaptivePolicy:
         if suffix is not None and self.ssms:
             promise = path_probability(suffix, self.suffix_acceptance.rate(suffix.confidence)).sum(dim=1) - 1
             chosen = promise < self.gains(rows).sum(dim=1)
-        picked = chosen.nonzero().flatten().tolist()
-        depth = self.draft_depth([seqs[i] for i in picked], [rows[i] for i in picked]) if picked else 0
-        return Plan(chosen & (depth > 0), depth)
+        picked = chosen.nonzero().flatten()
+        if not len(picked):
+            return Plan(chosen, 0)
+        lag = torch.tensor([len(s.prompt) + len(s.output) - min(s.ssm_lens) for s in seqs])[picked]  # tokens to catch up
+        depth = self.draft_depth(int(lag.max()), rows, picked)
+        if depth < 0:  # a probe: the requests with the least to catch up
+            chosen = torch.zeros_like(chosen).index_fill_(0, picked[torch.argsort(lag, stable=True)[:PROBE_ROWS]], True)
+        return Plan(chosen & (depth != 0), abs(depth))
 
-    def draft_depth(self, seqs: list[Sequence], rows: list[int]) -> int:
-        """How deep to draft, from recent gains and measured costs; while drafting does not pay, the
-        SSMs still draft one level now and then (ever more rarely) to notice when it starts to."""
-        catch_up = max(len(s.prompt) + len(s.output) - min(s.ssm_lens) for s in seqs)
-        depth = choose_depth(self.gains(rows), self.llm.costs.predict,
+    def draft_depth(self, catch_up: int, rows: list[int], picked: torch.Tensor) -> int:
+        """How deep to draft for the requests ``picked`` (of ``rows``), from recent gains and measured
+        costs; while drafting does not pay, the SSMs still draft one level now and then (ever more
+        rarely) to notice when it starts to: -1, a probe, which ``plan`` gives ``PROBE_ROWS`` requests."""
+        depth = choose_depth(self.gains([rows[i] for i in picked.tolist()]), self.verify_cost(len(picked)),
                              lambda n: sum(r.costs.predict(n) for r in self.ssms), catch_up,
-                             self.tree.level_widths(), self.rates.factor(len(seqs)))
+                             self.tree.level_widths(), self.rates.factor(len(picked)))
         if depth > 0:
             self.probe_wait, self.since_draft = 2, 0
             return depth
@@ -250,7 +281,7 @@ class AdaptivePolicy:
         if self.since_draft < self.probe_wait:
             return 0
         self.probe_wait, self.since_draft = min(2 * self.probe_wait, MAX_PROBE_WAIT), 0
-        return 1
+        return -1
 
     def prune(self, batch: TreeBatch, rows: list[int], plan: Plan, spent: float) -> TreeBatch:
         """Learn what each drafted depth promised, then keep the nodes that maximise the predicted
@@ -264,7 +295,7 @@ class AdaptivePolicy:
         prob = path_probability(batch, self.node_rates(batch))
         gains = torch.sort(prob[:, 1:], dim=1, descending=True).values
         factor = self.rates.factor(b)
-        counts, rate = choose_verify_counts(gains, self.llm.costs.predict, spent, factor)
+        counts, rate = choose_verify_counts(gains, self.verify_cost(b), spent, factor)
         self.predicted_rate = rate / factor if bool(counts.any()) else rate
         return batch.select(best_nodes(batch, prob, counts))
 
@@ -292,19 +323,23 @@ class AdaptivePolicy:
 
     def calibrate(self, rows: int, tree_tokens: int) -> None:
         """Measure, before serving, the forwards adaptive trees choose between: every model at
-        token counts up to its largest step (a warm-up pass, then the measured one), each row a tree
-        over a committed prefix, as verification and drafting feed them (a chain at no prefix costs
-        far less than a tree of the same size after a real context)."""
+        token counts up to its largest step (a warm-up pass, then the measured one), over a committed
+        prefix, as verification and drafting feed them (a chain at no prefix costs far less than a
+        tree of the same size after a real context): lone roots (plain decoding, up to ``rows``) and
+        ragged batches whose first requests verify small branching trees beside lone roots."""
         level = max(self.tree.level_widths())
         for runner, largest in [(self.llm, rows * tree_tokens)] + [(r, rows * level) for r in self.ssms]:
             sizes = calibration_sizes(min(largest, CALIBRATION_TOKENS))
+            prefix = max(0, min(CALIBRATION_PREFIX, runner.cache.slots - tree_tokens - 1 - KEY_BLOCK))
             for _ in range(2):
                 runner.costs = ForwardCosts()
                 for n in sizes:
-                    b = min(rows, n)
-                    t = -(-n // b)
-                    prefix = max(0, min(CALIBRATION_PREFIX, runner.cache.slots - t - 1 - KEY_BLOCK))
-                    runner.forward(list(range(b)), [prefix] * b, star_trees(b, t))
+                    if n <= rows:
+                        runner.forward(list(range(n)), [prefix] * n, star_trees(n, 1))
+                    if n >= 3:
+                        nodes = ragged_trees(rows, n)
+                        b = nodes.tokens.shape[0]
+                        runner.forward(list(range(b)), [prefix] * b, nodes)
 
 
 def star_trees(rows: int, tokens: int) -> NodeBatch:
@@ -314,3 +349,16 @@ def star_trees(rows: int, tokens: int) -> NodeBatch:
     attend = (ids[:, None] == ids[None, :]) | (ids[None, :] == 0)
     return NodeBatch(torch.zeros(rows, tokens, dtype=torch.long), ids.expand(rows, tokens), (ids > 0).long().expand(rows, tokens),
                      attend.expand(rows, tokens, tokens), torch.ones(rows, tokens, dtype=torch.bool))
+
+
+def ragged_trees(rows: int, tokens: int) -> NodeBatch:
+    """``tokens`` (at least 3) over at most ``rows`` requests: lone roots, and the first requests
+    trees of a root and two children (one more child each where two per request do not reach)."""
+    b = min(rows, tokens - 2)
+    extra = tokens - b
+    per = max(2, -(-extra // b))
+    sizes = torch.clamp(extra - per * torch.arange(b), 0, per) + 1
+    stars = star_trees(b, per + 1)
+    valid = torch.arange(per + 1) < sizes[:, None]
+    attend = stars.attend & valid[:, :, None] & valid[:, None, :] | torch.eye(per + 1, dtype=torch.bool)
+    return NodeBatch(stars.tokens, stars.node_ids, stars.depths * valid, attend, valid)

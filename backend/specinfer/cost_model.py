@@ -21,28 +21,34 @@ def moving_average(old: float | None, new: float, decay: float = DECAY) -> float
 
 
 class ForwardCosts:
-    """A cost curve by token count times one speed shared by every count: a forward at one count
+    """Cost curves by token count times one speed shared by every count: a forward at one count
     moves the machine's speed for all, so a count not fed for a while (plain decoding's, while the
-    engine speculates) is priced at the machine's current speed, not at the moment it was last seen."""
+    engine speculates) is priced at the machine's current speed, not at the moment it was last seen.
+
+    Two curves: forwards of chains (``tree=False``: lone roots, chunks, chains of drafts; every
+    token's keys in slot order) and forwards with at least one branching tree, whose attention
+    takes the tree path (``batch_invariance.VirtualKeys``) and costs more per step than its tokens
+    alone say. A curve not measured yet is priced by the other."""
 
     def __init__(self) -> None:
-        self.curve: dict[int, float] = {}  # seconds per count at speed 1
-        self.counts: list[int] = []  # sorted keys of ``curve``
+        self.curves: dict[bool, dict[int, float]] = {False: {}, True: {}}  # seconds per count at speed 1
+        self.counts: dict[bool, list[int]] = {False: [], True: []}  # sorted keys of each curve
         self.speed = 1.0
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        if tokens in self.curve:
-            self.speed = moving_average(self.speed, seconds / self.curve[tokens])
+    def observe(self, tokens: int, seconds: float, tree: bool = False) -> None:
+        curve = self.curves[tree]
+        if tokens in curve:
+            self.speed = moving_average(self.speed, seconds / curve[tokens])
         else:
-            bisect.insort(self.counts, tokens)
-        self.curve[tokens] = moving_average(self.curve.get(tokens), seconds / self.speed, SHAPE_DECAY)
+            bisect.insort(self.counts[tree], tokens)
+        curve[tokens] = moving_average(curve.get(tokens), seconds / self.speed, SHAPE_DECAY)
 
-    def predict(self, tokens: int) -> float:
+    def predict(self, tokens: int, tree: bool = False) -> float:
         """Seconds for a forward over ``tokens`` slots; 0 before anything was measured."""
-        return self.speed * self.at_speed_one(tokens)
+        return self.speed * self.at_speed_one(tokens, tree if self.counts[tree] else not tree)
 
-    def at_speed_one(self, tokens: int) -> float:
-        counts, curve = self.counts, self.curve
+    def at_speed_one(self, tokens: int, tree: bool = False) -> float:
+        counts, curve = self.counts[tree], self.curves[tree]
         if not counts:
             return 0.0
         i = bisect.bisect_left(counts, tokens)
@@ -64,10 +70,11 @@ class FixedCosts:
     def __init__(self, seconds_per_forward: Callable[[int], float]) -> None:
         self.fn = seconds_per_forward
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        del tokens, seconds
+    def observe(self, tokens: int, seconds: float, tree: bool = False) -> None:
+        del tokens, seconds, tree
 
-    def predict(self, tokens: int) -> float:
+    def predict(self, tokens: int, tree: bool = False) -> float:
+        del tree
         return float(self.fn(tokens))
 
 

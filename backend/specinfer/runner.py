@@ -44,6 +44,12 @@ def chain_batch(chunks: list[list[int]]) -> NodeBatch:
     return NodeBatch(tokens, steps, steps, causal, valid)
 
 
+def branches(nodes: NodeBatch) -> bool:
+    """Whether a node's path is not its slots' order (a tree that branches): its attention takes the
+    tree path, which costs more than a chain of as many tokens (``cost_model.ForwardCosts``)."""
+    return bool(((nodes.depths != nodes.node_ids) & nodes.valid).any())
+
+
 def layout(lengths: torch.Tensor, nodes: NodeBatch, attention: str,
            invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, Visibility]:
     """Positions, cache slots and visibility for ``nodes`` over prefixes of ``lengths [B]``.
@@ -104,7 +110,7 @@ class ModelRunner:
         seconds = time.perf_counter() - start
         self.seconds += seconds
         if priced:
-            self.costs.observe(self.tokens(nodes), seconds)
+            self.costs.observe(self.tokens(nodes), seconds, branches(nodes))
         return logits
 
     def tokens(self, nodes: NodeBatch) -> int:
