@@ -245,15 +245,12 @@ class AdaptivePolicy:
         tokens cost per token, against plain decoding's rate, less the rate correction. Where no
         acceptance model reaches it (a large batch, on a machine where speculating disappointed) the
         step proposes nothing: no suffix trees, no SSM drafts, no planning; the rate correction's
-        probes (factor 1) try again now and then. The next tokens are priced as a forward with
-        branching trees, the dearer curve: bounded by the chains' curve, the served engine speculated
-        through Triton at concurrency 16 and 32 (1.24-1.32 tokens per step) and lost 15-21% there,
-        requests finishing at different steps costing what no step's prediction shows."""
+        probes (factor 1) try again now and then."""
         one = self.llm.costs.predict(batch)
         self.predicted_rate = batch / max(one, 1e-9)
         if one <= 0:
             return True
-        wider = self.llm.costs.predict(2 * batch, tree=True)  # priced as branching: see the docstring
+        wider = min(self.llm.costs.predict(2 * batch), self.llm.costs.predict(2 * batch, tree=True))
         needed = (wider - one) / batch * self.predicted_rate / self.rates.factor(batch)
         models = ([self.ssm_acceptance] if self.ssms else []) + ([self.suffix_acceptance] if self.suffix else [])
         return needed < max(m.best() for m in models)
