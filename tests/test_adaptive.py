@@ -107,17 +107,6 @@ def test_verify_counts_follow_costs():
     assert choose_verify_counts(gains, lambda n: 1.0, spent=0.0, factor=0.4)[0].tolist() == [0, 0]  # speculation disappoints
 
 
-def test_verify_counts_price_chains_and_branching_trees_apart():
-    """Request 0's best nodes form a chain of 2 (then a sibling); request 1's best is a lone child.
-    Verifying chains costs ``llm_cost``, a branching tree ``tree_cost``: dear branching stops
-    selection at the chains, cheap branching takes every node."""
-    gains = torch.tensor([[0.9, 0.8, 0.7], [0.75, 0.0, 0.0]])
-    chains = torch.tensor([2, 1])
-    chain_cost = lambda n: 1.0 + 0.05 * n  # noqa: E731
-    assert choose_verify_counts(gains, chain_cost, 0.0, tree_cost=lambda n: 10.0, chains=chains)[0].tolist() == [2, 1]
-    assert choose_verify_counts(gains, chain_cost, 0.0, tree_cost=chain_cost, chains=chains)[0].tolist() == [3, 1]
-
-
 def test_verify_counts_differ_by_request():
     """A request with weak guesses verifies its root alone beside one whose strong tree pays: the
     forward's cost follows the real tokens, not every request padded to the largest tree."""

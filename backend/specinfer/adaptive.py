@@ -25,7 +25,7 @@ from .config import TreeConfig
 from .cost_model import ForwardCosts, calibration_sizes, moving_average
 from .proposers.base import Plan
 from .model.batch_invariance import KEY_BLOCK
-from .runner import ModelRunner, NodeBatch, chain_batch
+from .runner import ModelRunner, NodeBatch
 from .sequence import Sequence
 from .tree import TreeBatch
 
@@ -92,31 +92,23 @@ def best_nodes(batch: TreeBatch, prob: torch.Tensor, count: int | torch.Tensor) 
 
 
 def choose_verify_counts(gains: torch.Tensor, llm_cost: Callable[[int], float], spent: float,
-                         factor: float = 1.0, tree_cost: Callable[[int], float] | None = None,
-                         chains: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                         factor: float = 1.0) -> tuple[torch.Tensor, float]:
     """How many nodes besides its root each request verifies (``[B]``), and the predicted tokens per second.
 
     ``gains [B, M]``: each request's path probabilities sorted descending (roots excluded, 0 past
     its tree); ``llm_cost(tokens)`` the seconds of a verification forward over ``tokens`` real
-    tokens (the model skips padding, so a request verifying more nodes costs the others nothing)
-    while every request verifies a chain, ``tree_cost(tokens)`` once one verifies a branching tree
-    (``chains [B]``: how many of each request's best nodes form a chain; without them, every
-    verification is priced by ``llm_cost``); ``spent`` the seconds this step already took;
-    ``factor`` corrects the predicted rate of verifying drafts (``RateCorrection``). The nodes are
-    taken best first across the whole batch, so a request with a promising tree verifies it while
-    one with weak guesses verifies its root alone."""
+    tokens (the model skips padding, so a request verifying more nodes costs the others nothing);
+    ``spent`` the seconds this step already took; ``factor`` corrects the predicted rate of
+    verifying drafts (``RateCorrection``). The nodes are taken best first across the whole batch, so
+    a request with a promising tree verifies it while one with weak guesses verifies its root alone."""
     b, m = gains.shape
     flat = gains.flatten()
     order = torch.sort(flat, descending=True, stable=True).indices
     order = order[flat[order] > 0]
     cum = [0.0] + torch.cumsum(flat[order], 0).tolist()
-    branching = len(cum)  # the first node count whose forward has a branching tree
-    if chains is not None and tree_cost is not None:
-        past = (order % m >= chains[order // m]).nonzero()
-        branching = int(past[0]) + 1 if len(past) else len(cum)
     best, best_rate = 0, -1.0
     for k, gained in enumerate(cum):
-        seconds = spent + (tree_cost(b + k) if k >= branching else llm_cost(b + k))
+        seconds = spent + llm_cost(b + k)
         if seconds > 0 and best_rate > 0 and (b + cum[-1]) * (factor if k else 1.0) / seconds < best_rate:
             break  # no more nodes can pay for a forward this wide (costs grow with tokens)
         rate = (b + gained) / seconds if seconds > 0 else float("inf")
@@ -239,6 +231,11 @@ class AdaptivePolicy:
             rate = torch.maximum(rate, torch.where(by[..., n], self.suffix_acceptance.rate(batch.confidence), 0.0))
         return rate
 
+    def verify_cost(self, batch: int) -> Callable[[int], float]:
+        """Seconds of an LLM forward over ``tokens`` for ``batch`` requests: plain decoding's at
+        ``batch`` tokens, past it a forward with trees (priced as branching: the dearer kind)."""
+        return lambda tokens: self.llm.costs.predict(tokens, tree=tokens > batch)
+
     def worth_proposing(self, batch: int) -> bool:
         """Whether any node could pay for its token in this step's verification. A node pays only if
         it is accepted with at least the probability ``needed``: what the forward's next ``batch``
@@ -250,8 +247,7 @@ class AdaptivePolicy:
         self.predicted_rate = batch / max(one, 1e-9)
         if one <= 0:
             return True
-        wider = min(self.llm.costs.predict(2 * batch), self.llm.costs.predict(2 * batch, tree=True))
-        needed = (wider - one) / batch * self.predicted_rate / self.rates.factor(batch)
+        needed = (self.llm.costs.predict(2 * batch, tree=True) - one) / batch * self.predicted_rate / self.rates.factor(batch)
         models = ([self.ssm_acceptance] if self.ssms else []) + ([self.suffix_acceptance] if self.suffix else [])
         return needed < max(m.best() for m in models)
 
@@ -275,7 +271,7 @@ class AdaptivePolicy:
         """How deep to draft for the requests ``picked`` (of ``rows``), from recent gains and measured
         costs; while drafting does not pay, the SSMs still draft one level now and then (ever more
         rarely) to notice when it starts to: -1, a probe, which ``plan`` gives ``PROBE_ROWS`` requests."""
-        depth = choose_depth(self.gains([rows[i] for i in picked.tolist()]), self.llm.costs.predict,
+        depth = choose_depth(self.gains([rows[i] for i in picked.tolist()]), self.verify_cost(len(picked)),
                              lambda n: sum(r.costs.predict(n) for r in self.ssms), catch_up,
                              self.tree.level_widths(), self.rates.factor(len(picked)))
         if depth > 0:
@@ -297,11 +293,9 @@ class AdaptivePolicy:
             self.predicted_rate = b / max(self.llm.costs.predict(b), 1e-9)
             return batch
         prob = path_probability(batch, self.node_rates(batch))
-        gains, best = torch.sort(prob[:, 1:], dim=1, descending=True)
-        depths = torch.gather(batch.depths[:, 1:], 1, best)
-        chains = (depths == torch.arange(1, depths.shape[1] + 1)).int().cumprod(dim=1).sum(dim=1)  # best nodes at depths 1, 2, ...
-        factor, costs = self.rates.factor(b), self.llm.costs
-        counts, rate = choose_verify_counts(gains, costs.predict, spent, factor, lambda n: costs.predict(n, tree=True), chains)
+        gains = torch.sort(prob[:, 1:], dim=1, descending=True).values
+        factor = self.rates.factor(b)
+        counts, rate = choose_verify_counts(gains, self.verify_cost(b), spent, factor)
         self.predicted_rate = rate / factor if bool(counts.any()) else rate
         return batch.select(best_nodes(batch, prob, counts))
 
@@ -331,9 +325,8 @@ class AdaptivePolicy:
         """Measure, before serving, the forwards adaptive trees choose between: every model at
         token counts up to its largest step (a warm-up pass, then the measured one), over a committed
         prefix, as verification and drafting feed them (a chain at no prefix costs far less than a
-        tree of the same size after a real context): chains (lone roots up to ``rows`` tokens, then
-        every request a chain) and ragged batches whose first requests verify small branching trees
-        beside lone roots."""
+        tree of the same size after a real context): lone roots (plain decoding, up to ``rows``) and
+        ragged batches whose first requests verify small branching trees beside lone roots."""
         level = max(self.tree.level_widths())
         for runner, largest in [(self.llm, rows * tree_tokens)] + [(r, rows * level) for r in self.ssms]:
             sizes = calibration_sizes(min(largest, CALIBRATION_TOKENS))
@@ -341,8 +334,8 @@ class AdaptivePolicy:
             for _ in range(2):
                 runner.costs = ForwardCosts()
                 for n in sizes:
-                    b = min(rows, n)
-                    runner.forward(list(range(b)), [prefix] * b, chain_batch([[0] * -(-n // b)] * b))
+                    if n <= rows:
+                        runner.forward(list(range(n)), [prefix] * n, star_trees(n, 1))
                     if n >= 3:
                         nodes = ragged_trees(rows, n)
                         b = nodes.tokens.shape[0]
