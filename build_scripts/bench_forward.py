@@ -81,7 +81,7 @@ def main() -> None:
                                              dtype="bfloat16", max_batch_size=1, max_context=1024)
     costs = engine.llm.costs
     print("the curve adaptive trees calibrated at start-up (bfloat16, batch 1; ms by tokens fed): "
-          + ", ".join(f"{n}: {1000 * costs.predict(n):.1f}" for n in costs.counts))
+          + ", ".join(f"{1 + k}: {1000 * costs.predict(1 + k, rows=1):.1f}" for k in [0] + costs.extra[1, False].counts))
 
     decoding(args)
 

@@ -97,8 +97,8 @@ def transfer(llm: Path, device: torch.device, dtype: torch.dtype, repeats: int) 
 
 
 def curve(engine: SpecInferEngine) -> dict[int, float]:
-    """The LLM forward costs an adaptive engine calibrated, ms by tokens fed."""
-    return {n: 1e3 * engine.llm.costs.predict(n) for n in engine.llm.costs.counts}
+    """The LLM forward costs an adaptive engine calibrated for plain decoding, ms by rows fed."""
+    return {n: 1e3 * engine.llm.costs.predict(n) for n in engine.llm.costs.plain.counts}
 
 
 def hf_offload(llm: Path, prompts: list[list[int]], batch: int, max_tokens: int, device: torch.device,
@@ -198,7 +198,7 @@ def print_table(args: argparse.Namespace, dtype: str, report: dict, rows: list[d
     for name in ("resident", "offload"):
         c = report[f"curve_{name}"]
         top = max(c)
-        print(f"calibrated LLM forward ms by tokens fed, {name}: " + ", ".join(f"{n}: {ms:.2f}" for n, ms in c.items())
+        print(f"calibrated LLM forward ms by rows fed (plain decoding), {name}: " + ", ".join(f"{n}: {ms:.2f}" for n, ms in c.items())
               + f"  (T={top} / T=1: {c[top] / c[1]:.2f}x)")
     print(f"layer copies of one forward {t['layer_copies_ms']:.2f} ms ({t['layer_copies_GB_per_s']:.1f} GB/s), plain copy of "
           f"the same bytes {t['plain_copy_ms']:.2f} ms ({t['plain_copy_GB_per_s']:.1f} GB/s): "

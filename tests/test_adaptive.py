@@ -8,8 +8,8 @@ from conftest import prompts
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.adaptive import (MARGIN, PROBE_ROWS, AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_counts,
                                 path_probability)
-from specinfer.adaptive import ragged_trees, star_trees
-from specinfer.cost_model import FixedCosts, ForwardCosts, calibration_sizes
+from specinfer.adaptive import ragged
+from specinfer.cost_model import FixedCosts, ForwardCosts, calibration_rows, calibration_sizes
 from specinfer.runner import branches, chain_batch
 from specinfer.tree import TreeBuilder, pad_trees, root_only
 
@@ -40,17 +40,50 @@ def test_forward_costs_interpolate_and_extrapolate():
     assert costs.predict(10) > 3.0  # and the machine's speed moves the counts not fed since
 
 
-def test_forward_costs_price_branching_trees_apart():
-    """A forward with a branching tree takes the attention's tree path: its own curve, priced as a
-    chain of as many tokens until measured."""
+def test_forward_costs_never_fall_with_more_tokens():
+    """Single timings on a loaded machine dip; the curves are fitted non-decreasing (pooling the
+    counts that disagree), so no size looks cheaper than a smaller one."""
     costs = ForwardCosts()
-    costs.observe(16, 1.0)
-    assert costs.predict(20, tree=True) == pytest.approx(1.25)  # the chains' curve, extrapolated
-    costs.observe(20, 1.5, tree=True)
-    assert costs.predict(20, tree=True) == pytest.approx(1.5) and costs.predict(20) == pytest.approx(1.25)
-    assert not branches(chain_batch([[1, 2, 3], [4]])) and not branches(star_trees(2, 2))  # slot order
-    assert branches(star_trees(2, 3)) and branches(ragged_trees(4, 5))
-    assert int(ragged_trees(4, 5).valid.sum()) == 5
+    for n, seconds in [(1, 1.0), (2, 1.2), (3, 1.0), (4, 2.0)]:
+        costs.observe(n, seconds)
+    assert costs.predict(2) == costs.predict(3) == pytest.approx(1.1) and costs.predict(4) == pytest.approx(2.0)
+
+
+def test_forward_costs_price_extra_tokens_apart_from_plain_decoding():
+    """Extra tokens beside the roots have their own curve (what they add to plain decoding's cost),
+    branching trees theirs (the attention's tree path); never measured, extra tokens are priced as
+    plain decoding's, trees as chains."""
+    costs = ForwardCosts()
+    costs.observe(16, 1.0)  # 16 lone roots
+    assert costs.predict(20, rows=16) == pytest.approx(1.25)  # as plain decoding's tokens
+    costs.observe(20, 1.5, rows=16)  # 4 extra tokens, chains, add 0.5
+    assert costs.predict(20, rows=16) == pytest.approx(1.5)
+    assert costs.predict(24, rows=16) == pytest.approx(2.0)  # proportionally past the largest
+    assert costs.predict(18, rows=16) == pytest.approx(1.25)  # and from zero below the smallest
+    assert costs.predict(20, tree=True, rows=16) == pytest.approx(1.5)  # trees, never measured: as chains
+    costs.observe(20, 2.0, tree=True, rows=16)
+    assert costs.predict(20, tree=True, rows=16) == pytest.approx(2.0) and costs.predict(20, rows=16) == pytest.approx(1.5)
+    assert not branches(chain_batch([[1, 2, 3], [4]])) and not branches(ragged(4, 5, False))  # slot order
+    assert branches(ragged(4, 5, True)) and branches(ragged(1, 2, True))
+    assert int(ragged(4, 5, True).valid.sum()) == int(ragged(4, 5, False).valid.sum()) == 4 + 5
+
+
+def test_forward_costs_price_extra_tokens_by_the_rows_beside_them():
+    """Measured on the 2-core CPU: one request's chain of 8 costs 1.02x a lone root, 7 extra tokens
+    beside 15 lone roots 1.5x the roots. Extra tokens are priced at their batch size's bucket (powers
+    of two), or the nearest measured one (ties: the larger)."""
+    costs = ForwardCosts()
+    costs.observe(1, 1.0)
+    costs.observe(16, 2.0)
+    costs.observe(8, 1.02, rows=1)
+    costs.observe(23, 3.0, rows=16)
+    assert costs.predict(8, rows=1) == pytest.approx(1.02) and costs.predict(23, rows=16) == pytest.approx(3.0)
+    plain = lambda rows: 1.0 + (rows - 1) / 15  # noqa: E731
+    assert costs.predict(9, rows=2) == pytest.approx(plain(2) + 0.02)  # bucket 2: 1 is nearer than 16
+    assert costs.predict(11, rows=4) == pytest.approx(plain(4) + 1.0)  # bucket 4: as near to both, the larger
+    assert costs.predict(19, rows=12) == pytest.approx(plain(12) + 1.0)  # bucket 16
+    assert calibration_rows(1) == [1] and calibration_rows(3) == [1, 3]
+    assert calibration_rows(16) == [1, 4, 16] and calibration_rows(32) == [1, 4, 16, 32]
 
 
 def test_forward_costs_price_an_unfed_count_at_the_current_speed():
@@ -112,6 +145,16 @@ def test_verify_counts_differ_by_request():
     forward's cost follows the real tokens, not every request padded to the largest tree."""
     gains = torch.tensor([[0.9, 0.8], [0.05, 0.0]])
     assert choose_verify_counts(gains, lambda n: 1.0 + 0.1 * n, spent=0.0)[0].tolist() == [2, 0]
+
+
+def test_verify_counts_price_chains_and_branching_trees_apart():
+    """Verifying a chain takes the attention's cheap path, a branching tree its tree path: the same
+    two nodes pay as a chain (the second at depth 2) and not as siblings."""
+    gains = torch.tensor([[0.9, 0.8]])
+    chain, tree = (lambda n: 1.0 + 0.01 * n), (lambda n: 1.0 + 0.5 * n)
+    assert choose_verify_counts(gains, chain, 0.0, 1.0, tree, torch.tensor([2]))[0].tolist() == [2]
+    assert choose_verify_counts(gains, chain, 0.0, 1.0, tree, torch.tensor([1]))[0].tolist() == [1]
+    assert choose_verify_counts(gains, chain, 0.0)[0].tolist() == [2]  # no chains given: all priced as chains
 
 
 def test_depth_follows_costs():

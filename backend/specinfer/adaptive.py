@@ -16,21 +16,24 @@ owns what they learn.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
 
 from .config import TreeConfig
-from .cost_model import ForwardCosts, calibration_sizes, moving_average
+from .cost_model import ForwardCosts, calibration_rows, calibration_sizes, moving_average
 from .proposers.base import Plan
 from .model.batch_invariance import KEY_BLOCK
-from .runner import ModelRunner, NodeBatch
+from .runner import ModelRunner, NodeBatch, chain_batch
 from .sequence import Sequence
 from .tree import TreeBatch
 
 BINS = 20
-CALIBRATION_TOKENS = 256  # forwards are measured up to this many tokens at start-up
+CALIBRATION_EXTRA = 32  # extra tokens beside the roots are measured up to this many at start-up
+CALIBRATION_REPEATS = 3  # timings per size, their median taken
 CALIBRATION_PREFIX = 128  # over a committed prefix this long (what a request has after a short prompt)
 MAX_PROBE_WAIT = 64  # steps without drafting before the SSMs are tried again, at most
 PROBE_ROWS = 4  # requests a probe drafts for (those with the least to catch up): enough to learn from, cheap at any batch
@@ -92,23 +95,31 @@ def best_nodes(batch: TreeBatch, prob: torch.Tensor, count: int | torch.Tensor) 
 
 
 def choose_verify_counts(gains: torch.Tensor, llm_cost: Callable[[int], float], spent: float,
-                         factor: float = 1.0) -> tuple[torch.Tensor, float]:
+                         factor: float = 1.0, tree_cost: Callable[[int], float] | None = None,
+                         chains: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """How many nodes besides its root each request verifies (``[B]``), and the predicted tokens per second.
 
     ``gains [B, M]``: each request's path probabilities sorted descending (roots excluded, 0 past
     its tree); ``llm_cost(tokens)`` the seconds of a verification forward over ``tokens`` real
-    tokens (the model skips padding, so a request verifying more nodes costs the others nothing);
-    ``spent`` the seconds this step already took; ``factor`` corrects the predicted rate of
-    verifying drafts (``RateCorrection``). The nodes are taken best first across the whole batch, so
-    a request with a promising tree verifies it while one with weak guesses verifies its root alone."""
+    tokens (the model skips padding, so a request verifying more nodes costs the others less)
+    while every request verifies a chain, ``tree_cost(tokens)`` once one verifies a branching tree
+    (``chains [B]``: how many of each request's best nodes form a chain; without them, every
+    verification is priced by ``llm_cost``); ``spent`` the seconds this step already took;
+    ``factor`` corrects the predicted rate of verifying drafts (``RateCorrection``). The nodes are
+    taken best first across the whole batch, so a request with a promising tree verifies it while
+    one with weak guesses verifies its root alone."""
     b, m = gains.shape
     flat = gains.flatten()
     order = torch.sort(flat, descending=True, stable=True).indices
     order = order[flat[order] > 0]
     cum = [0.0] + torch.cumsum(flat[order], 0).tolist()
+    branching = len(cum)  # the first node count whose forward has a branching tree
+    if chains is not None and tree_cost is not None:
+        past = (order % m >= chains[order // m]).nonzero()
+        branching = int(past[0]) + 1 if len(past) else len(cum)
     best, best_rate = 0, -1.0
     for k, gained in enumerate(cum):
-        seconds = spent + llm_cost(b + k)
+        seconds = spent + (tree_cost(b + k) if k >= branching else llm_cost(b + k))
         if seconds > 0 and best_rate > 0 and (b + cum[-1]) * (factor if k else 1.0) / seconds < best_rate:
             break  # no more nodes can pay for a forward this wide (costs grow with tokens)
         rate = (b + gained) / seconds if seconds > 0 else float("inf")
@@ -231,11 +242,6 @@ class AdaptivePolicy:
             rate = torch.maximum(rate, torch.where(by[..., n], self.suffix_acceptance.rate(batch.confidence), 0.0))
         return rate
 
-    def verify_cost(self, batch: int) -> Callable[[int], float]:
-        """Seconds of an LLM forward over ``tokens`` for ``batch`` requests: plain decoding's at
-        ``batch`` tokens, past it a forward with trees (priced as branching: the dearer kind)."""
-        return lambda tokens: self.llm.costs.predict(tokens, tree=tokens > batch)
-
     def worth_proposing(self, batch: int) -> bool:
         """Whether any node could pay for its token in this step's verification. A node pays only if
         it is accepted with at least the probability ``needed``: what the forward's next ``batch``
@@ -247,7 +253,8 @@ class AdaptivePolicy:
         self.predicted_rate = batch / max(one, 1e-9)
         if one <= 0:
             return True
-        needed = (self.llm.costs.predict(2 * batch, tree=True) - one) / batch * self.predicted_rate / self.rates.factor(batch)
+        wider = self.llm.costs.predict(2 * batch, rows=batch)  # as chains: the cheapest way to verify them
+        needed = (wider - one) / batch * self.predicted_rate / self.rates.factor(batch)
         models = ([self.ssm_acceptance] if self.ssms else []) + ([self.suffix_acceptance] if self.suffix else [])
         return needed < max(m.best() for m in models)
 
@@ -271,8 +278,9 @@ class AdaptivePolicy:
         """How deep to draft for the requests ``picked`` (of ``rows``), from recent gains and measured
         costs; while drafting does not pay, the SSMs still draft one level now and then (ever more
         rarely) to notice when it starts to: -1, a probe, which ``plan`` gives ``PROBE_ROWS`` requests."""
-        depth = choose_depth(self.gains([rows[i] for i in picked.tolist()]), self.verify_cost(len(picked)),
-                             lambda n: sum(r.costs.predict(n) for r in self.ssms), catch_up,
+        b = len(picked)
+        depth = choose_depth(self.gains([rows[i] for i in picked.tolist()]), lambda n: self.llm.costs.predict(n, rows=b),
+                             lambda n: sum(r.costs.predict(n, rows=b) for r in self.ssms), catch_up,
                              self.tree.level_widths(), self.rates.factor(len(picked)))
         if depth > 0:
             self.probe_wait, self.since_draft = 2, 0
@@ -293,9 +301,12 @@ class AdaptivePolicy:
             self.predicted_rate = b / max(self.llm.costs.predict(b), 1e-9)
             return batch
         prob = path_probability(batch, self.node_rates(batch))
-        gains = torch.sort(prob[:, 1:], dim=1, descending=True).values
-        factor = self.rates.factor(b)
-        counts, rate = choose_verify_counts(gains, self.verify_cost(b), spent, factor)
+        gains, best = torch.sort(prob[:, 1:], dim=1, descending=True)
+        depths = torch.gather(batch.depths[:, 1:], 1, best)
+        chains = (depths == torch.arange(1, depths.shape[1] + 1)).int().cumprod(dim=1).sum(dim=1)  # best nodes at depths 1, 2, ...
+        factor, costs = self.rates.factor(b), self.llm.costs
+        counts, rate = choose_verify_counts(gains, lambda n: costs.predict(n, rows=b), spent, factor,
+                                            lambda n: costs.predict(n, tree=True, rows=b), chains)
         self.predicted_rate = rate / factor if bool(counts.any()) else rate
         return batch.select(best_nodes(batch, prob, counts))
 
@@ -322,43 +333,62 @@ class AdaptivePolicy:
         self.rates.observe(batch.tokens.shape[0], batch.tokens.shape[1] > 1, self.predicted_rate, realised)
 
     def calibrate(self, rows: int, tree_tokens: int) -> None:
-        """Measure, before serving, the forwards adaptive trees choose between: every model at
-        token counts up to its largest step (a warm-up pass, then the measured one), over a committed
-        prefix, as verification and drafting feed them (a chain at no prefix costs far less than a
-        tree of the same size after a real context): lone roots (plain decoding, up to ``rows``) and
-        ragged batches whose first requests verify small branching trees beside lone roots."""
+        """Measure, before serving, the forwards adaptive trees choose between, over a committed
+        prefix (a chain at no prefix costs far less than a tree of the same size after a real
+        context): plain decoding (lone roots, up to ``rows``), and at batch sizes 1, 4, 16, ... up
+        to ``rows`` what extra tokens add: ragged batches whose first requests verify chains, or
+        branching trees, beside lone roots, up to ``tree_tokens`` per request (the LLM) or a level
+        of drafts (the SSMs), ``CALIBRATION_EXTRA`` at most. Single timings on a loaded machine
+        swing by tens of percent, so each size is the median of ``CALIBRATION_REPEATS``, and what
+        extra tokens add is the median difference from plain forwards run right beside them."""
         level = max(self.tree.level_widths())
-        for runner, largest in [(self.llm, rows * tree_tokens)] + [(r, rows * level) for r in self.ssms]:
-            sizes = calibration_sizes(min(largest, CALIBRATION_TOKENS))
-            prefix = max(0, min(CALIBRATION_PREFIX, runner.cache.slots - tree_tokens - 1 - KEY_BLOCK))
-            for _ in range(2):
-                runner.costs = ForwardCosts()
-                for n in sizes:
-                    if n <= rows:
-                        runner.forward(list(range(n)), [prefix] * n, star_trees(n, 1))
-                    if n >= 3:
-                        nodes = ragged_trees(rows, n)
-                        b = nodes.tokens.shape[0]
-                        runner.forward(list(range(b)), [prefix] * b, nodes)
+        for runner, per_request in [(self.llm, tree_tokens)] + [(r, max(level, 4)) for r in self.ssms]:
+            prefix = max(0, min(CALIBRATION_PREFIX, runner.cache.slots - per_request - 1 - KEY_BLOCK))
+
+            def seconds(nodes: NodeBatch) -> float:
+                b = nodes.tokens.shape[0]
+                start = time.perf_counter()
+                runner.forward(list(range(b)), [prefix] * b, nodes, priced=False)
+                return time.perf_counter() - start
+
+            lone = lambda b: chain_batch([[0]] * b)  # noqa: E731
+            costs = runner.costs = ForwardCosts()
+            seconds(lone(rows))  # warm-up
+            for n in calibration_sizes(rows):
+                costs.observe(n, statistics.median(seconds(lone(n)) for _ in range(CALIBRATION_REPEATS)))
+            for b in calibration_rows(rows):
+                most = min(b * (per_request - 1), CALIBRATION_EXTRA)
+                for extra in doubling_sizes(most) if most > 0 else []:
+                    kinds = (False, True) if extra >= 2 else (False,)
+                    added: dict[bool, list[float]] = {kind: [] for kind in kinds}
+                    for _ in range(CALIBRATION_REPEATS):
+                        plain = seconds(lone(b))
+                        for kind in kinds:
+                            added[kind].append(seconds(ragged(b, extra, kind)) - plain)
+                    for kind in kinds:
+                        costs.observe(b + extra, costs.predict(b) + statistics.median(added[kind]), kind, rows=b)
 
 
-def star_trees(rows: int, tokens: int) -> NodeBatch:
-    """``rows`` trees of a root and ``tokens - 1`` children: past two children, a node's path is not
-    its slots' order, so the attention takes its tree path (what verifying a real tree costs)."""
-    ids = torch.arange(tokens)
-    attend = (ids[:, None] == ids[None, :]) | (ids[None, :] == 0)
-    return NodeBatch(torch.zeros(rows, tokens, dtype=torch.long), ids.expand(rows, tokens), (ids > 0).long().expand(rows, tokens),
-                     attend.expand(rows, tokens, tokens), torch.ones(rows, tokens, dtype=torch.bool))
+def doubling_sizes(largest: int) -> list[int]:
+    """1, 2, 4, ... below ``largest``, and ``largest``."""
+    sizes, n = [], 1
+    while n < largest:
+        sizes.append(n)
+        n *= 2
+    return sizes + [largest]
 
 
-def ragged_trees(rows: int, tokens: int) -> NodeBatch:
-    """``tokens`` (at least 3) over at most ``rows`` requests: lone roots, and the first requests
-    trees of a root and two children (one more child each where two per request do not reach)."""
-    b = min(rows, tokens - 2)
-    extra = tokens - b
-    per = max(2, -(-extra // b))
-    sizes = torch.clamp(extra - per * torch.arange(b), 0, per) + 1
-    stars = star_trees(b, per + 1)
-    valid = torch.arange(per + 1) < sizes[:, None]
-    attend = stars.attend & valid[:, :, None] & valid[:, None, :] | torch.eye(per + 1, dtype=torch.bool)
-    return NodeBatch(stars.tokens, stars.node_ids, stars.depths * valid, attend, valid)
+def ragged(rows: int, extra: int, branching: bool) -> NodeBatch:
+    """``rows`` requests verifying ``extra`` nodes besides their roots: the first requests ``per``
+    each (at least 2; the last of them what remains), as chains or as a root's children (past one
+    child, a node's path is not its slots' order: the attention's tree path), the rest lone roots."""
+    per = max(2, -(-extra // rows))
+    sizes = torch.clamp(extra - per * torch.arange(rows), 0, per) + 1
+    ids = torch.arange(per + 1)
+    if branching:
+        attend, depths = (ids[:, None] == ids[None, :]) | (ids[None, :] == 0), (ids > 0).long()
+    else:
+        attend, depths = ids[None, :] <= ids[:, None], ids
+    valid = ids < sizes[:, None]
+    attend = attend & valid[:, :, None] & valid[:, None, :] | torch.eye(per + 1, dtype=torch.bool)
+    return NodeBatch(torch.zeros(rows, per + 1, dtype=torch.long), ids.expand(rows, per + 1), depths * valid, attend, valid)

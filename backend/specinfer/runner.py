@@ -85,7 +85,7 @@ class ModelRunner:
         self.cache = model.new_cache(rows, round_up(slots, KEY_BLOCK) if batch_invariant else slots)
         self.device = self.cache.batch_index.device  # the model's (a compiled one has no torch weights)
         self.seconds = 0.0  # wall time spent in forwards, for the overhead figure of benchmarks
-        self.costs: ForwardCosts | FixedCosts = ForwardCosts()  # what forwards cost here, by tokens fed
+        self.costs: ForwardCosts | FixedCosts = ForwardCosts()  # what forwards cost here, by rows and tokens fed
 
     def forward(
         self, rows: list[int], lengths: list[int], nodes: NodeBatch, output_index: torch.Tensor | None = None,
@@ -110,7 +110,7 @@ class ModelRunner:
         seconds = time.perf_counter() - start
         self.seconds += seconds
         if priced:
-            self.costs.observe(self.tokens(nodes), seconds, branches(nodes))
+            self.costs.observe(self.tokens(nodes), seconds, branches(nodes), rows=len(rows))
         return logits
 
     def tokens(self, nodes: NodeBatch) -> int:
