@@ -246,6 +246,27 @@ def test_proposing_stops_where_no_node_can_pay(models):
     assert policy.predicted_rate == pytest.approx(16 / 2.6)  # the plain step's, for the rate correction
 
 
+def test_chains_are_priced_as_chains_only_in_a_batch_of_one(models):
+    """A lone request verifying a chain takes the attention's cheap path (on the 2-core CPU a chain
+    of 8 costs 1.02x a root); beside other requests the forward splits (``SplitKeys``) and extra
+    tokens cost about what a tree's do, while speculating in a closed batch of several seldom
+    shortens it: verification there is priced on the trees' curve, even where chains measured cheaper."""
+    engine, _ = engine_with_costs(models, lambda n: 1.0, lambda n: 0.0)
+    policy = engine.policy
+    model = policy.ssm_acceptance
+    model.tested[:] += 100.0
+    model.accepted[:] = 0.5 * model.tested
+    costs = engine.llm.costs = ForwardCosts()
+    costs.observe(1, 1.0)
+    costs.observe(2, 1.0)
+    costs.observe(2, 1.01, rows=1)  # a chain of 2: 0.01 more
+    costs.observe(3, 2.0, tree=True, rows=1)
+    costs.observe(4, 1.02, rows=2)  # two chains beside each other: cheap, measured
+    costs.observe(4, 3.0, tree=True, rows=2)
+    assert policy.worth_proposing(1)  # 0.01 of a forward per token, 0.011 with the margin: below 0.5
+    assert not policy.worth_proposing(2)  # priced as trees: 2.0 per 2 tokens, far above 0.5
+
+
 def test_probes_draft_for_few_requests(models, reference):
     """While drafting does not pay (the SSM's forwards cost too much), its probes draft for at most
     ``PROBE_ROWS`` requests, those with the least to catch up, not the whole batch."""

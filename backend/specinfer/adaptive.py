@@ -248,12 +248,15 @@ class AdaptivePolicy:
         tokens cost per token, against plain decoding's rate, less the rate correction. Where no
         acceptance model reaches it (a large batch, on a machine where speculating disappointed) the
         step proposes nothing: no suffix trees, no SSM drafts, no planning; the rate correction's
-        probes (factor 1) try again now and then."""
+        probes (factor 1) try again now and then. The next tokens are priced as chains in a batch of
+        one (the attention's cheap path), as trees beside other requests: the forward splits
+        (``SplitKeys``) and extra tokens cost about what a tree's do, and in a closed batch a request
+        finishing early shortens nothing, which no step's price sees."""
         one = self.llm.costs.predict(batch)
         self.predicted_rate = batch / max(one, 1e-9)
         if one <= 0:
             return True
-        wider = self.llm.costs.predict(2 * batch, rows=batch)  # as chains: the cheapest way to verify them
+        wider = self.llm.costs.predict(2 * batch, tree=batch > 1, rows=batch)
         needed = (wider - one) / batch * self.predicted_rate / self.rates.factor(batch)
         models = ([self.ssm_acceptance] if self.ssms else []) + ([self.suffix_acceptance] if self.suffix else [])
         return needed < max(m.best() for m in models)
@@ -279,7 +282,7 @@ class AdaptivePolicy:
         costs; while drafting does not pay, the SSMs still draft one level now and then (ever more
         rarely) to notice when it starts to: -1, a probe, which ``plan`` gives ``PROBE_ROWS`` requests."""
         b = len(picked)
-        depth = choose_depth(self.gains([rows[i] for i in picked.tolist()]), lambda n: self.llm.costs.predict(n, rows=b),
+        depth = choose_depth(self.gains([rows[i] for i in picked.tolist()]), lambda n: self.llm.costs.predict(n, tree=b > 1, rows=b),
                              lambda n: sum(r.costs.predict(n, rows=b) for r in self.ssms), catch_up,
                              self.tree.level_widths(), self.rates.factor(len(picked)))
         if depth > 0:
@@ -305,7 +308,7 @@ class AdaptivePolicy:
         depths = torch.gather(batch.depths[:, 1:], 1, best)
         chains = (depths == torch.arange(1, depths.shape[1] + 1)).int().cumprod(dim=1).sum(dim=1)  # best nodes at depths 1, 2, ...
         factor, costs = self.rates.factor(b), self.llm.costs
-        counts, rate = choose_verify_counts(gains, lambda n: costs.predict(n, rows=b), spent, factor,
+        counts, rate = choose_verify_counts(gains, lambda n: costs.predict(n, tree=b > 1, rows=b), spent, factor,
                                             lambda n: costs.predict(n, tree=True, rows=b), chains)
         self.predicted_rate = rate / factor if bool(counts.any()) else rate
         return batch.select(best_nodes(batch, prob, counts))
