@@ -62,10 +62,12 @@ def main() -> None:
                     help="where draft nodes come from: suffix (text already seen, no model), ssm, or both (merged)")
     ap.add_argument("--suffix-global-tokens", type=int, default=RepositoryOptions.suffix_global_tokens,
                     help="earlier requests' output tokens the suffix proposer keeps for all requests (0: none)")
+    ap.add_argument("--max-speculative-batch", type=int, default=RepositoryOptions.max_speculative_batch,
+                    help="steps whose batch has more requests decode plainly (0: any batch speculates)")
     args = ap.parse_args()
     expansion = parse_expansion(args.expansion)
     try:  # fail here, not at server start
-        TreeConfig(expansion=expansion, proposers=parse_proposers(args.proposers),
+        TreeConfig(expansion=expansion, proposers=parse_proposers(args.proposers), max_speculative_batch=args.max_speculative_batch,
                    suffix=SuffixConfig(global_tokens=args.suffix_global_tokens)).check_size(max(1, len(args.ssm)))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -91,6 +93,7 @@ def main() -> None:
         tensor_parallel_size=args.tensor_parallel, cuda_graphs=args.cuda_graphs, ssm_engine=args.ssm_engine,
         offload=args.offload,
         proposers=parse_proposers(args.proposers), suffix_global_tokens=args.suffix_global_tokens,
+        max_speculative_batch=args.max_speculative_batch,
         limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )
     out = write_repository(args.output, opts)

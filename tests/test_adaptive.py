@@ -282,6 +282,25 @@ def test_probes_draft_for_few_requests(models, reference):
     assert fed and max(fed) == PROBE_ROWS
 
 
+def test_batches_above_max_speculative_batch_decode_plainly(models, reference, monkeypatch):
+    """``max_speculative_batch``: a step of more requests verifies lone roots and proposes nothing,
+    one of at most that many speculates as before; the tokens are incremental decoding's."""
+    monkeypatch.setattr("specinfer.adaptive.MARGIN", 1.0)
+    for limit, batch in ((2, 4), (4, 4)):
+        engine = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], max_batch_size=4,
+                                                 tree=TreeConfig(expansion=(1, 1), adaptive=True, max_speculative_batch=limit))
+        engine.llm.costs, engine.ssms[0].costs = FixedCosts(lambda n: 1.0), FixedCosts(lambda n: 0.0)
+        shapes = []  # (requests, tree width) of every verification
+        score = engine.score
+        engine.score = lambda seqs, tree: shapes.append(tuple(tree.tokens.shape)) or score(seqs, tree)
+        results = engine.generate(PROMPTS[:batch], PARAMS[:batch])
+        assert [r.token_ids for r in results] == reference[:batch]
+        assert all(n == 1 for b, n in shapes if b > limit) and any(n > 1 for b, n in shapes if b <= limit)
+        assert any(b > limit for b, _ in shapes) == (batch > limit)
+    with pytest.raises(ValueError, match="max_speculative_batch"):
+        TreeConfig(max_speculative_batch=-1)
+
+
 def test_free_verification_means_the_full_tree(models, reference, monkeypatch):
     monkeypatch.setattr("specinfer.adaptive.MARGIN", 1.0)  # any expected gain pays when nothing costs
     engine, _ = engine_with_costs(models, lambda n: 1.0, lambda n: 0.0, expansion=(2, 1, 2))

@@ -164,6 +164,11 @@ class TreeConfig:
     ``proposers``: where draft nodes come from, ``"ssm"`` (the SSMs' expansion trees) and/or
     ``"suffix"`` (``suffix``: continuations of text already seen, no model forward); their trees
     are merged. With ``"suffix"`` every candidate is selected, never sampled.
+
+    ``max_speculative_batch``: a step whose batch has more requests decodes plainly (0: any batch
+    speculates), as vLLM's ``disable_by_batch_size``: on a machine where verifying extra tokens
+    beside other requests costs much, what speculation gains per step is lost to requests finishing
+    at different steps, which no step's price sees.
     """
 
     expansion: tuple[int, ...] = (1, 1, 3, 1, 1, 1, 1, 1)
@@ -173,6 +178,7 @@ class TreeConfig:
     adaptive: bool = False
     proposers: tuple[str, ...] = ("ssm",)
     suffix: SuffixConfig = field(default_factory=SuffixConfig)
+    max_speculative_batch: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "expansion", tuple(self.expansion))
@@ -189,6 +195,8 @@ class TreeConfig:
             raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING}, got {self.draft_sampling!r}")
         if self.verifier not in VERIFIERS:
             raise ValueError(f"verifier must be one of {VERIFIERS}, got {self.verifier!r}")
+        if not isinstance(self.max_speculative_batch, int) or self.max_speculative_batch < 0:
+            raise ValueError(f"max_speculative_batch must be an integer >= 0 (0: any batch), got {self.max_speculative_batch!r}")
         self.check_size(1)
 
     @property

@@ -58,6 +58,7 @@ PARAMETERS = (
     Parameter("verifier", str, "tree"),
     Parameter("adaptive", boolean, "tree"),
     Parameter("proposers", parse_proposers, "tree"),
+    Parameter("max_speculative_batch", int, "tree"),
     Parameter("suffix_global_tokens", int, "suffix"),
 )
 BY_KEY = {p.key: p for p in PARAMETERS}
