@@ -70,7 +70,7 @@ def test_forward_costs_price_extra_tokens_apart_from_plain_decoding():
 
 def test_forward_costs_price_extra_tokens_by_the_rows_beside_them():
     """Measured on the 2-core CPU: one request's chain of 8 costs 1.02x a lone root, 7 extra tokens
-    beside 15 lone roots 1.5x the roots. Extra tokens are priced at their batch size's bucket (powers
+    beside 15 lone roots 1.25-1.5x the roots. Extra tokens are priced at their batch size's bucket (powers
     of two), or the nearest measured one (ties: the larger)."""
     costs = ForwardCosts()
     costs.observe(1, 1.0)
@@ -299,6 +299,20 @@ def test_batches_above_max_speculative_batch_decode_plainly(models, reference, m
         assert any(b > limit for b, _ in shapes) == (batch > limit)
     with pytest.raises(ValueError, match="max_speculative_batch"):
         TreeConfig(max_speculative_batch=-1)
+
+
+def test_a_step_above_max_speculative_batch_predicts_plain_decoding(models):
+    """The rate correction compares each step's realised rate with its prediction: a step the limit
+    keeps plain predicts plain decoding's rate, not what an earlier step of another size chose."""
+    engine = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], max_batch_size=2,
+                                             tree=TreeConfig(expansion=(1,), adaptive=True, max_speculative_batch=1))
+    engine.llm.costs, engine.ssms[0].costs = FixedCosts(lambda n: 1.0 + 0.1 * n), FixedCosts(lambda n: 0.0)
+    engine.policy.predicted_rate = 123.0  # what an earlier step chose
+    for prompt in PROMPTS[:2]:
+        engine.add(engine.new_sequence(prompt, SamplingParams(max_tokens=4, ignore_eos=True)))
+    engine.step()  # admits and prefills
+    engine.step()  # two requests: above the limit
+    assert engine.policy.predicted_rate == pytest.approx(2 / 1.2)
 
 
 def test_free_verification_means_the_full_tree(models, reference, monkeypatch):

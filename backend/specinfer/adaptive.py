@@ -3,9 +3,9 @@
 Two decisions per step, both maximising (tokens emitted) / (seconds spent) over the batch:
 - before drafting, the depth ``d`` the SSMs draft to (0: no SSM forward at all, plain decoding),
   from each request's recent gains per depth and the measured costs of the SSM and LLM forwards;
-- after drafting, the number ``T`` of tree tokens the LLM verifies per request: every request keeps
-  its ``T - 1`` nodes most likely to be accepted (the root always), the same ``T`` for all because
-  the batch is padded to its largest tree anyway.
+- after drafting, how many nodes the LLM verifies for each request: the nodes most likely to be
+  accepted are taken best first across the whole batch (roots always), priced by what the forward
+  then costs (the model skips padding), so requests verify trees of different sizes.
 
 A node is accepted iff every node on its path is, so with ``r(node)`` the probability that a node
 is accepted given its parent was (``AcceptanceModel``: the draft confidence, calibrated by what
@@ -281,8 +281,9 @@ class AdaptivePolicy:
         """How deep to draft for the requests ``picked`` (of ``rows``), from recent gains and measured
         costs; while drafting does not pay, the SSMs still draft one level now and then (ever more
         rarely) to notice when it starts to: -1, a probe, which ``plan`` gives ``PROBE_ROWS`` requests."""
-        b = len(picked)
-        depth = choose_depth(self.gains([rows[i] for i in picked.tolist()]), lambda n: self.llm.costs.predict(n, tree=b > 1, rows=b),
+        b, everyone = len(picked), len(rows)  # the others verify their roots beside the picked requests' chains
+        depth = choose_depth(self.gains([rows[i] for i in picked.tolist()]),
+                             lambda n: self.llm.costs.predict(n + everyone - b, tree=everyone > 1, rows=everyone),
                              lambda n: sum(r.costs.predict(n, rows=b) for r in self.ssms), catch_up,
                              self.tree.level_widths(), self.rates.factor(len(picked)))
         if depth > 0:
@@ -341,7 +342,7 @@ class AdaptivePolicy:
         context): plain decoding (lone roots, up to ``rows``), and at batch sizes 1, 4, 16, ... up
         to ``rows`` what extra tokens add: ragged batches whose first requests verify chains, or
         branching trees, beside lone roots, up to ``tree_tokens`` per request (the LLM) or a level
-        of drafts (the SSMs), ``CALIBRATION_EXTRA`` at most. Single timings on a loaded machine
+        of drafts but at least 4 (the SSMs: catch-up chunks), ``CALIBRATION_EXTRA`` at most. Single timings on a loaded machine
         swing by tens of percent, so each size is the median of ``CALIBRATION_REPEATS``, and what
         extra tokens add is the median difference from plain forwards run right beside them."""
         level = max(self.tree.level_widths())
@@ -368,8 +369,9 @@ class AdaptivePolicy:
                         plain = seconds(lone(b))
                         for kind in kinds:
                             added[kind].append(seconds(ragged(b, extra, kind)) - plain)
-                    for kind in kinds:
-                        costs.observe(b + extra, costs.predict(b) + statistics.median(added[kind]), kind, rows=b)
+                    for kind in kinds:  # keyed as serving keys it: real tokens, or padded ones where the model pads
+                        fed = runner.tokens(ragged(b, extra, kind))
+                        costs.observe(fed, costs.predict(b) + statistics.median(added[kind]), kind, rows=b)
 
 
 def doubling_sizes(largest: int) -> list[int]:

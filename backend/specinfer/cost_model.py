@@ -4,7 +4,7 @@ A forward of ``rows`` requests feeds each its root (plain decoding: ``tokens == 
 of them more nodes (verification, catch-up): ``tokens - rows`` extra ones. What the extra tokens
 cost depends on the rows beside them, not only on how many there are: on the 2-core CPU one chain
 of 8 beside no other request costs 1.02x a lone root, 7 extra tokens beside 15 lone roots cost
-1.5x the roots alone (the attention splits the batch, ``batch_invariance.SplitKeys``). So the
+1.25-1.5x the roots alone (the attention splits the batch, ``batch_invariance.SplitKeys``). So the
 costs are one curve of plain decoding by rows, and, per rows bucket (powers of two), curves of
 what the extra tokens add: chains (keys in slot order) and branching trees (the attention's tree
 path). Each is an exponential moving average per count (the curve's shape, at the prefix lengths
@@ -107,8 +107,8 @@ class ForwardCosts:
         else:
             curve, n, base = self.extra.setdefault((bucket(rows), tree), Curve(origin=True)), tokens - rows, self.plain.at(rows)
         known = curve.get(n)
-        if known is not None and base + known > 0:
-            self.speed = moving_average(self.speed, seconds / (base + known))
+        if known is not None and base + max(curve.at(n), 0.0) > 0:  # as predict prices it
+            self.speed = moving_average(self.speed, seconds / (base + max(curve.at(n), 0.0)))
         curve.set(n, moving_average(known, seconds / self.speed - base, SHAPE_DECAY))
 
     def predict(self, tokens: int, tree: bool = False, rows: int | None = None) -> float:
@@ -120,7 +120,7 @@ class ForwardCosts:
         if tokens <= rows:
             return self.speed * base
         curve = self.nearest(rows, tree)
-        added = curve.at(tokens - rows) if curve is not None else base * (tokens - rows) / rows
+        added = curve.at(tokens - rows) if curve is not None else base * (tokens - rows) / max(rows, 1)
         return self.speed * (base + max(added, 0.0))
 
     def nearest(self, rows: int, tree: bool) -> Curve | None:
@@ -149,7 +149,7 @@ class FixedCosts:
 
 
 def calibration_sizes(largest: int) -> list[int]:
-    """Token counts to measure at start-up: every count to 4, then steps of about 1.5x."""
+    """Counts (rows of plain decoding) to measure at start-up: every count to 4, then steps of about 1.5x."""
     sizes, n = [], 1
     while n < largest:
         sizes.append(n)

@@ -323,8 +323,8 @@ class SpecInferEngine:
         b = len(seqs)
         last = torch.tensor([s.output[-1] if s.output else s.prompt[-1] for s in seqs])
         limit = self.tree.max_speculative_batch
-        if (not speculate or not self.columns or 0 < limit < b
-                or (self.policy is not None and not self.policy.worth_proposing(b))):
+        if (not speculate or not self.columns  # worth_proposing first: it sets the plain step's predicted rate
+                or (self.policy is not None and not self.policy.worth_proposing(b)) or 0 < limit < b):
             return roots(last, len(self.columns)), torch.zeros(b, dtype=torch.long)
         suffix = self.suffix.propose(seqs) if self.suffix is not None else None
         plan = Plan(torch.full((b,), bool(self.ssms)), self.tree.depth) if self.policy is None else self.policy.plan(seqs, suffix)
