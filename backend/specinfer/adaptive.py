@@ -24,7 +24,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from .config import TreeConfig
-from .cost_model import ForwardCosts, calibration_rows, calibration_sizes, moving_average
+from .cost_model import ForwardCosts, bucket, calibration_rows, calibration_sizes, moving_average, powers
 from .proposers.base import Plan
 from .model.batch_invariance import KEY_BLOCK
 from .runner import ModelRunner, NodeBatch, chain_batch
@@ -177,15 +177,11 @@ class RateCorrection:
         self.plain_run: dict[int, int] = {}  # plain steps in a row, by bucket
         self.wait: dict[int, int] = {}
 
-    @staticmethod
-    def bucket(batch: int) -> int:
-        return 1 << (batch - 1).bit_length()
-
     def probing(self, b: int) -> bool:
         return self.plain_run.get(b, 0) >= self.wait.get(b, 2)
 
     def observe(self, batch: int, speculated: bool, predicted: float, realised: float) -> None:
-        b = self.bucket(batch)
+        b = bucket(batch)
         if speculated:
             self.wait[b] = min(2 * self.wait.get(b, 2), self.MAX_WAIT) if self.probing(b) else 2
             self.plain_run[b] = 0
@@ -199,7 +195,7 @@ class RateCorrection:
     def factor(self, batch: int) -> float:
         """Speculating's error over plain decoding's (1 until both were seen at this batch size),
         less the ``MARGIN`` speculation must clear; 1 on probing steps."""
-        b = self.bucket(batch)
+        b = bucket(batch)
         if self.probing(b):
             return 1.0
         spec, plain = self.error.get((b, True)), self.error.get((b, False))
@@ -362,25 +358,16 @@ class AdaptivePolicy:
                 costs.observe(n, statistics.median(seconds(lone(n)) for _ in range(CALIBRATION_REPEATS)))
             for b in calibration_rows(rows):
                 most = min(b * (per_request - 1), CALIBRATION_EXTRA)
-                for extra in doubling_sizes(most) if most > 0 else []:
-                    kinds = (False, True) if extra >= 2 else (False,)
-                    added: dict[bool, list[float]] = {kind: [] for kind in kinds}
+                roots = lone(b)
+                for extra in powers(most, 2) if most > 0 else []:
+                    batches = {kind: ragged(b, extra, kind) for kind in ((False, True) if extra >= 2 else (False,))}
+                    added: dict[bool, list[float]] = {kind: [] for kind in batches}
                     for _ in range(CALIBRATION_REPEATS):
-                        plain = seconds(lone(b))
-                        for kind in kinds:
-                            added[kind].append(seconds(ragged(b, extra, kind)) - plain)
-                    for kind in kinds:  # keyed as serving keys it: real tokens, or padded ones where the model pads
-                        fed = runner.tokens(ragged(b, extra, kind))
-                        costs.observe(fed, costs.predict(b) + statistics.median(added[kind]), kind, rows=b)
-
-
-def doubling_sizes(largest: int) -> list[int]:
-    """1, 2, 4, ... below ``largest``, and ``largest``."""
-    sizes, n = [], 1
-    while n < largest:
-        sizes.append(n)
-        n *= 2
-    return sizes + [largest]
+                        plain = seconds(roots)
+                        for kind, nodes in batches.items():
+                            added[kind].append(seconds(nodes) - plain)
+                    for kind, nodes in batches.items():  # keyed as serving keys it: real tokens, or padded ones where the model pads
+                        costs.observe(runner.tokens(nodes), costs.predict(b) + statistics.median(added[kind]), kind, rows=b)
 
 
 def ragged(rows: int, extra: int, branching: bool) -> NodeBatch:

@@ -107,8 +107,9 @@ class ForwardCosts:
         else:
             curve, n, base = self.extra.setdefault((bucket(rows), tree), Curve(origin=True)), tokens - rows, self.plain.at(rows)
         known = curve.get(n)
-        if known is not None and base + max(curve.at(n), 0.0) > 0:  # as predict prices it
-            self.speed = moving_average(self.speed, seconds / (base + max(curve.at(n), 0.0)))
+        priced = base + max(curve.at(n), 0.0)  # as predict prices it
+        if known is not None and priced > 0:
+            self.speed = moving_average(self.speed, seconds / priced)
         curve.set(n, moving_average(known, seconds / self.speed - base, SHAPE_DECAY))
 
     def predict(self, tokens: int, tree: bool = False, rows: int | None = None) -> float:
@@ -157,11 +158,16 @@ def calibration_sizes(largest: int) -> list[int]:
     return sizes + [largest]
 
 
+def powers(largest: int, factor: int) -> list[int]:
+    """1, ``factor``, ``factor ** 2``, ... below ``largest``, and ``largest``."""
+    sizes, n = [], 1
+    while n < largest:
+        sizes.append(n)
+        n *= factor
+    return sizes + [largest]
+
+
 def calibration_rows(rows: int) -> list[int]:
     """Batch sizes whose extra tokens are measured at start-up: 1, 4, 16, ... below ``rows``, and
     ``rows`` (the buckets between borrow the nearest measured one's)."""
-    sizes, n = [], 1
-    while n < rows:
-        sizes.append(n)
-        n *= 4
-    return sizes + [rows]
+    return powers(rows, 4)
