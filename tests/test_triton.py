@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from served import MAX_BATCH, PROMPTS, expected, grpc_stream, ids, post, stream_events, wait_for
+from served import MAX_BATCH, PROMPTS, expected, grpc_inputs, grpc_stream, ids, post, stream_events, wait_for
 from specinfer.serving.launcher import server_env
 
 
@@ -100,28 +100,32 @@ def test_concurrent_requests_share_verification_batches(served):
 
 def test_cancelled_stream_frees_its_slot(served):
     """Cancelled on the decoding model itself (through the ensemble Triton 2.51 does not pass a
-    cancellation on: clients that cancel use ``specinfer_bls``, see test_faults.py)."""
+    cancellation on: clients that cancel use ``specinfer_bls``, see test_faults.py). Afterwards
+    every row holds a request again at once: long streams wait for all ``MAX_BATCH`` to run rather
+    than sampling short requests' overlap, which a fast machine finishes before the last arrive."""
     server, engine, _ = served
     key = '{model="specinfer_llm"}'
-    cancelled = server.metrics()["specinfer_requests_cancelled" + key]
+    count = lambda name: server.metrics()[name + key]  # noqa: E731
+    cancelled = count("specinfer_requests_cancelled")
     chunks = grpc_stream(server, engine.encode(PROMPTS[0]), 3000, cancel_after=2, model="specinfer_llm")
     assert len(chunks) == 2
-    assert wait_for(lambda: server.metrics()["specinfer_requests_cancelled" + key] == cancelled + 1)
-    assert wait_for(lambda: server.metrics()["specinfer_running_requests" + key] == 0)
-    results = {}
-
-    def run(i: int) -> None:
-        results[i] = post(server, "/v2/models/specinfer/generate", {"text_input": PROMPTS[i], "max_tokens": 30})
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(MAX_BATCH)]
-    for t in threads:
-        t.start()
-    peak = 0
-    while any(t.is_alive() for t in threads):
-        peak = max(peak, server.metrics()["specinfer_running_requests" + key])
-        time.sleep(0.05)
-    assert all(results[i][0] == 200 and ids(results[i][1]) == expected(engine, PROMPTS[i], 30) for i in results)
-    assert peak == MAX_BATCH  # every row was free again
+    assert wait_for(lambda: count("specinfer_requests_cancelled") == cancelled + 1)
+    assert wait_for(lambda: count("specinfer_running_requests") == 0)
+    clients = []
+    for prompt in PROMPTS[:MAX_BATCH]:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        client.start_stream(callback=lambda result, error: None)
+        client.async_stream_infer("specinfer_llm", grpc_inputs(engine.encode(prompt), 3000))
+        clients.append(client)
+    try:
+        assert wait_for(lambda: count("specinfer_running_requests") == MAX_BATCH)  # every row was free again
+    finally:
+        for client in clients:
+            client.stop_stream(cancel_requests=True)
+    assert wait_for(lambda: count("specinfer_requests_cancelled") == cancelled + 1 + MAX_BATCH)
+    assert wait_for(lambda: count("specinfer_running_requests") == 0)
+    status, out = post(server, "/v2/models/specinfer/generate", {"text_input": PROMPTS[1], "max_tokens": 30})
+    assert status == 200 and ids(out) == expected(engine, PROMPTS[1], 30)
 
 
 @pytest.mark.parametrize("body, status, message", [
