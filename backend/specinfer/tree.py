@@ -198,30 +198,36 @@ class ListTree:
 
 
 def batch_of_lists(trees: list[ListTree], selected: bool) -> TreeBatch:
-    """Stack list trees into a one-proposer batch, built in numpy for the whole batch at once (a
-    handful of array calls per step, whatever the batch; ancestors set from each node's path)."""
+    """Stack list trees into a one-proposer batch, built in numpy for the whole batch at once (one
+    array write per request, ancestors set from each node's path, one tensor view per field: the
+    suffix proposer's per-step cost is mostly this packing)."""
     b, n = len(trees), max(t.size for t in trees)
-    # per request: tokens, parents, depths, valid, own node id (-1 on padding), proposals
-    ints = np.zeros((6, b, n), dtype=np.int64)
-    ints[1], ints[4] = -1, -1
+    # per request: tokens, parents, depths, own node id (-1 on padding), proposals
+    ints = np.zeros((5, b, n, 1), dtype=np.int64)
+    ints[1] = ints[3] = -1
     confidence = np.zeros((b, n), dtype=np.float32)
     seen: list[int] = []  # flat [B, N, N] indices of the ancestor pairs; padding sees itself
     for r, t in enumerate(trees):
         k, base = t.size, r * n * n
+        depth = [0] * k
         paths: list[list[int]] = []
         for i, p in enumerate(t.parents):
-            paths.append(paths[p] + [i] if p >= 0 else [i])
-            seen += [base + i * n + j for j in paths[i]]
-        seen += [base + i * (n + 1) for i in range(k, n)]
-        ints[:3, r, :k] = t.tokens, t.parents, [len(q) - 1 for q in paths]
-        ints[3, r, :k], ints[4, r, :k], ints[5, r, 1:k] = 1, range(k), 1
+            if p >= 0:
+                paths.append(paths[p] + [i])
+                depth[i] = depth[p] + 1
+            else:
+                paths.append([i])
+            row = base + i * n
+            seen += [row + j for j in paths[i]]
+        seen += range(base + k * (n + 1), base + n * n, n + 1)
+        ints[:, r, :k, 0] = t.tokens, t.parents, depth, range(k), [0] + [1] * (k - 1)
         confidence[r, :k] = t.confidence
     anc = np.zeros(b * n * n, dtype=np.bool_)
     anc[seen] = True
-    tokens, parents, depths, valid, own, proposals = torch.from_numpy(ints)
-    return TreeBatch(tokens, parents, depths, valid.bool(), torch.from_numpy(anc).view(b, n, n),
-                     torch.from_numpy(confidence), proposals[:, :, None], own[:, :, None],
-                     torch.full((b,), selected), [None] * b)
+    tensor = torch.from_numpy
+    return TreeBatch(tensor(ints[0, :, :, 0]), tensor(ints[1, :, :, 0]), tensor(ints[2, :, :, 0]),
+                     tensor(ints[3, :, :, 0] >= 0), tensor(anc).view(b, n, n), tensor(confidence),
+                     tensor(ints[4]), tensor(ints[3]), torch.full((b,), selected), [None] * b)
 
 
 def roots(tokens: torch.Tensor, proposers: int) -> TreeBatch:
