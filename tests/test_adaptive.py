@@ -6,7 +6,7 @@ import torch
 
 from conftest import prompts
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
-from specinfer.adaptive import (MARGIN, PROBE_ROWS, AcceptanceModel, RateCorrection, best_nodes, choose_depth, choose_verify_counts,
+from specinfer.adaptive import (MARGIN, PROBE_ROWS, AcceptanceModel, AdaptivePolicy, RateCorrection, best_nodes, choose_depth, choose_verify_counts,
                                 path_probability)
 from specinfer.adaptive import ragged
 from specinfer.cost_model import FixedCosts, ForwardCosts, calibration_rows, calibration_sizes
@@ -159,11 +159,26 @@ def test_verify_counts_price_chains_and_branching_trees_apart():
 
 def test_depth_follows_costs():
     gains = torch.tensor([[0.8, 0.6, 0.4], [0.7, 0.5, 0.1]])
-    assert choose_depth(gains, lambda n: 1.0, lambda n: 0.0, 3, (1, 1, 1)) == 3
-    assert choose_depth(gains, lambda n: float(n), lambda n: 0.0, 3, (1, 1, 1)) == 0
-    assert choose_depth(gains, lambda n: 1.0, lambda n: 1.0, 3, (1, 1, 1)) == 0  # drafting costs too much
-    assert choose_depth(gains, lambda n: 1.0, lambda n: 0.2, 3, (1, 1, 1)) == 2  # depth 3 gains too little
-    assert choose_depth(gains, lambda n: 1.0, lambda n: 0.0, 3, (1, 1, 1), factor=0.3) == 0
+    assert choose_depth(gains, lambda n: 1.0, lambda n, tree: 0.0, 3, (1, 1, 1)) == 3
+    assert choose_depth(gains, lambda n: float(n), lambda n, tree: 0.0, 3, (1, 1, 1)) == 0
+    assert choose_depth(gains, lambda n: 1.0, lambda n, tree: 1.0, 3, (1, 1, 1)) == 0  # drafting costs too much
+    assert choose_depth(gains, lambda n: 1.0, lambda n, tree: 0.2, 3, (1, 1, 1)) == 2  # depth 3 gains too little
+    assert choose_depth(gains, lambda n: 1.0, lambda n, tree: 0.0, 3, (1, 1, 1), factor=0.3) == 0
+
+
+def test_ssm_levels_wider_than_a_node_are_priced_as_trees():
+    """A level of siblings takes the SSM's tree path (observed on its trees' curve): the depth that
+    feeds a wide level pays that curve's price; chains and catch-up chunks the chains' curve."""
+    gains = torch.tensor([[0.8, 0.6, 0.4]])
+    asked = []
+
+    def ssm_cost(n: int, tree: bool) -> float:
+        asked.append((n, tree))
+        return 0.5 if tree else 0.0
+
+    assert choose_depth(gains, lambda n: 1.0, ssm_cost, 3, (1, 3, 1)) == 2  # depth 3 feeds the 3 siblings
+    assert asked == [(3, False), (1, False), (3, True)]
+    assert choose_depth(gains, lambda n: 1.0, ssm_cost, 3, (1, 1, 1)) == 3  # the same depths as chains
 
 
 def test_rate_correction_compares_speculating_with_plain_steps():
@@ -354,3 +369,43 @@ def test_policy_learns_from_real_steps(models, reference):
     before = policy.row_gains.clone()
     policy.admit([0])
     assert torch.isnan(policy.row_gains[0]).all() and torch.equal(policy.row_gains[1:], before[1:], )
+
+
+class ClockedRunner:
+    """A runner whose forwards advance a fake clock by a known price: ``base + rows`` for lone
+    roots, plus per extra token 0.01 x rows bucket on a chain and 0.1 x rows bucket on a tree."""
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock, self.costs = clock, ForwardCosts()
+        self.cache = type("Cache", (), {"slots": 512})()
+
+    @staticmethod
+    def price(rows: int, extra: int, tree: bool) -> float:
+        scale = {1: 1, 2: 4, 3: 4, 4: 4}.get(rows, 16)
+        return 2.0 + rows + extra * (0.1 if tree else 0.01) * scale
+
+    def tokens(self, nodes) -> int:
+        return int(nodes.valid.sum())
+
+    def forward(self, rows, lens, nodes, output_index=None, priced=True):
+        extra = self.tokens(nodes) - len(rows)
+        self.clock[0] += self.price(len(rows), extra, branches(nodes))
+
+
+def test_calibration_measures_every_rows_bucket_and_both_kinds(monkeypatch):
+    """``calibrate`` prices plain decoding at every calibration size and, per rows bucket, what
+    chains and branching trees of extra tokens add: predictions equal the runner's prices at the
+    sizes it measured, each bucket its own (a bucket's curve borrowed by another would fail)."""
+    clock = [0.0]
+    monkeypatch.setattr("specinfer.adaptive.time.perf_counter", lambda: clock[0])
+    llm = ClockedRunner(clock)
+    policy = AdaptivePolicy(llm, [], TreeConfig(expansion=(1, 1, 1, 1), adaptive=True), 16, suffix=True)
+    policy.calibrate(16, 9)
+    costs = llm.costs
+    for n in calibration_sizes(16):
+        assert costs.predict(n) == pytest.approx(ClockedRunner.price(n, 0, False))
+    for rows in calibration_rows(16):
+        for extra in (2, 8):
+            for tree in (False, True):
+                want = ClockedRunner.price(rows, extra, tree)
+                assert costs.predict(rows + extra, tree=tree, rows=rows) == pytest.approx(want), (rows, extra, tree)

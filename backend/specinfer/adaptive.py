@@ -130,12 +130,14 @@ def choose_verify_counts(gains: torch.Tensor, llm_cost: Callable[[int], float], 
 
 
 def choose_depth(depth_gains: torch.Tensor, llm_cost: Callable[[int], float],
-                 ssm_cost: Callable[[int], float], catch_up: int, level_widths: Seq[int],
+                 ssm_cost: Callable[[int, bool], float], catch_up: int, level_widths: Seq[int],
                  factor: float = 1.0) -> int:
     """How deep the SSMs draft this step (0: not at all).
 
     ``depth_gains [B, D]``: each request's expected accepted tokens from depth ``j + 1`` (its best
-    node there, recently); ``ssm_cost(tokens)`` the seconds of one forward of all the SSMs;
+    node there, recently); ``ssm_cost(tokens, tree)`` the seconds of one forward of all the SSMs
+    (``tree``: a level wider than one node per request, whose siblings take the tree path and are
+    observed on the SSMs' trees' curve);
     ``catch_up`` the padded catch-up tokens per request; ``level_widths[j]`` the nodes per request
     fed at level ``j + 1``; ``factor`` corrects the predicted rate of speculating. Depth ``d`` is
     costed as drafting ``d`` levels and verifying a chain of ``d`` nodes (the verification size is
@@ -144,11 +146,11 @@ def choose_depth(depth_gains: torch.Tensor, llm_cost: Callable[[int], float],
     b = depth_gains.shape[0]
     per_depth = depth_gains.sum(dim=0).tolist()
     best, best_rate = 0, b / llm_cost(b) if llm_cost(b) > 0 else float("inf")
-    tokens, seconds = float(b), ssm_cost(b * catch_up)
+    tokens, seconds = float(b), ssm_cost(b * catch_up, False)
     for d in range(1, len(level_widths) + 1):
         tokens += per_depth[d - 1]
         if d > 1:
-            seconds += ssm_cost(b * level_widths[d - 2])
+            seconds += ssm_cost(b * level_widths[d - 2], level_widths[d - 2] > 1)
         total = seconds + llm_cost(b * (d + 1))
         rate = factor * tokens / total if total > 0 else float("inf")
         if rate > best_rate:
@@ -280,7 +282,7 @@ class AdaptivePolicy:
         b, everyone = len(picked), len(rows)  # the others verify their roots beside the picked requests' chains
         depth = choose_depth(self.gains([rows[i] for i in picked.tolist()]),
                              lambda n: self.llm.costs.predict(n + everyone - b, tree=everyone > 1, rows=everyone),
-                             lambda n: sum(r.costs.predict(n, rows=b) for r in self.ssms), catch_up,
+                             lambda n, tree: sum(r.costs.predict(n, tree=tree, rows=b) for r in self.ssms), catch_up,
                              self.tree.level_widths(), self.rates.factor(len(picked)))
         if depth > 0:
             self.probe_wait, self.since_draft = 2, 0
