@@ -11,7 +11,7 @@ with the demo pair (SmolLM2-135M-Instruct, ssm-a, ssm-b):
 - the suffix proposer: its drafting cost at a 2,000-token context, and workloads (open prompts, code
   completion, grounded chat, multi-turn chat; engines/demo/workloads.json; answers of at most
   --workload-tokens, ending at the model's end of turn) at batch 1 against incremental, global index
-  cold and warm (--workloads: only these);
+  cold and warm (--workloads: only these; --suffix-cost: only the drafting cost, 3 rounds, seconds);
 - --batches (only this): the served engine against incremental decoding at batch 1, 4, 16, 32,
   alternating in 3 rounds;
 - peer: transformers `generate` plain and assisted (the SSM as assistant), greedy, batch 1;
@@ -327,10 +327,19 @@ def main() -> None:
     ap.add_argument("--batches", action="store_true",
                     help="only the served engine against incremental decoding at batch 1, 4, 16 and 32, "
                          "alternating in 3 rounds (the ratio's median)")
+    ap.add_argument("--suffix-cost", action="store_true",
+                    help="only suffix drafting's host time per request and step at a 2,000-token context, 3 rounds")
     args = ap.parse_args()
     args.dtype = resolve_dtype(args.dtype, args.device)
     models, out = Path(args.models), Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    if args.suffix_cost:
+        rounds = [suffix_cost(TextTokenizer.from_checkpoint(models / "llm")) for _ in range(3)]
+        for i, batch in enumerate((1, 16)):
+            ms = statistics.median(r[i]["ms_per_request_step"] for r in rounds)
+            print(f"[bench] suffix drafting, batch {batch:>2}: median {ms:.3f} ms per request per step over 3 rounds")
+        (out / "suffix_cost.json").write_text(json.dumps(rounds, indent=2))
+        return
     n, max_tokens = (4, 48) if args.quick else (6, 48)
     started = time.monotonic()
     bench = Bench(models, args.device, args.dtype, max_tokens)

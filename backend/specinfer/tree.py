@@ -198,14 +198,11 @@ class ListTree:
 
 
 def batch_of_lists(trees: list[ListTree], selected: bool) -> TreeBatch:
-    """Stack list trees into a one-proposer batch, built in numpy for the whole batch at once (one
-    array write per request, ancestors set from each node's path, one tensor view per field: the
-    suffix proposer's per-step cost is mostly this packing)."""
+    """Stack list trees into a one-proposer batch: every field as one flat list over the batch, made
+    one numpy array (ancestors set from each node's path), each tensor a view of it; the suffix
+    proposer's per-step cost is mostly this packing, so it is a handful of array calls whatever the batch."""
     b, n = len(trees), max(t.size for t in trees)
-    # per request: tokens, parents, depths, own node id (-1 on padding), proposals
-    ints = np.zeros((5, b, n, 1), dtype=np.int64)
-    ints[1] = ints[3] = -1
-    confidence = np.zeros((b, n), dtype=np.float32)
+    tokens, parents, depths, own, proposals, confidence = [], [], [], [], [], []  # own: node id, -1 on padding
     seen: list[int] = []  # flat [B, N, N] indices of the ancestor pairs; padding sees itself
     for r, t in enumerate(trees):
         k, base = t.size, r * n * n
@@ -220,14 +217,28 @@ def batch_of_lists(trees: list[ListTree], selected: bool) -> TreeBatch:
             row = base + i * n
             seen += [row + j for j in paths[i]]
         seen += range(base + k * (n + 1), base + n * n, n + 1)
-        ints[:, r, :k, 0] = t.tokens, t.parents, depth, range(k), [0] + [1] * (k - 1)
-        confidence[r, :k] = t.confidence
+        tokens += t.tokens
+        parents += t.parents
+        depths += depth
+        own += range(k)
+        proposals += [0] + [1] * (k - 1)
+        confidence += t.confidence
+        if k < n:
+            zeros, none = [0] * (n - k), [-1] * (n - k)
+            tokens += zeros
+            parents += none
+            depths += zeros
+            own += none
+            proposals += zeros
+            confidence += zeros
+    ints = np.array((tokens, parents, depths, own, proposals), dtype=np.int64).reshape(5, b, n, 1)
     anc = np.zeros(b * n * n, dtype=np.bool_)
     anc[seen] = True
     tensor = torch.from_numpy
     return TreeBatch(tensor(ints[0, :, :, 0]), tensor(ints[1, :, :, 0]), tensor(ints[2, :, :, 0]),
-                     tensor(ints[3, :, :, 0] >= 0), tensor(anc).view(b, n, n), tensor(confidence),
-                     tensor(ints[4]), tensor(ints[3]), torch.full((b,), selected), [None] * b)
+                     tensor(ints[3, :, :, 0] >= 0), tensor(anc).view(b, n, n),
+                     tensor(np.array(confidence, dtype=np.float32).reshape(b, n)), tensor(ints[4]), tensor(ints[3]),
+                     torch.full((b,), selected), [None] * b)
 
 
 def roots(tokens: torch.Tensor, proposers: int) -> TreeBatch:

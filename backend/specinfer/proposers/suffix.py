@@ -46,16 +46,18 @@ class SuffixIndex:
             self.order.append(doc)
         elif doc != self.order[-1]:
             raise ValueError("only the newest document of an index can grow")
-        toks = self.docs[doc]
+        toks, ends = self.docs[doc], self.ends
         for tok in new:
             toks.append(tok)
             p = len(toks) - 1
-            for k in range(1, min(self.max_match, p + 1) + 1):
-                key = tuple(toks[p - k + 1: p + 1])
-                occ = self.ends.get(key)
+            at = (doc, p)
+            tail = tuple(toks[max(0, p + 1 - self.max_match):])
+            for k in range(1, len(tail) + 1):
+                key = tail[-k:]
+                occ = ends.get(key)
                 if occ is None:
-                    self.ends[key] = occ = deque()
-                occ.append((doc, p))
+                    ends[key] = occ = deque()
+                occ.append(at)
         self.tokens += len(new)
 
     def evict_oldest(self) -> None:
@@ -73,8 +75,9 @@ class SuffixIndex:
     def longest_match(self, context: list[int], limit: int) -> tuple[int, list[Occurrence]]:
         """The longest suffix of ``context`` (at most ``max_match``) that occurred with a token after
         it, and its ``limit`` latest such occurrences (newest first); ``(0, [])`` if none."""
-        for k in range(min(self.max_match, len(context)), 0, -1):
-            occ = self.ends.get(tuple(context[-k:]))
+        tail = tuple(context[-self.max_match:])
+        for k in range(len(tail), 0, -1):
+            occ = self.ends.get(tail[-k:])
             if not occ:
                 continue
             found = []
@@ -113,7 +116,7 @@ def grow_tree(root: int, continuations: list[list[int]], max_nodes: int, min_pro
             node = nxt
     total = max(len(continuations), 1)
     floor = min_probability * total
-    best = sorted((i for i in range(1, len(tokens)) if counts[i] >= floor), key=lambda i: (-counts[i], i))
+    best = sorted((i for i in range(1, len(tokens)) if counts[i] >= floor), key=counts.__getitem__, reverse=True)  # stable: ties by index
     keep = [0] + sorted(best[:max_nodes])  # a child's count never exceeds its parent's, and it comes later
     local = {node: i for i, node in enumerate(keep)}
     tree = ListTree(tokens=[tokens[i] for i in keep], parents=[-1] + [local[parents[i]] for i in keep[1:]],
