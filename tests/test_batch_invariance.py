@@ -15,7 +15,8 @@ from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.config import DTYPES, EngineConfig, resolve_dtype
 from specinfer.cost_model import FixedCosts
 from specinfer.model import Transformer
-from specinfer.model.batch_invariance import KEY_BLOCK, KEY_WINDOW, MAX_TREE_TOKENS, VirtualKeys, attention, round_up
+from specinfer.model.batch_invariance import (KEY_BLOCK, KEY_WINDOW, MAX_TREE_TOKENS, SplitKeys, VirtualKeys, attention,
+                                              round_up)
 from specinfer.runner import ModelRunner, NodeBatch, chain_batch
 from specinfer.tree import pad_trees
 from test_tree_attention import random_tree
@@ -97,8 +98,8 @@ def test_chain_nodes_equal_incremental_decoding(wide, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tree_nodes_equal_incremental_decoding_of_their_paths(wide, dtype):
-    """Every node of random trees (beside another request's tree, or beside lone roots, which then
-    attend apart: ``SplitKeys``) gives the logits that decoding its path one token at a time gives,
+    """Every node of random trees (beside another request's tree, or beside lone roots, which attend
+    apart past ``SPLIT_PADDING`` queries of padding: ``SplitKeys``) gives the logits that decoding its path one token at a time gives,
     though its ancestors are not next to each other in the tree region."""
     model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype])
     g = torch.Generator().manual_seed(4)
@@ -108,7 +109,10 @@ def test_tree_nodes_equal_incremental_decoding_of_their_paths(wide, dtype):
         alone.forward([0], [0], chain_batch([prefix + tokens[:-1]]))
         return alone.forward([0], [len(prefix) + len(tokens) - 1], chain_batch([tokens[-1:]]))[0, 0]
 
-    for prefix_len, size, beside in [(37, 9, (5,)), (490, 14, (1, 1)), (700, 21, (1, 4))]:
+    for prefix_len, size, beside in [(37, 9, (5,)), (490, 14, (1, 1)), (700, 21, (1, 4)), (300, 24, (1, 1))]:
+        shape = pad_trees([random_tree(n, g) for n in (size, *beside)])
+        split = SplitKeys.build(torch.tensor([5] * (1 + len(beside))), shape.ancestors & shape.valid[:, :, None], 64)
+        assert isinstance(split, SplitKeys) == (size == 24)  # lone roots' padding: 46 queries > SPLIT_PADDING
         prefixes = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (prefix_len, 300, 65)]
         trees = [random_tree(size, g)] + [random_tree(n, g) for n in beside]
         batch = pad_trees(trees)
@@ -193,7 +197,9 @@ def test_attention_of_tree_nodes_equals_each_path_alone(dtype):
     region, as SDPA's mask has them do."""
     g = torch.Generator().manual_seed(8)
     dt = DTYPES[dtype]
-    for lengths, sizes in [((60, 5, 127), (30, 3, 12)), ((63,), (MAX_TREE_TOKENS,)), ((200, 64), (9, 17))]:
+    shapes = []
+    for lengths, sizes in [((60, 5, 127), (30, 3, 12)), ((63,), (MAX_TREE_TOKENS,)), ((200, 64), (9, 17)),
+                           ((270, 10, 60), (6, 1, 30))]:
         trees = [random_tree(n, g) for n in sizes]
         batch = pad_trees(trees)
         lens = torch.tensor(lengths)
@@ -202,7 +208,9 @@ def test_attention_of_tree_nodes_equals_each_path_alone(dtype):
         b, n = batch.tokens.shape
         q, k, v = (torch.randn(b, n, 9, 64, generator=g).to(dt), torch.randn(b, width, 3, 64, generator=g).to(dt),
                    torch.randn(b, width, 3, 64, generator=g).to(dt))
-        out = attention(q, k, v, VirtualKeys.build(lens, region, width))
+        view = VirtualKeys.build(lens, region, width)
+        shapes.append((len(view.tree_rows) == b, view.past > 0))
+        out = attention(q, k, v, view)
         for row, tree in enumerate(trees):
             parents, prefix = tree.parents.tolist(), list(range(lengths[row]))
             for node in range(len(parents)):
@@ -218,6 +226,8 @@ def test_attention_of_tree_nodes_equals_each_path_alone(dtype):
                 assert torch.equal(out[row, node], alone[0, 0]), f"row {row} node {node}, prefix {lengths[row]}"
             scratch = v[row, lengths[row] + n].repeat_interleave(3, dim=0)  # padding sees the slot past the region
             assert all(torch.equal(out[row, pad], scratch) for pad in range(len(parents), n))
+    # every row a tree row, and not; a short row's tail blocks past the key width's last (room made)
+    assert {every for every, _ in shapes} == {True, False} and any(past for _, past in shapes)
     with pytest.raises(ValueError, match="a tree of 129 tokens needs a key window of 193 slots"):
         VirtualKeys.build(torch.tensor([63]), torch.eye(129, dtype=torch.bool)[None], 256)
 
