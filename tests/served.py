@@ -28,9 +28,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ '<s>' + m['role'] + ': ' + m['conten
 
 
 def make_repository(root: Path, *options: str, dtype: str = "float32") -> tuple[Path, Path]:
-    """Tiny LLM + tokenizer + two SSMs, and a repository for them (more ``configure_repository.py``
-    ``options`` where given); returns (repository, LLM folder). ``dtype`` is explicit: the default
-    ``auto`` would make the tests depend on the machine's processor."""
+    """Tiny LLM + tokenizer + two SSMs, and a repository for them, speculating at any batch size (more
+    ``configure_repository.py`` ``options`` where given); returns (repository, LLM folder). ``dtype``
+    is explicit: the default ``auto`` would make the tests depend on the machine's processor."""
     tok = Tokenizer(tok_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -47,7 +47,8 @@ def make_repository(root: Path, *options: str, dtype: str = "float32") -> tuple[
     repo = root / "repo"
     subprocess.run([sys.executable, str(ROOT / "build_scripts" / "configure_repository.py"), "--llm", str(llm),
                     "--ssm", str(ssms[0]), "--ssm", str(ssms[1]), "--expansion", "1,2,1", "--output", str(repo),
-                    "--max-batch-size", str(MAX_BATCH), "--dtype", dtype, *options], check=True)
+                    "--max-batch-size", str(MAX_BATCH), "--dtype", dtype, "--max-speculative-batch", "0", *options],
+                   check=True)  # every batch speculates: concurrent requests verify trees side by side
     return repo, llm
 
 
