@@ -17,8 +17,10 @@ classes by shape, each bit-identical within itself (``tests/test_batch_invarianc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 KEY_BLOCK = 64  # keys per GEMM of the weighted sum over values; key widths and cache slots are multiples of it
 KEY_WINDOW = 192  # the most keys a float32 GEMM sums in one pass here: within it, zero-weight keys change nothing
@@ -42,6 +44,21 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """``x`` with zero rows appended along dimension -2 up to ``rows``."""
     extra = rows - x.shape[-2]
     return x if extra == 0 else torch.cat([x, x.new_zeros(*x.shape[:-2], extra, x.shape[-1])], dim=-2)
+
+
+@lru_cache(maxsize=None)
+def linear_rows_invariant(dtype: torch.dtype) -> bool:
+    """Whether this CPU's ``F.linear`` in ``dtype`` gives a row the same bits at any row count once
+    the rows are padded (``padded_rows``), measured on a few layer shapes. The classes above were
+    measured on one CPU; on AVX-512/AMX CPUs float32's MKL paths round 1, 2 to 10-15 and more rows
+    three ways, with boundaries that move with the weight's shape, which no row padding fixes."""
+    g = torch.Generator().manual_seed(0)
+    for k, m in ((256, 512), (512, 256), (576, 1536), (1536, 576)):
+        w, x = torch.randn(m, k, generator=g).to(dtype), torch.randn(24, k, generator=g).to(dtype)
+        whole = F.linear(pad_rows(x, padded_rows(24, dtype)), w)
+        if not all(torch.equal(F.linear(pad_rows(x[:n], padded_rows(n, dtype)), w)[:n], whole[:n]) for n in range(1, 24)):
+            return False
+    return True
 
 
 @dataclass
