@@ -242,6 +242,8 @@ class EngineConfig:
     graphs at bucketed shapes (``cuda_graphs.py``; with ``attention="triton"``); ``None``: on CUDA.
     ``offload``: ``"cpu"`` keeps the LLM's decoder layers in host memory and streams them to ``device``
     for every forward (``model/offload.py``), for an LLM larger than the GPU; ``"none"``: resident.
+    ``batch_invariant``: the LLM's forwards give a token the same bits whatever shares them
+    (``batch_invariance.py``), so greedy speculation is exact; the SSMs run their fastest shapes.
     """
 
     max_batch_size: int = 16

@@ -102,9 +102,10 @@ class SpecInferEngine:
         self.vocab = vocab
         self.max_context = config.max_context or llm.args.max_position_embeddings
         slots = self.max_context + tree.max_tree_tokens + 1
-        for model in [llm, *ssms]:
+        # only the LLM's bits decide the output; an SSM only proposes (unless it is the LLM itself)
+        for model, exact in [*((m, False) for m in ssms if m is not llm), (llm, config.batch_invariant)]:
             if isinstance(model, Transformer):
-                model.batch_invariant(config.batch_invariant)
+                model.batch_invariant(exact)
         if config.cuda_graphs and config.attention == "triton":  # graphs need the kernel's device-side lengths
             llm = GraphedModel(llm) if isinstance(llm, Transformer) else llm  # not a tensor-parallel proxy
             ssms = [GraphedModel(m) if isinstance(m, Transformer) else m for m in ssms]
@@ -115,7 +116,7 @@ class SpecInferEngine:
                           "batch's row count (batch_invariance.linear_rows_invariant): speculative greedy output "
                           "may differ from incremental decoding's; bfloat16 (dtype='auto') is exact here", stacklevel=2)
         self.llm = ModelRunner(llm, config.max_batch_size, slots, config.attention, invariant)
-        self.ssms = [ModelRunner(m, config.max_batch_size, slots, getattr(m, "attention", config.attention), invariant)
+        self.ssms = [ModelRunner(m, config.max_batch_size, slots, getattr(m, "attention", config.attention), False)
                      for m in ssms]
         self.eos_ids = frozenset(llm.args.eos_token_ids)
         self.scheduler = Scheduler(config.max_batch_size)
