@@ -2,38 +2,28 @@
 
 Computed alone (one-token decoding), as a node of random trees over the same prefix, and as a row
 of a batch with other requests of other prefix lengths: bit-identical (``torch.equal``) in float32
-(where the CPU's linear layers allow it: ``linear_rows_invariant``) and bfloat16, over prefixes whose key widths differ (37 to 700 tokens, beside requests of up to 610). The negative control runs
+and bfloat16, over prefixes whose key widths differ (37 to 700 tokens, beside requests of up to 610). The negative control runs
 the same comparisons with ``batch_invariant`` off (the kernels' fastest shapes) and must fail them.
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import make_llama, prompts
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.config import DTYPES, EngineConfig, resolve_dtype
 from specinfer.cost_model import FixedCosts
-import specinfer.engine as engine_module
-from specinfer.model import Transformer, batch_invariance
-from specinfer.model.batch_invariance import (KEY_BLOCK, KEY_WINDOW, MAX_TREE_TOKENS, SplitKeys, VirtualKeys, attention,
-                                              linear_rows_invariant, round_up)
+from specinfer.model import Transformer, batch_invariance, transformer
+from specinfer.model.batch_invariance import (KEY_BLOCK, KEY_WINDOW, MAX_TREE_TOKENS, SPLIT_PADDING, SplitKeys, VirtualKeys,
+                                              attention, row_limit, round_up)
 from specinfer.runner import ModelRunner, NodeBatch, chain_batch
 from specinfer.tree import pad_trees
 from test_tree_attention import random_tree
 
 VOCAB = 512
 PREFIXES = (37, 300, 700)
-
-
-def skip_where_linear_rounds_by_rows(dtype: str) -> None:
-    """A model-level invariance test measures the CPU as much as the code: where this CPU's linear
-    layers round a row by the batch's row count (float32 on AVX-512/AMX CPUs), no padding makes the
-    property hold and the engine warns instead (``test_a_cpu_whose_linear_rounds_by_rows_warns``)."""
-    if not linear_rows_invariant(DTYPES[dtype]):
-        pytest.skip(f"{dtype} linear layers on this CPU round a row by the row count (linear_rows_invariant)")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +66,6 @@ def token_views(model: Transformer, invariant: bool, prefix_len: int, seed: int)
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_token_is_batch_invariant(wide, dtype):
-    skip_where_linear_rounds_by_rows(dtype)
     model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype])
     for seed, prefix_len in enumerate(PREFIXES):
         (alone, alone_kv), *others = token_views(model, True, prefix_len, seed)
@@ -89,7 +78,6 @@ def test_token_is_batch_invariant(wide, dtype):
 def test_chain_nodes_equal_incremental_decoding(wide, dtype):
     """Every node of a chain verified in one forward (beside another request) gives the logits and K/V
     that decoding its tokens one at a time gives: what greedy speculation with chains relies on."""
-    skip_where_linear_rounds_by_rows(dtype)
     model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype])
     g = torch.Generator().manual_seed(3)
     for prefix_len in PREFIXES:
@@ -114,7 +102,6 @@ def test_tree_nodes_equal_incremental_decoding_of_their_paths(wide, dtype):
     """Every node of random trees (beside another request's tree, or beside lone roots, which attend
     apart past ``SPLIT_PADDING`` queries of padding: ``SplitKeys``) gives the logits that decoding its
     path one token at a time gives, though its ancestors are not next to each other in the tree region."""
-    skip_where_linear_rounds_by_rows(dtype)
     model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype])
     g = torch.Generator().manual_seed(4)
 
@@ -126,7 +113,7 @@ def test_tree_nodes_equal_incremental_decoding_of_their_paths(wide, dtype):
     for prefix_len, size, beside in [(37, 9, (5,)), (490, 14, (1, 1)), (700, 21, (1, 4)), (300, 24, (1, 1))]:
         shape = pad_trees([random_tree(n, g) for n in (size, *beside)])
         split = SplitKeys.build(torch.tensor([5] * (1 + len(beside))), shape.ancestors & shape.valid[:, :, None], 64)
-        assert isinstance(split, SplitKeys) == (size == 24)  # lone roots' padding: 46 queries > SPLIT_PADDING
+        assert isinstance(split, SplitKeys) == (beside.count(1) * (size - 1) > SPLIT_PADDING)  # (300, 24, (1, 1)) splits
         prefixes = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (prefix_len, 300, 65)]
         trees = [random_tree(size, g)] + [random_tree(n, g) for n in beside]
         batch = pad_trees(trees)
@@ -206,25 +193,27 @@ def test_float32_gemm_adds_zero_weight_keys_exactly_up_to_the_key_window():
     assert not all(zero_weight_keys_change_nothing(KEY_WINDOW, g, shuffled=True) for _ in range(20))
 
 
-def test_the_row_probe_tells_a_row_count_rounding_kernel_apart(monkeypatch):
-    """``linear_rows_invariant`` passes a kernel that computes each row alone and fails one whose
-    rounding depends on the row count (what float32 MKL does on AVX-512/AMX CPUs)."""
-    probe = linear_rows_invariant.__wrapped__  # uncached
-    monkeypatch.setattr(batch_invariance.F, "linear", lambda x, w: torch.stack([r @ w.T for r in x]))
-    assert probe(torch.float32)
-    monkeypatch.setattr(batch_invariance.F, "linear", lambda x, w: (x * (1 + len(x) * 2 ** -20)) @ w.T)
-    assert not probe(torch.float32)
-
-
-def test_a_cpu_whose_linear_rounds_by_rows_warns(models, monkeypatch):
-    """Speculation there may change greedy output: the engine says so (and that bfloat16 is exact)."""
-    monkeypatch.setattr(engine_module, "linear_rows_invariant", lambda dtype: False)
-    with pytest.warns(UserWarning, match="round a row differently by the batch's row count"):
-        SpecInferEngine.from_pretrained(models["llm"])
-    monkeypatch.setattr(engine_module, "linear_rows_invariant", lambda dtype: True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        SpecInferEngine.from_pretrained(models["llm"])
+def test_row_limit_finds_where_a_kernel_changes_its_rounding_and_layers_split_there(monkeypatch):
+    """``row_limit`` measures the most rows a call takes while every row keeps the bits it gets alone;
+    a ``Linear`` splits larger calls there, so its rows are invariant even on a kernel that rounds
+    calls of more than 5 rows (padding included) differently (as float32 past 8-12 and bfloat16 past 32 rows do on
+    AVX-512/AMX CPUs); unsplit, that kernel is not (the control)."""
+    real = F.linear
+    coarse = lambda x, w, b=None: real(x, w, b) if len(x) <= 5 else real(x, w, b) * (1 + 2 ** -5)  # noqa: E731
+    monkeypatch.setattr(batch_invariance.F, "linear", coarse)
+    monkeypatch.setattr(transformer.F, "linear", coarse)
+    probe = row_limit.__wrapped__  # uncached
+    assert probe(48, 32, torch.bfloat16) == 5  # (float32 pads 5 rows to 8: its limit is 4)
+    assert probe(48, 32, torch.float32) == 4
+    layer = transformer.Linear(32, 48)
+    monkeypatch.setattr(transformer, "row_limit", probe)
+    x = torch.randn(20, 32)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(20)])
+    assert torch.equal(layer(x), alone)
+    monkeypatch.setattr(transformer, "row_limit", lambda *shape: 64)  # the control: calls not split
+    assert not torch.equal(layer(x), alone)
+    monkeypatch.setattr(batch_invariance.F, "linear", real)
+    assert probe(48, 32, torch.float32) >= 1  # the real kernel: measured, whatever this CPU does
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

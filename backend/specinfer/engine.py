@@ -10,7 +10,6 @@ With ``speculate=False`` every tree is a lone root: plain incremental decoding, 
 from __future__ import annotations
 
 import secrets
-import warnings
 import time
 from collections import Counter
 from collections.abc import Sequence as Seq
@@ -26,7 +25,7 @@ from .config import DTYPES, EngineConfig, SamplingParams, TreeConfig
 from .log_probs import record
 from .logits_processors import process_batch
 from .model import Transformer
-from .model.batch_invariance import MAX_TREE_TOKENS, linear_rows_invariant
+from .model.batch_invariance import MAX_TREE_TOKENS
 from .model.cuda_graphs import GraphedModel
 from .proposers import Plan, SsmProposer, SuffixProposer
 from .runner import ModelRunner, NodeBatch, chain_batch
@@ -110,11 +109,6 @@ class SpecInferEngine:
             llm = GraphedModel(llm) if isinstance(llm, Transformer) else llm  # not a tensor-parallel proxy
             ssms = [GraphedModel(m) if isinstance(m, Transformer) else m for m in ssms]
         invariant = config.batch_invariant
-        if invariant and isinstance(llm, Transformer) and llm.lm_head.weight.device.type == "cpu" \
-                and not linear_rows_invariant(llm.lm_head.weight.dtype):
-            warnings.warn(f"{llm.lm_head.weight.dtype} linear layers on this CPU round a row differently by the "
-                          "batch's row count (batch_invariance.linear_rows_invariant): speculative greedy output "
-                          "may differ from incremental decoding's; bfloat16 (dtype='auto') is exact here", stacklevel=2)
         self.llm = ModelRunner(llm, config.max_batch_size, slots, config.attention, invariant)
         self.ssms = [ModelRunner(m, config.max_batch_size, slots, getattr(m, "attention", config.attention), False)
                      for m in ssms]

@@ -8,6 +8,7 @@ classes by shape, each bit-identical within itself (``tests/test_batch_invarianc
 - ``F.linear``: float32 has three classes by row count M (1, 2-3, 4 and more: MKL's gemv and two
   gemm paths; and the rows past a multiple of 4 apart); bfloat16/float16 two (1, 2 and more).
   ``padded_rows`` keeps every row in one class; in bfloat16 that costs nothing (two rows cost one).
+  Other CPUs add classes by size (``row_limit`` measures where; larger calls are split).
 - ``scaled_dot_product_attention`` rounds a query's result by the number of queries, its position
   among them and the key width (its flash kernel blocks keys by 512): ``attention`` below replaces it.
 - A float32 GEMM of up to ``KEY_WINDOW`` keys gives the same result when keys of weight zero are
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 KEY_BLOCK = 64  # keys per GEMM of the weighted sum over values; key widths and cache slots are multiples of it
 KEY_WINDOW = 192  # the most keys a float32 GEMM sums in one pass here: within it, zero-weight keys change nothing
 MAX_TREE_TOKENS = KEY_WINDOW - KEY_BLOCK  # a tree's window: up to KEY_BLOCK - 1 committed keys, the tree, a scratch slot
+ROW_PROBE = 64  # rows up to which ``row_limit`` measures a linear layer's calls
 SPLIT_PADDING = 32  # lone roots' padding queries past which they attend apart (2-core CPU, bf16: 0.29 ms vs 0.46 at 4 rows x 8)
 MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 ROW_MULTIPLE = {torch.float32: 4, torch.bfloat16: 1, torch.float16: 1}
@@ -47,18 +49,20 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def linear_rows_invariant(dtype: torch.dtype) -> bool:
-    """Whether this CPU's ``F.linear`` in ``dtype`` gives a row the same bits at any row count once
-    the rows are padded (``padded_rows``), measured on a few layer shapes. The classes above were
-    measured on one CPU; on AVX-512/AMX CPUs float32's MKL paths round 1, 2 to 10-15 and more rows
-    three ways, with boundaries that move with the weight's shape, which no row padding fixes."""
+def row_limit(out_features: int, in_features: int, dtype: torch.dtype) -> int:
+    """The most rows one CPU ``F.linear`` call of this shape takes while giving every row the bits it
+    gets alone (each call's rows padded to ``padded_rows``), measured up to ``ROW_PROBE``; the model's
+    linear layers split larger calls into pieces of at most this many rows. Measured, not assumed: on
+    AVX-512/AMX CPUs bfloat16 rounds differently past 32 rows and float32 past 8-12 (the boundaries
+    move with the shape), which the classes above, measured on another CPU, do not know."""
     g = torch.Generator().manual_seed(0)
-    for k, m in ((256, 512), (512, 256), (576, 1536), (1536, 576)):
-        w, x = torch.randn(m, k, generator=g).to(dtype), torch.randn(24, k, generator=g).to(dtype)
-        whole = F.linear(pad_rows(x, padded_rows(24, dtype)), w)
-        if not all(torch.equal(F.linear(pad_rows(x[:n], padded_rows(n, dtype)), w)[:n], whole[:n]) for n in range(1, 24)):
-            return False
-    return True
+    w = torch.randn(out_features, in_features, generator=g).to(dtype)
+    x = torch.randn(ROW_PROBE, in_features, generator=g).to(dtype)
+    alone = torch.cat([F.linear(pad_rows(x[i:i + 1], padded_rows(1, dtype)), w)[:1] for i in range(ROW_PROBE)])
+    for n in range(2, ROW_PROBE + 1):
+        if not torch.equal(F.linear(pad_rows(x[:n], padded_rows(n, dtype)), w)[:n], alone[:n]):
+            return n - 1
+    return ROW_PROBE
 
 
 @dataclass

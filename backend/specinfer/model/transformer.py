@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Visibility
-from .batch_invariance import pad_rows, padded_rows
+from .batch_invariance import pad_rows, padded_rows, row_limit
 from .checkpoint import ModelArgs, read_checkpoint
 from .kv_cache import KVCache, Rows
 from .offload import OFFLOAD, LayerStreamer
@@ -38,8 +38,9 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can pad its rows (zeros appended, results dropped) so that a row's result
-    does not depend on how many rows share the call (``batch_invariance.py``)."""
+    """``nn.Linear`` that can pad its rows (zeros appended, results dropped), and on the CPU split
+    calls past ``row_limit`` rows, so that a row's result does not depend on how many rows share the
+    call (``batch_invariance.py``)."""
 
     invariant = True  # Transformer.batch_invariant switches a model's layers off (to measure the cost, to trace)
 
@@ -48,11 +49,14 @@ class Linear(nn.Linear):
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        padded = padded_rows(rows, x.dtype) if self.invariant else rows
-        if padded == rows:
+        if not self.invariant or rows == 0:
             return F.linear(x, self.weight, bias)
-        flat = pad_rows(x.reshape(rows, x.shape[-1]), padded)
-        return F.linear(flat, self.weight, bias)[:rows].reshape(*x.shape[:-1], self.out_features)
+        most = row_limit(self.out_features, self.in_features, x.dtype) if x.device.type == "cpu" else rows
+        if rows <= most and padded_rows(rows, x.dtype) == rows:
+            return F.linear(x, self.weight, bias)
+        pieces = [F.linear(pad_rows(p, padded_rows(len(p), x.dtype)), self.weight, bias)[: len(p)]
+                  for p in x.reshape(rows, x.shape[-1]).split(most)]
+        return torch.cat(pieces).reshape(*x.shape[:-1], self.out_features)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
