@@ -76,6 +76,37 @@ def test_two_ranks_give_the_logits_of_one(tmp_path, variant, attention):
         tp.close()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_ranks_give_a_token_the_same_logits_alone_and_in_a_tree(tmp_path, dtype):
+    """Batch invariance over ranks: a token decoded alone, as the root of a tree and beside another
+    request gives the same logits bit for bit, so greedy speculation stays exact with a sharded LLM:
+    the workers rebuild the leader's invariant attention (they attended with SDPA before, whose
+    rounding follows the number of queries)."""
+    folder = make_llama(tmp_path / "wide", seed=5, vocab=512, hidden_size=256, intermediate_size=512,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=2048, initializer_range=0.02)
+    tp = TensorParallelLLM(folder, 2, dtype=dtype)
+    try:
+        g = torch.Generator().manual_seed(7)
+        prefix, other = torch.randint(0, 512, (300,), generator=g).tolist(), torch.randint(0, 512, (140,), generator=g).tolist()
+        views = []
+        for shape in ("alone", "tree", "beside"):
+            runner = ModelRunner(tp, rows=2, slots=512)
+            chunks = [prefix] + ([other] if shape == "beside" else [])
+            runner.forward(list(range(len(chunks))), [0] * len(chunks), chain_batch(chunks))
+            if shape == "tree":
+                tree = random_tree(13, g)
+                tree.tokens[0] = 11
+                batch = pad_trees([tree])
+                nodes = NodeBatch(batch.tokens, torch.arange(13)[None], batch.depths, batch.ancestors, batch.valid)
+            else:
+                nodes = chain_batch([[11]] * len(chunks))
+            views.append(runner.forward(list(range(len(chunks))), [len(c) for c in chunks], nodes)[0, 0])
+        assert torch.equal(views[1], views[0]) and torch.equal(views[2], views[0])
+    finally:
+        tp.close()
+
+
 def test_a_size_the_heads_do_not_allow_is_refused(tmp_path):
     folder = make_llama(tmp_path / "m", seed=1, num_attention_heads=4, num_key_value_heads=2)
     assert valid_sizes(Transformer.from_pretrained(folder).args) == [1, 2, 4]

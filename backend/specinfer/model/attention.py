@@ -36,6 +36,8 @@ def packed_mask(anc: torch.Tensor) -> torch.Tensor:
 class DenseMask:
     mask: torch.Tensor  # [B, T, S] bool
     keys: VirtualKeys | SplitKeys | None = None  # batch-invariant attention (``batch_invariance.attention``) instead of SDPA
+    source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the keys' (lengths, region, valid), on
+    # the host: what tensor-parallel workers rebuild them from
 
     @classmethod
     def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor,
@@ -51,10 +53,12 @@ class DenseMask:
         mask.scatter_(2, cols, region)
         mask &= valid[:, :, None]
         mask[torch.arange(b)[:, None], torch.arange(t)[None, :], (lengths + n)[:, None]] |= ~valid
-        return cls(mask, SplitKeys.build(lengths, region, width) if invariant else None)
+        if not invariant:
+            return cls(mask)
+        return cls(mask, SplitKeys.build(lengths, region, width), (lengths, region, valid))
 
     def to(self, device: torch.device) -> "DenseMask":
-        return DenseMask(self.mask.to(device), None if self.keys is None else self.keys.to(device))
+        return DenseMask(self.mask.to(device), None if self.keys is None else self.keys.to(device), self.source)
 
     def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: Rows) -> torch.Tensor:
         """``[B, T, H, D]`` attention output of ``q [B, T, H, D]``."""

@@ -75,7 +75,10 @@ def forward_command(
     else:
         scalars = [1, 0, 0]
         tensors.append(rows)
-    if isinstance(visibility, DenseMask):
+    if isinstance(visibility, DenseMask) and visibility.source is not None:  # batch-invariant: the workers too
+        scalars += [2, 0]
+        tensors += list(visibility.source)
+    elif isinstance(visibility, DenseMask):
         scalars += [0, 0]
         tensors.append(visibility.mask)
     else:
@@ -96,6 +99,9 @@ def forward_inputs(cmd: Command, device: torch.device) -> tuple:
     rows = slice(start, stop) if rows_kind == 0 else rest.pop(0)
     if vis_kind == 0:
         visibility: Visibility = DenseMask(rest.pop(0))
+    elif vis_kind == 2:  # the leader's invariant keys, rebuilt on the host as the leader built them
+        lengths, region, valid = (rest.pop(0).cpu() for _ in range(3))
+        visibility = DenseMask.build(lengths, region, valid, invariant=True).to(device)
     else:
         visibility = PackedTreeMask(rest.pop(0), rest.pop(0), region)
     output_index = rest.pop(0) if has_index else None
