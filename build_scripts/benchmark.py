@@ -334,7 +334,8 @@ def main() -> None:
     models, out = Path(args.models), Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     if args.suffix_cost:
-        rounds = [suffix_cost(TextTokenizer.from_checkpoint(models / "llm")) for _ in range(3)]
+        tokenizer = TextTokenizer.from_checkpoint(models / "llm")
+        rounds = [suffix_cost(tokenizer) for _ in range(3)]
         for i, batch in enumerate((1, 16)):
             ms = statistics.median(r[i]["ms_per_request_step"] for r in rounds)
             print(f"[bench] suffix drafting, batch {batch:>2}: median {ms:.3f} ms per request per step over 3 rounds")

@@ -101,10 +101,11 @@ class SpecInferEngine:
         self.vocab = vocab
         self.max_context = config.max_context or llm.args.max_position_embeddings
         slots = self.max_context + tree.max_tree_tokens + 1
-        # only the LLM's bits decide the output; an SSM only proposes (unless it is the LLM itself)
-        for model, exact in [*((m, False) for m in ssms if m is not llm), (llm, config.batch_invariant)]:
-            if isinstance(model, Transformer):
-                model.batch_invariant(exact)
+        for ssm in ssms:  # only the LLM's bits decide the output; an SSM only proposes
+            if isinstance(ssm, Transformer) and ssm is not llm:
+                ssm.batch_invariant(False)
+        if isinstance(llm, Transformer):
+            llm.batch_invariant(config.batch_invariant)
         if config.cuda_graphs and config.attention == "triton":  # graphs need the kernel's device-side lengths
             llm = GraphedModel(llm) if isinstance(llm, Transformer) else llm  # not a tensor-parallel proxy
             ssms = [GraphedModel(m) if isinstance(m, Transformer) else m for m in ssms]
