@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig, engine_from_config  # noqa: E402
 from specinfer.config import DTYPES, SuffixConfig, resolve_dtype  # noqa: E402
 from specinfer.engine import EngineStats  # noqa: E402
-from specinfer.proposers import SuffixProposer  # noqa: E402
+from specinfer.proposers import DraftHead, SuffixProposer  # noqa: E402
 from specinfer.serving.parameters import read_pbtxt_parameters  # noqa: E402
 from specinfer.sampling import make_generator  # noqa: E402
 from specinfer.sequence import Sequence  # noqa: E402
@@ -66,6 +66,7 @@ class Bench:
     def __init__(self, models: Path, device: str, dtype: str, max_tokens: int) -> None:
         load = lambda n: Transformer.from_pretrained(models / n, device=device, dtype=DTYPES[dtype])  # noqa: E731
         self.llm, self.ssms = load("llm"), {"ssm-a": load("ssm-a"), "ssm-b": load("ssm-b")}
+        self.head = DraftHead.from_pretrained(models / "head", self.llm.args.hidden_size)
         self.tokenizer = TextTokenizer.from_checkpoint(models / "llm")
         self.models = models
         self.device, self.dtype = device, dtype
@@ -77,7 +78,8 @@ class Bench:
 
     def engine(self, ssms: tuple[str, ...], tree: TreeConfig, batch: int) -> SpecInferEngine:
         config = EngineConfig(max_batch_size=batch, max_context=1024, device=self.device, dtype=self.dtype, tree=tree)
-        return SpecInferEngine(self.llm, [self.ssms[s] for s in ssms], config, self.tokenizer)
+        return SpecInferEngine(self.llm, [self.ssms[s] for s in ssms], config, self.tokenizer,
+                               self.head if "head" in tree.proposers else None)
 
     def served(self, config: Path, batch: int) -> SpecInferEngine:
         """The engine a decoding model's ``config`` builds, at this batch size, device and dtype, and
@@ -190,9 +192,12 @@ def run_workloads(bench: "Bench", quick: bool, max_tokens: int) -> list[dict]:
     sets = workload_prompts(bench.models, bench.tokenizer)
     params = SamplingParams(max_tokens=max_tokens)
     plain = bench.engine((), TreeConfig(expansion=(1,)), 1)
-    configs = [("suffix,ssm adaptive, global cold", ("suffix", "ssm"), 0),
-               ("suffix,ssm adaptive, global warm", ("suffix", "ssm"), 1 << 16),
-               ("ssm adaptive", ("ssm",), 0), ("suffix adaptive, global cold", ("suffix",), 0)]
+    configs = [("suffix,head adaptive, global cold", ("suffix", "head"), 0),
+               ("suffix,head adaptive, global warm", ("suffix", "head"), 1 << 16),
+               ("suffix,ssm,head adaptive, global cold", ("suffix", "ssm", "head"), 0),
+               ("suffix,ssm adaptive, global cold", ("suffix", "ssm"), 0),
+               ("head adaptive", ("head",), 0), ("ssm adaptive", ("ssm",), 0),
+               ("suffix adaptive, global cold", ("suffix",), 0)]
     rows = []
     for name, proposers, global_tokens in configs[:2] if quick else configs:
         tree = TreeConfig(expansion=(1, 1), adaptive=True, proposers=proposers, suffix=SuffixConfig(global_tokens=global_tokens))
@@ -217,13 +222,14 @@ def run_workloads(bench: "Bench", quick: bool, max_tokens: int) -> list[dict]:
             row = {"name": f"workload {workload}: {name}", "workload": workload, "proposers": list(proposers),
                    "global_tokens": global_tokens, "batch": 1, "prompts": len(prompts), "output_tokens": tokens,
                    "tokens_per_step": round(tokens / sum(r.llm_steps for r in results), 3),
-                   "accepted_suffix": by["suffix"], "accepted_ssm": by["ssm"],
+                   "accepted_suffix": by["suffix"], "accepted_ssm": by["ssm"], "accepted_head": by["head"],
                    "seconds": round(spec_s, 3), "incremental_seconds": round(inc_s, 3),
                    "speedup": round(inc_s / spec_s, 3),
                    "identical_to_incremental": [r.token_ids for r in results] == [r.token_ids for r in reference]}
             rows.append(row)
             print(f"  {row['name']:<52} tok/step {row['tokens_per_step']:5.2f}  speedup {row['speedup']:5.2f}x  "
-                  f"accepted suffix {by['suffix']:4d} ssm {by['ssm']:4d}  identical {row['identical_to_incremental']}",
+                  f"accepted suffix {by['suffix']:4d} ssm {by['ssm']:4d} head {by['head']:4d}  "
+                  f"identical {row['identical_to_incremental']}",
                   flush=True)
     return rows
 

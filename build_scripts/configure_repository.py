@@ -58,8 +58,13 @@ def main() -> None:
                     help="what runs the SSMs: PyTorch, or their ONNX graph under onnxruntime or tensorrt")
     ap.add_argument("--offload", default="none", choices=OFFLOAD,
                     help="cpu: keep the LLM's decoder layers in host memory, streamed to the device every forward")
-    ap.add_argument("--proposers", default=",".join(RepositoryOptions.proposers),
-                    help="where draft nodes come from: suffix (text already seen, no model), ssm, or both (merged)")
+    ap.add_argument("--proposers", help="where draft nodes come from: suffix (text already seen, no model), ssm, "
+                                         "head (the draft head on the LLM's hidden state; needs --head), or several "
+                                         f"(merged); default: {','.join(RepositoryOptions.proposers)}, without head "
+                                         "unless --head is given")
+    ap.add_argument("--head", help="the draft head's folder (build_scripts/make_draft_head.py trains one)")
+    ap.add_argument("--head-expansion", default=",".join(map(str, RepositoryOptions.head_expansion)),
+                    help="the head's tree: children per node at each level")
     ap.add_argument("--suffix-global-tokens", type=int, default=RepositoryOptions.suffix_global_tokens,
                     help="earlier requests' output tokens the suffix proposer keeps for all requests (0: none)")
     ap.add_argument("--max-speculative-batch", type=int, default=RepositoryOptions.max_speculative_batch,
@@ -67,10 +72,16 @@ def main() -> None:
     args = ap.parse_args()
     expansion = parse_expansion(args.expansion)
     try:  # fail here, not at server start
-        TreeConfig(expansion=expansion, proposers=parse_proposers(args.proposers), max_speculative_batch=args.max_speculative_batch,
+        head_expansion = parse_expansion(args.head_expansion)
+        proposers = (parse_proposers(args.proposers) if args.proposers is not None
+                     else tuple(p for p in RepositoryOptions.proposers if p != "head" or args.head))
+        TreeConfig(expansion=expansion, proposers=proposers, max_speculative_batch=args.max_speculative_batch,
+                   head_expansion=head_expansion,
                    suffix=SuffixConfig(global_tokens=args.suffix_global_tokens)).check_size(max(1, len(args.ssm)))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if "head" in proposers and args.head is None:
+        raise SystemExit("error: the proposer 'head' needs --head (a draft head trained for this LLM)")
     if args.cuda_graphs and args.device == "cpu":
         raise SystemExit("error: --cuda-graphs needs --device cuda")
     llm = Path(args.llm).resolve()
@@ -92,7 +103,8 @@ def main() -> None:
         ensemble_name=args.ensemble_name, unary_name=args.unary_name, attention=args.attention,
         tensor_parallel_size=args.tensor_parallel, cuda_graphs=args.cuda_graphs, ssm_engine=args.ssm_engine,
         offload=args.offload,
-        proposers=parse_proposers(args.proposers), suffix_global_tokens=args.suffix_global_tokens,
+        proposers=proposers, suffix_global_tokens=args.suffix_global_tokens,
+        head=str(Path(args.head).resolve()) if args.head else None, head_expansion=head_expansion,
         max_speculative_batch=args.max_speculative_batch,
         limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )

@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from specinfer.config import parse_proposers
 from specinfer.serving.launcher import start_server
+from specinfer.serving.parameters import read_pbtxt_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "model_repository" / "specinfer_llm" / "config.pbtxt"  # the served proposers
 
 
 def stream(client, model: str, prompt: str, max_tokens: int, chat: bool, echo: bool = False) -> tuple[str, dict, float]:
@@ -59,7 +62,7 @@ def by_proposer(server) -> dict[str, float]:
     """specinfer_llm's accepted draft tokens so far per proposer (Prometheus; a token both proposed counts for both)."""
     metrics = server.metrics()
     return {p: metrics.get(f'specinfer_accepted_draft_tokens{{model="specinfer_llm",proposer="{p}"}}', 0.0)
-            for p in ("suffix", "ssm")}
+            for p in parse_proposers(read_pbtxt_parameters(CONFIG.read_text()).get("proposers", ""))}
 
 
 def main() -> None:

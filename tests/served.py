@@ -11,11 +11,13 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import torch
 import tritonclient.grpc as grpcclient
 from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
 
 from conftest import make_llama
 from specinfer import SamplingParams, SpecInferEngine
+from specinfer.proposers import DraftHead
 from specinfer.serving.launcher import Server, start_server
 from specinfer.tokenizer import TextTokenizer
 
@@ -44,9 +46,12 @@ def make_repository(root: Path, *options: str, dtype: str = "float32") -> tuple[
     ssms = [make_llama(root / "ssm-close", seed=61, noise_from=llm, noise=0.25),
             make_llama(root / "ssm-other", seed=62, vocab=vocab, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)]
+    torch.manual_seed(63)  # a draft head for it, untrained (its drafts are rarely accepted, but verified alike)
+    DraftHead(64, 32, torch.arange(vocab)).save(root / "head")
     repo = root / "repo"
     subprocess.run([sys.executable, str(ROOT / "build_scripts" / "configure_repository.py"), "--llm", str(llm),
                     "--ssm", str(ssms[0]), "--ssm", str(ssms[1]), "--expansion", "1,2,1", "--output", str(repo),
+                    "--head", str(root / "head"),
                     "--max-batch-size", str(MAX_BATCH), "--dtype", dtype, "--max-speculative-batch", "0", *options],
                    check=True)  # every batch speculates: concurrent requests verify trees side by side
     return repo, llm

@@ -399,7 +399,7 @@ def test_calibration_measures_every_rows_bucket_and_both_kinds(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr("specinfer.adaptive.time.perf_counter", lambda: clock[0])
     llm = ClockedRunner(clock)
-    policy = AdaptivePolicy(llm, [], TreeConfig(expansion=(1, 1, 1, 1), adaptive=True), 16, suffix=True)
+    policy = AdaptivePolicy(llm, [], TreeConfig(expansion=(1, 1, 1, 1), adaptive=True), 16, free=("suffix",))
     policy.calibrate(16, 9)
     costs = llm.costs
     for n in calibration_sizes(16):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from types import SimpleNamespace
 from functools import lru_cache
 
 import pytest
@@ -24,7 +25,7 @@ from specinfer import SamplingParams
 from specinfer.adaptive import best_nodes, path_probability
 from specinfer.config import SuffixConfig
 from specinfer.draft import expand, select_children
-from specinfer.proposers import SuffixProposer
+from specinfer.proposers import DraftHead, HeadProposer, SuffixProposer
 from specinfer.sampling import gumbel_choice, make_generator
 from specinfer.sequence import Sequence
 from specinfer.tree import TreeBuilder, merge, pad_trees
@@ -88,6 +89,31 @@ def suffix_tree(committed: tuple[int, ...]):
     return proposer.propose([Sequence(0, HISTORY + list(committed), SamplingParams(temperature=1.0), frozenset(), None)]).tree(0)
 
 
+@lru_cache(maxsize=1)
+def head_proposer() -> HeadProposer:
+    """A draft head with random weights over the 5-token vocabulary (2 children, then a chain)."""
+    g = torch.Generator().manual_seed(5)
+    head = DraftHead(6, 12, torch.arange(V))
+    with torch.no_grad():
+        for w in head.parameters():
+            w.copy_(torch.randn(w.shape, generator=g))
+    return HeadProposer(head, torch.randn(V, 6, generator=g), torch.randn(V, 6, generator=g), SAMPLES, (2, 1))
+
+
+@lru_cache(maxsize=None)
+def head_state(prefix: tuple[int, ...]) -> torch.Tensor:
+    """The mock LLM's hidden state after ``prefix``, which the head drafts from."""
+    return torch.randn(6, generator=torch.Generator().manual_seed(hash((-1, prefix)) % (2**31)))
+
+
+def head_trees(committed: list[tuple[int, ...]]):
+    """The draft head's trees for every sample, as the engine drafts them: one batch."""
+    proposer = head_proposer()
+    rows = list(range(len(committed)))
+    proposer.remember(rows, torch.stack([head_state(c) for c in committed]))
+    return proposer.propose([SimpleNamespace(row=r) for r in rows], torch.tensor([c[-1] for c in committed]))
+
+
 def decode_step(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence, committed: list[tuple[int, ...]],
                 seeds: list[int], residual=None) -> list[list[int]]:
     """One speculation step of every unfinished sample at once, as the engine runs it: each sample's
@@ -100,8 +126,13 @@ def decode_step(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence,
     else:
         sources = [[draft(c, s, shape, method != "mss_without", seq, adaptive)[0] for c in committed]
                    for s, shape in enumerate(shapes)]
-    batch = merge([pad_trees(trees) for trees in sources])
-    if adaptive or method == "suffix_merged":  # the nodes most likely accepted, as many as a random cost model would take
+    batches = [pad_trees(trees) for trees in sources]
+    if method.startswith("head"):  # the head's trees, alone or merged with the suffix proposer's and an SSM's
+        batches = [pad_trees([draft(c, s, shape, True, seq, True)[0] for c in committed]) for s, shape in enumerate(shapes)]
+        batches += [pad_trees([suffix_tree(c) for c in committed])] if shapes else []
+        batches.append(head_trees(committed))
+    batch = merge(batches)
+    if adaptive or method in ("suffix_merged", "head_merged"):  # the nodes most likely accepted, as many as a random cost model would take
         keep = torch.stack([torch.randint(0, int(n), (), generator=seq.generator) for n in batch.sizes])
         batch = batch.select(best_nodes(batch, path_probability(batch, batch.confidence), keep))
     trees = [batch.tree(b) for b in range(len(committed))]
@@ -127,7 +158,7 @@ def decode_step(shapes: tuple[tuple[int, ...], ...], method: str, seq: Sequence,
                 q = torch.stack([torch.stack([torch.softmax(ssm_logits(s, node_prefix[u]), -1) for u in range(tree.size)])
                                  for s in range(len(shapes))])
                 tree = replace(tree, selected=False, draft_probs=q)
-            if method == "suffix_trusted":  # the deliberate bug: earlier text taken as a draw from the LLM itself
+            if method in ("suffix_trusted", "head_trusted"):  # the deliberate bug: candidates taken as draws from the LLM itself
                 tree = replace(tree, selected=False, draft_probs=p[None])
             if method == "naive":
                 verdicts.append(naive_verify(tree, p, seq.generator))
@@ -218,4 +249,18 @@ def test_suffix_trees_preserve_llm_distribution(shapes):
 
 def test_suffix_candidates_trusted_as_draws_from_the_llm_fail_the_same_test():
     tv, bound = tv_and_bound(empirical((), "suffix_trusted", seed=1234), SAMPLES)
+    assert tv > bound, f"wrong verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"
+
+
+@pytest.mark.parametrize("shapes", [(), ((1, 2),)], ids=["head_alone", "merged_with_suffix_and_ssm"])
+def test_head_trees_preserve_llm_distribution(shapes):
+    """The draft head's candidates (its top children, level by level) are selected, tested as one-hot
+    draws: exact, alone and merged with the suffix proposer's and an SSM's trees (pruned at random)."""
+    method = "head_merged" if shapes else "head"
+    tv, bound = tv_and_bound(empirical(shapes, method, seed=1234), SAMPLES)
+    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+
+
+def test_head_candidates_trusted_as_draws_from_the_llm_fail_the_same_test():
+    tv, bound = tv_and_bound(empirical((), "head_trusted", seed=1234), SAMPLES)
     assert tv > bound, f"wrong verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"

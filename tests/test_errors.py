@@ -105,7 +105,7 @@ def test_ssm_with_another_vocabulary(tmp_path, models):
 
 
 def test_tree_too_large_for_the_ssms(models):
-    with pytest.raises(ValueError, match="with 2 SSM\\(s\\) and 0 suffix nodes builds up to 89 tree tokens, more than max_tree_tokens=64"):
+    with pytest.raises(ValueError, match="with 2 SSM\\(s\\), 0 suffix and 0 head nodes builds up to 89 tree tokens, more than max_tree_tokens=64"):
         SpecInferEngine.from_pretrained(models["llm"], [models["close"], models["other"]],
                                         tree=TreeConfig(expansion=(4, 2, 2, 1), max_tree_tokens=64))
 

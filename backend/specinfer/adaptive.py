@@ -207,17 +207,22 @@ class RateCorrection:
 class AdaptivePolicy:
     """Adaptive trees' three decisions and everything they learn from, in one owner.
 
-    ``plan``: which requests the SSMs draft this step and how deep (a request whose suffix tree
-    already promises what its SSMs would add is left to it); ``prune``: which nodes of the merged
-    trees are verified; ``observe``: what verification accepted and how the step's rate compared
-    with the prediction. State: acceptance models of SSM and suffix nodes, expected gains per
+    ``plan``: which requests the SSMs draft this step and how deep (a request whose model-free
+    trees, the suffix proposer's and the draft head's, already promise what its SSMs would add is
+    left to them); ``prune``: which nodes of the merged trees are verified; ``observe``: what
+    verification accepted and how the step's rate compared with the prediction. State: acceptance
+    models of each proposer kind's nodes, expected gains per
     drafted depth (per cache row and overall), the probes that try drafting again while it does not
     pay, the rate correction. Forward costs are the runners' own measurements (``cost_model.py``).
     """
 
-    def __init__(self, llm: ModelRunner, ssms: list[ModelRunner], tree: TreeConfig, rows: int, suffix: bool) -> None:
-        self.llm, self.ssms, self.tree, self.suffix = llm, ssms, tree, suffix
-        self.ssm_acceptance, self.suffix_acceptance = AcceptanceModel(), AcceptanceModel()
+    def __init__(self, llm: ModelRunner, ssms: list[ModelRunner], tree: TreeConfig, rows: int,
+                 free: tuple[str, ...] = ()) -> None:
+        """``free``: the proposers that draft for every request without an SSM forward (``"suffix"``,
+        ``"head"``), in the order of their ``TreeBatch.proposals`` columns after the SSMs'."""
+        self.llm, self.ssms, self.tree, self.free = llm, ssms, tree, free
+        self.ssm_acceptance = AcceptanceModel()
+        self.free_acceptance = {kind: AcceptanceModel() for kind in free}
         self.rates = RateCorrection()
         self.depth_gains = torch.tensor([0.5 ** (j + 1) for j in range(tree.depth)])  # prior until drafts are seen
         self.row_gains = torch.full((rows, tree.depth), float("nan"))  # nan: the row's request has no drafts yet
@@ -232,12 +237,14 @@ class AdaptivePolicy:
         g = self.row_gains[rows]
         return torch.where(torch.isnan(g), self.depth_gains, g)
 
-    def node_rates(self, batch: TreeBatch, ssm_only: bool = False) -> torch.Tensor:
-        """``[B, N]`` P(node accepted | parent accepted): the best of its proposers' acceptance models."""
-        by, n = batch.proposals > 0, len(self.ssms)
+    def node_rates(self, batch: TreeBatch, ssm_only: bool = False, ssm_columns: int | None = None) -> torch.Tensor:
+        """``[B, N]`` P(node accepted | parent accepted): the best of its proposers' acceptance models.
+        ``ssm_columns``: how many SSM columns ``batch`` has (the model-free proposers' trees alone: 0)."""
+        by = batch.proposals > 0
+        n = len(self.ssms) if ssm_columns is None else ssm_columns
         rate = torch.where(by[..., :n].any(dim=-1), self.ssm_acceptance.rate(batch.confidence), 0.0)
-        if self.suffix and not ssm_only:
-            rate = torch.maximum(rate, torch.where(by[..., n], self.suffix_acceptance.rate(batch.confidence), 0.0))
+        for i, kind in enumerate(() if ssm_only else self.free):
+            rate = torch.maximum(rate, torch.where(by[..., n + i], self.free_acceptance[kind].rate(batch.confidence), 0.0))
         return rate
 
     def worth_proposing(self, batch: int) -> bool:
@@ -256,15 +263,16 @@ class AdaptivePolicy:
             return True
         wider = self.llm.costs.predict(2 * batch, tree=batch > 1, rows=batch)
         needed = (wider - one) / batch * self.predicted_rate / self.rates.factor(batch)
-        models = ([self.ssm_acceptance] if self.ssms else []) + ([self.suffix_acceptance] if self.suffix else [])
+        models = ([self.ssm_acceptance] if self.ssms else []) + list(self.free_acceptance.values())
         return needed < max(m.best() for m in models)
 
-    def plan(self, seqs: list[Sequence], suffix: TreeBatch | None) -> Plan:
-        """The requests the SSMs draft this step, and how deep (0: none)."""
+    def plan(self, seqs: list[Sequence], free: TreeBatch | None) -> Plan:
+        """The requests the SSMs draft this step, and how deep (0: none); ``free``: the model-free
+        proposers' trees, merged."""
         rows = [s.row for s in seqs]
         chosen = torch.full((len(seqs),), bool(self.ssms))
-        if suffix is not None and self.ssms:
-            promise = path_probability(suffix, self.suffix_acceptance.rate(suffix.confidence)).sum(dim=1) - 1
+        if free is not None and self.ssms:
+            promise = path_probability(free, self.node_rates(free, ssm_columns=0)).sum(dim=1) - 1
             chosen = promise < self.gains(rows).sum(dim=1)
         picked = chosen.nonzero().flatten()
         if not len(picked):
@@ -330,8 +338,8 @@ class AdaptivePolicy:
         by, n = (batch.proposals > 0) & ok[:, None, None], len(self.ssms)
         if n:
             self.ssm_acceptance.observe(batch, on_path, by[..., :n].any(dim=-1))
-        if self.suffix:
-            self.suffix_acceptance.observe(batch, on_path, by[..., n])
+        for i, kind in enumerate(self.free):
+            self.free_acceptance[kind].observe(batch, on_path, by[..., n + i])
         self.rates.observe(batch.tokens.shape[0], batch.tokens.shape[1] > 1, self.predicted_rate, realised)
 
     def calibrate(self, rows: int, tree_tokens: int) -> None:

@@ -16,7 +16,7 @@ GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would
 VERIFIERS = ("mss", "naive", "gumbel")
 ATTENTION = ("sdpa", "triton")
 SSM_ENGINES = ("torch", "onnxruntime", "tensorrt")
-PROPOSERS = ("suffix", "ssm")
+PROPOSERS = ("suffix", "ssm", "head")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPUs whose matrix units compute bfloat16
 
@@ -161,9 +161,11 @@ class TreeConfig:
     cost model of the forwards measured on this machine (``adaptive.py``). Candidates are then
     selected by confidence, never sampled, for every request.
 
-    ``proposers``: where draft nodes come from, ``"ssm"`` (the SSMs' expansion trees) and/or
-    ``"suffix"`` (``suffix``: continuations of text already seen, no model forward); their trees
-    are merged. With ``"suffix"`` every candidate is selected, never sampled.
+    ``proposers``: where draft nodes come from, any of ``"ssm"`` (the SSMs' expansion trees),
+    ``"suffix"`` (``suffix``: continuations of text already seen, no model forward) and ``"head"``
+    (the draft head reading the LLM's last hidden state, ``proposers/head.py``; its tree has
+    ``head_expansion[d]`` children under every node of level ``d``); their trees are merged. With
+    ``"suffix"`` or ``"head"`` every candidate is selected, never sampled.
 
     ``max_speculative_batch``: a step whose batch has more requests decodes plainly (0: any batch
     speculates), as vLLM's ``disable_by_batch_size``: on a machine where verifying extra tokens
@@ -179,10 +181,14 @@ class TreeConfig:
     proposers: tuple[str, ...] = ("ssm",)
     suffix: SuffixConfig = field(default_factory=SuffixConfig)
     max_speculative_batch: int = 0
+    head_expansion: tuple[int, ...] = (3, 1, 1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "expansion", tuple(self.expansion))
         object.__setattr__(self, "proposers", tuple(self.proposers))
+        object.__setattr__(self, "head_expansion", tuple(self.head_expansion))
+        if not self.head_expansion or any(not isinstance(k, int) or k < 1 for k in self.head_expansion):
+            raise ValueError(f"head_expansion must be integers >= 1 (children per node at each level), got {self.head_expansion!r}")
         unknown = [p for p in self.proposers if p not in PROPOSERS]
         if unknown or len(set(self.proposers)) != len(self.proposers):
             raise ValueError(f"proposers must be distinct names among {PROPOSERS}, got {self.proposers!r}")
@@ -217,15 +223,20 @@ class TreeConfig:
 
     @property
     def selected(self) -> bool:
-        """Every candidate is selected by confidence (adaptive trees, suffix trees), none sampled."""
-        return self.adaptive or "suffix" in self.proposers
+        """Every candidate is selected by confidence (adaptive trees, suffix and head trees), none sampled."""
+        return self.adaptive or "suffix" in self.proposers or "head" in self.proposers
+
+    def head_nodes(self) -> int:
+        """Draft nodes the head proposes (root excluded)."""
+        return sum(math.prod(self.head_expansion[: d + 1]) for d in range(len(self.head_expansion)))
 
     def check_size(self, num_ssms: int) -> None:
         suffix = self.suffix.max_nodes if "suffix" in self.proposers else 0
-        size = 1 + num_ssms * self.nodes_per_ssm() + suffix
+        head = self.head_nodes() if "head" in self.proposers else 0
+        size = 1 + num_ssms * self.nodes_per_ssm() + suffix + head
         if size > self.max_tree_tokens:
             raise ValueError(
-                f"expansion {self.expansion} with {num_ssms} SSM(s) and {suffix} suffix nodes builds up to "
+                f"expansion {self.expansion} with {num_ssms} SSM(s), {suffix} suffix and {head} head nodes builds up to "
                 f"{size} tree tokens, more than max_tree_tokens={self.max_tree_tokens}"
             )
 

@@ -1,7 +1,8 @@
 """SpecInferEngine: speculate with the SSMs, verify every tree in one LLM forward, commit.
 
 One iteration (``step``) is a pipeline over all running requests at once: admit + prefill
-newcomers, ``propose`` (the proposers' trees merged into one ``TreeBatch``; adaptive trees let
+newcomers, ``propose`` (the proposers' trees, the SSMs', the suffix proposer's and the draft head's,
+merged into one ``TreeBatch``; adaptive trees let
 ``AdaptivePolicy`` choose what to draft and verify), ``score`` (one LLM forward), ``verify`` (one
 batched greedy verification; the sampling verifiers request by request), ``commit`` (accepted K/V
 moved in one copy per model, then tokens out from one transfer of the step's results).
@@ -27,7 +28,7 @@ from .logits_processors import process_batch
 from .model import Transformer
 from .model.batch_invariance import MAX_TREE_TOKENS
 from .model.cuda_graphs import GraphedModel
-from .proposers import Plan, SsmProposer, SuffixProposer
+from .proposers import DraftHead, HeadProposer, Plan, SsmProposer, SuffixProposer
 from .runner import ModelRunner, NodeBatch, chain_batch
 from .runtimes import load_model
 from .sampling import gumbel_choice, make_generator, sample, target_probs, target_scores
@@ -80,7 +81,7 @@ class GenerationResult:
 class SpecInferEngine:
     def __init__(
         self, llm: Transformer, ssms: Seq[Transformer] = (), config: EngineConfig = EngineConfig(),
-        tokenizer: TextTokenizer | None = None,
+        tokenizer: TextTokenizer | None = None, head: DraftHead | None = None,
     ) -> None:
         vocab = llm.args.vocab_size
         for i, ssm in enumerate(ssms):
@@ -91,6 +92,11 @@ class SpecInferEngine:
         tree = config.tree
         if "ssm" not in tree.proposers:
             ssms = []  # loaded but not asked for
+        if "head" in tree.proposers and head is None:
+            raise ValueError("proposers include 'head' but no draft head was given (from_pretrained(head=FOLDER))")
+        if "head" in tree.proposers and (not isinstance(llm, Transformer) or config.cuda_graphs):
+            raise ValueError("the draft head reads the LLM's hidden states: it needs the eager PyTorch LLM "
+                             "(not tensor-parallel, not with CUDA graphs)")
         tree.check_size(max(1, len(ssms)))
         if config.batch_invariant and config.attention == "sdpa" and tree.max_tree_tokens > MAX_TREE_TOKENS:
             raise ValueError(f"max_tree_tokens={tree.max_tree_tokens} is more than the batch-invariant attention "
@@ -119,11 +125,15 @@ class SpecInferEngine:
         self._ids = count()
         self.drafters = [SsmProposer(runner, i, tree) for i, runner in enumerate(self.ssms)]
         self.suffix = SuffixProposer(tree.suffix) if "suffix" in tree.proposers else None
-        self.columns = ["ssm"] * len(self.ssms) + (["suffix"] if self.suffix else [])  # TreeBatch.proposals' columns
-        self.policy = (AdaptivePolicy(self.llm, self.ssms, tree, config.max_batch_size, self.suffix is not None)
+        self.head = (HeadProposer(head, llm.model.embed_tokens.weight, llm.lm_head.weight, config.max_batch_size,
+                                  tree.head_expansion) if "head" in tree.proposers else None)
+        self.free = [p for p in (self.suffix, self.head) if p is not None]  # draft for every request, no SSM forward
+        self.columns = ["ssm"] * len(self.ssms) + [p.name for p in self.free]  # TreeBatch.proposals' columns
+        self.policy = (AdaptivePolicy(self.llm, self.ssms, tree, config.max_batch_size, tuple(self.columns[len(self.ssms):]))
                        if tree.adaptive and self.columns else None)
         if self.policy is not None:
-            largest = len(self.ssms) * tree.nodes_per_ssm() + 1 + (tree.suffix.max_nodes if self.suffix else 0)
+            largest = (len(self.ssms) * tree.nodes_per_ssm() + 1 + (tree.suffix.max_nodes if self.suffix else 0)
+                       + (tree.head_nodes() if self.head else 0))
             self.policy.calibrate(config.max_batch_size, largest)
 
     @classmethod
@@ -132,9 +142,11 @@ class SpecInferEngine:
         device: str = "cpu", dtype: str = "float32", max_batch_size: int = 16, max_context: int | None = None,
         attention: str | None = None, tensor_parallel_size: int = 1, workers: "Workers | None" = None,
         ssm_engine: str = "torch", cuda_graphs: bool | None = None, batch_invariant: bool = True, offload: str = "none",
+        head: str | Path | None = None,
     ) -> "SpecInferEngine":
         """``tensor_parallel_size > 1`` shards the LLM over that many processes (``parallel/``), spawned
-        here unless ``workers`` says otherwise (``parallel.MpiWorkers`` under mpiexec); ``close()`` stops them."""
+        here unless ``workers`` says otherwise (``parallel.MpiWorkers`` under mpiexec); ``close()`` stops them.
+        ``head``: a draft head's folder (``proposers/head.py``), for ``tree.proposers`` with ``"head"``."""
         config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree,
                               attention=attention, tensor_parallel_size=tensor_parallel_size, ssm_engine=ssm_engine,
                               cuda_graphs=cuda_graphs, batch_invariant=batch_invariant, offload=offload)
@@ -149,7 +161,9 @@ class SpecInferEngine:
             context = max_context or target.args.max_position_embeddings
             slots = context + tree.max_tree_tokens + 1
             drafts = [load_model(ssm_engine, s, device, DTYPES[dtype], max_batch_size, slots, context, tree) for s in ssms]
-            return cls(target, drafts, config, TextTokenizer.from_checkpoint(llm))
+            drafter = (DraftHead.from_pretrained(head, target.args.hidden_size)
+                       if head is not None and "head" in tree.proposers else None)
+            return cls(target, drafts, config, TextTokenizer.from_checkpoint(llm), drafter)
         except BaseException:
             close = getattr(target, "close", None)
             if close is not None:
@@ -270,9 +284,14 @@ class SpecInferEngine:
         if active:
             began, emitted = time.perf_counter(), sum(len(s.output) for s in active)
             batch, drafted = self.propose(active, speculate)
-            logits = process_batch(self.score(active, batch), active, batch)
+            logits, hidden = self.score(active, batch)
+            logits = process_batch(logits, active, batch)
             verdicts, ok = self.verify(active, batch, logits)
             self.commit(active, batch, verdicts, ok, drafted, logits)
+            if self.head is not None:  # the state at each request's last verified node, for its next tree
+                nodes = torch.cat([torch.zeros(len(active), 1, dtype=torch.long), verdicts.path], dim=1)  # root first
+                last = nodes.gather(1, verdicts.lengths[:, None])[:, 0].to(hidden.device)
+                self.head.remember([s.row for s in active], hidden[torch.arange(len(active), device=hidden.device), last])
             if self.policy is not None and speculate:
                 realised = (sum(len(s.output) for s in active) - emitted) / (time.perf_counter() - began)
                 self.policy.observe(batch, verdicts.on_path(batch.tokens.shape[1]), ok, realised)
@@ -284,14 +303,20 @@ class SpecInferEngine:
         return new + active
 
     def forward_seconds(self) -> float:
-        return self.llm.seconds + sum(r.seconds for r in self.ssms)
+        return self.llm.seconds + sum(r.seconds for r in self.ssms) + (self.head.seconds if self.head else 0.0)
+
+    def drafting_seconds(self) -> float:
+        return sum(r.seconds for r in self.ssms) + (self.head.seconds if self.head else 0.0)
 
     def prefill(self, seqs: list[Sequence]) -> None:
         """The prompt through the LLM in one chunk per request; its last logits give the first token.
         The SSMs see it only when they first draft for the request (``draft.catch_up``)."""
         rows, chunks = [s.row for s in seqs], chain_batch([s.prompt for s in seqs])
         last = torch.tensor([len(s.prompt) - 1 for s in seqs])
-        logits = self.llm.forward(rows, [0] * len(seqs), chunks, output_index=last, priced=False)
+        logits = self.llm.forward(rows, [0] * len(seqs), chunks, output_index=last, priced=False, hidden=self.head is not None)
+        if self.head is not None:
+            logits, hidden = logits
+            self.head.remember(rows, hidden)
         self.stats.prefill_forwards += 1
         if self.policy is not None:
             self.policy.admit(rows)
@@ -328,23 +353,25 @@ class SpecInferEngine:
         if (not speculate or not self.columns  # worth_proposing first: it sets the plain step's predicted rate
                 or (self.policy is not None and not self.policy.worth_proposing(b)) or 0 < limit < b):
             return roots(last, len(self.columns)), torch.zeros(b, dtype=torch.long)
-        suffix = self.suffix.propose(seqs) if self.suffix is not None else None
-        plan = Plan(torch.full((b,), bool(self.ssms)), self.tree.depth) if self.policy is None else self.policy.plan(seqs, suffix)
-        before = sum(r.seconds for r in self.ssms)
+        before = self.drafting_seconds()
+        free = [proposer.propose(seqs, last) for proposer in self.free]
+        plan = (Plan(torch.full((b,), bool(self.ssms)), self.tree.depth) if self.policy is None
+                else self.policy.plan(seqs, merge(free) if free else None))
         parts = [proposer.propose(seqs, last, plan) for proposer in self.drafters]
-        batch = merge(parts + ([suffix] if suffix is not None else []))
+        batch = merge(parts + free)
         if self.policy is not None:
-            spent = sum(r.seconds for r in self.ssms) - before
-            batch = self.policy.prune(batch, [s.row for s in seqs], plan, spent)
+            batch = self.policy.prune(batch, [s.row for s in seqs], plan, self.drafting_seconds() - before)
         return batch, torch.where(plan.chosen, plan.depth, 0)
 
-    def score(self, seqs: list[Sequence], batch: TreeBatch) -> torch.Tensor:
-        """One LLM forward over every request's tree: logits ``[B, N, V]`` at every node."""
+    def score(self, seqs: list[Sequence], batch: TreeBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One LLM forward over every request's tree: logits ``[B, N, V]`` at every node, and the
+        hidden states there (``[B, N, H]``) where the draft head reads them."""
         b, n = batch.tokens.shape
         self.stats.verify_forwards += 1
         self.stats.verify_requests += b
         nodes = NodeBatch(batch.tokens, torch.arange(n).expand(b, n), batch.depths, batch.ancestors, batch.valid)
-        return self.llm.forward([s.row for s in seqs], [s.llm_len for s in seqs], nodes)
+        out = self.llm.forward([s.row for s in seqs], [s.llm_len for s in seqs], nodes, hidden=self.head is not None)
+        return out if self.head is not None else (out, None)
 
     def verify(self, seqs: list[Sequence], batch: TreeBatch, logits: torch.Tensor) -> tuple[Verdicts, torch.Tensor]:
         """Every request's verdict, and ``[B]`` whether it stands (a request whose verification
@@ -425,8 +452,10 @@ class SpecInferEngine:
         tokens = batch.tokens[lines, safe]
         by = batch.proposals[lines, safe] > 0  # [B, D, P]
         n = len(self.ssms)
-        kinds = torch.stack([by[..., :n].any(dim=-1), by[..., n] if self.suffix else torch.zeros(by.shape[:2], dtype=torch.bool)], -1)
-        credit = torch.cumsum(kinds.long(), dim=1)  # [B, D, 2] accepted draft tokens per proposer kind, by length
+        names = (["ssm"] if n else []) + self.columns[n:]
+        kinds = torch.stack(([by[..., :n].any(dim=-1)] if n else []) + [by[..., n + i] for i in range(len(self.free))]
+                            + [torch.zeros(by.shape[:2], dtype=torch.bool)], -1)  # (+ a column for no proposer)
+        credit = torch.cumsum(kinds.long(), dim=1)  # [B, D, K] accepted draft tokens per proposer kind, by length
         host = (tokens.tolist(), verdicts.lengths.tolist(), verdicts.bonus.tolist(), ok.tolist(), batch.sizes.tolist(),
                 credit.tolist(), [c.tolist() for c in ssm_counts])
         for b, (seq, toks, length, bonus, good, size, cred) in enumerate(zip(seqs, *host[:6])):
@@ -447,9 +476,7 @@ class SpecInferEngine:
             if size == 1:
                 continue
             self.stats.accepted_lengths[accepted] += 1
-            for kind, name in ((0, "ssm"), (1, "suffix")):
-                if (name == "ssm" and not n) or (name == "suffix" and self.suffix is None):
-                    continue
+            for kind, name in enumerate(names):
                 got = cred[accepted - 1][kind] if accepted else 0
                 seq.accepted_by_proposer[name] += got
                 self.stats.accepted_by_proposer[name] += got

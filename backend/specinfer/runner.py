@@ -89,9 +89,10 @@ class ModelRunner:
 
     def forward(
         self, rows: list[int], lengths: list[int], nodes: NodeBatch, output_index: torch.Tensor | None = None,
-        priced: bool = True,
-    ) -> torch.Tensor:
-        """Logits at every fed node (``[B, T, V]``), or at ``output_index [B]`` only (``[B, V]``).
+        priced: bool = True, hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits at every fed node (``[B, T, V]``), or at ``output_index [B]`` only (``[B, V]``);
+        ``hidden``: and the LLM's final hidden states there (an eager ``Transformer`` only).
         ``priced``: a forward of the kinds adaptive trees price (decoding, verifying, drafting), whose
         time teaches the cost curve; prompts are not (one row of many tokens costs unlike many rows
         of a few, at the same count)."""
@@ -104,7 +105,8 @@ class ModelRunner:
         start = time.perf_counter()
         inputs = (nodes.tokens.to(dev), positions.to(dev), self.cache, self.cache.rows_index(rows, dev),
                   slots.to(dev), visibility.to(dev), None if output_index is None else output_index.to(dev))
-        logits = self.model(*inputs, valid=nodes.valid) if self.packs else self.model(*inputs)
+        extra = {"hidden": True} if hidden else {}
+        logits = self.model(*inputs, valid=nodes.valid, **extra) if self.packs else self.model(*inputs, **extra)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start

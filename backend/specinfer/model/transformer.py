@@ -269,14 +269,16 @@ class Transformer(nn.Module):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: Rows,
         slots: torch.Tensor, visibility: Visibility, output_index: torch.Tensor | None = None,
-        valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        valid: torch.Tensor | None = None, hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, T, V]`` for ``tokens [B, T]`` at ``positions``, written to ``slots`` of ``rows``.
 
         ``visibility`` says which cache slots each token attends to (its own slot included), in the
         form of the chosen attention backend (``attention.py``). With ``output_index [B]`` only that token of each row reaches the LM head
         and the result is ``[B, V]``; ``output_index [B, G]`` gives ``[B, G, V]`` (exported graphs take that form).
         ``valid [B, T]``: the real tokens; the padding's are not computed (``Packing``; logits 0 there).
+        ``hidden``: also return the final normed hidden states the logits were read from (the draft
+        head's input, ``proposers/head.py``), shaped as the logits but ``H`` wide.
         """
         packing = Packing(valid, tokens.device)
         freqs = positions[..., None].float() * self.inv_freq
@@ -286,8 +288,13 @@ class Transformer(nn.Module):
         for layer in self.model.layers if self.streamer is None else self.streamer:
             x = layer(x, cos, sin, cache, rows, slots, visibility, packing)
         if output_index is None:
-            return packing.unpack(self.lm_head(self.model.norm(x)).float())
+            normed = self.model.norm(x)
+            logits = packing.unpack(self.lm_head(normed).float())
+            return (logits, packing.unpack(normed)) if hidden else logits
         if packing.index is None:
             batch = torch.arange(x.shape[0], device=x.device).view(-1, *[1] * (output_index.dim() - 1))
-            return self.lm_head(self.model.norm(x[batch, output_index])).float()
-        return self.lm_head(self.model.norm(x[packing.position(output_index)])).float()
+            normed = self.model.norm(x[batch, output_index])
+        else:
+            normed = self.model.norm(x[packing.position(output_index)])
+        logits = self.lm_head(normed).float()
+        return (logits, normed) if hidden else logits

@@ -42,6 +42,7 @@ class Parameter:
 PARAMETERS = (
     Parameter("llm", str, "model"),  # a path, relative to the repository folder or absolute
     Parameter("ssms", names, "model"),  # comma-separated paths
+    Parameter("head", str, "model"),  # the draft head's folder, a path as llm's (for proposers with "head")
     Parameter("speculate", boolean, "model"),  # false: no SSMs and no proposers (the incremental model)
     Parameter("device", str),
     Parameter("dtype", str),
@@ -59,6 +60,7 @@ PARAMETERS = (
     Parameter("adaptive", boolean, "tree"),
     Parameter("proposers", parse_proposers, "tree"),
     Parameter("max_speculative_batch", int, "tree"),
+    Parameter("head_expansion", parse_expansion, "tree"),
     Parameter("suffix_global_tokens", int, "suffix"),
 )
 BY_KEY = {p.key: p for p in PARAMETERS}
@@ -101,12 +103,13 @@ def engine_from_parameters(params: Mapping[str, str], model_dir: Path) -> SpecIn
     if "llm" not in values:
         raise ValueError(f"parameters of {model_dir} name no llm: not a decoding model's")
     if not values.get("speculate", True):
-        values["ssms"], values["proposers"] = (), ()  # nothing to draft with: plain incremental decoding
+        values["ssms"], values["proposers"], values["head"] = (), (), None  # nothing to draft with: plain decoding
     given = lambda into: {p.key: values[p.key] for p in PARAMETERS if p.into == into and p.key in values}  # noqa: E731
     suffix = SuffixConfig(**{k.removeprefix("suffix_"): v for k, v in given("suffix").items()})
     return SpecInferEngine.from_pretrained(
         repository_path(values["llm"], model_dir), [repository_path(s, model_dir) for s in values.get("ssms", ())],
-        tree=TreeConfig(**given("tree"), suffix=suffix), **given("engine"))
+        tree=TreeConfig(**given("tree"), suffix=suffix), **given("engine"),
+        head=repository_path(values["head"], model_dir) if values.get("head") else None)
 
 
 def engine_from_config(config_pbtxt_path: str | Path, overrides: Mapping[str, object] | None = None) -> SpecInferEngine:

@@ -13,14 +13,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import EngineConfig, SuffixConfig, TreeConfig
+from ..config import PROPOSERS, EngineConfig, SuffixConfig, TreeConfig
 from .parameters import PARAMETERS, text
 from .requests import Limits
 
 COUNTERS = [("num_output_tokens", "TYPE_INT32"), ("num_llm_steps", "TYPE_INT32"),
             ("total_draft_tokens", "TYPE_INT32"), ("total_accepted_draft_tokens", "TYPE_INT32"),
-            ("acceptance_rate", "TYPE_FP32"),
-            ("accepted_draft_tokens_suffix", "TYPE_INT32"), ("accepted_draft_tokens_ssm", "TYPE_INT32")]  # by proposer
+            ("acceptance_rate", "TYPE_FP32")] + [(f"accepted_draft_tokens_{p}", "TYPE_INT32") for p in PROPOSERS]
 # TensorRT-LLM's log-prob outputs ([batch, beam] and [batch, beam, tokens]) and perf metrics ([batch, 1])
 LOG_PROBS = [("cum_log_probs", "TYPE_FP32", "1"), ("output_log_probs", "TYPE_FP32", "1, -1")]
 PERF_METRICS = [(n, "TYPE_INT64", "1") for n in (
@@ -78,6 +77,8 @@ class RepositoryOptions:
 
     llm: str = "../engines/demo/llm"
     ssms: tuple[str, ...] = ("../engines/demo/ssm-a",)  # the fastest demo set measured (README, Benchmarks)
+    head: str | None = None  # the draft head's folder (proposers with "head")
+    head_expansion: tuple[int, ...] = TreeConfig.head_expansion  # the head's tree: children per node at each level
     expansion: tuple[int, ...] = (1, 1)  # the largest adaptive tree: the demo SSMs match ~40% of tokens
     max_tree_tokens: int = TreeConfig.max_tree_tokens
     device: str = "cpu"
@@ -146,7 +147,7 @@ def decoding_config(name: str, opts: RepositoryOptions, speculate: bool) -> str:
     outputs += [tensor(n, t, d) for n, t, d in PASSED]
     values = {p.key: getattr(opts, p.key) for p in PARAMETERS if hasattr(opts, p.key)} | {"speculate": speculate}
     if not speculate:  # the incremental model: nothing to draft with
-        values |= {"ssms": (), "adaptive": False, "proposers": ()}
+        values |= {"ssms": (), "adaptive": False, "proposers": (), "head": None}
     params = {p.key: text(values[p.key]) for p in PARAMETERS if p.key in values} | opts.limits.parameters()
     return python_model(name, inputs, outputs, params, decoupled=True)
 

@@ -1,0 +1,188 @@
+"""Train the demo LLM's draft head (``specinfer/proposers/head.py``) reproducibly, on the CPU.
+
+Stages, cached under engines/demo/build/head/ (git-ignored), fixed seeds throughout:
+1. ``data``: make_demo_models' train prompts (held-out topics, tasks and source files never used),
+   plus chat requests about train code windows (explain, comment, rewrite, review) and more chat
+   templates over the train topics; the LLM's greedy continuations (bfloat16, batched incremental
+   decoding) and its final hidden states along them (one prefill each).
+2. ``train``: the head learns, from the hidden state at position t and the tokens after it, to
+   predict the LLM's tokens t+2 .. t+1+DEPTH (teacher-forced, unrolled DEPTH steps; cross-entropy
+   over the head's vocabulary, the tokens the continuations used).
+3. ``report``: on the held-out prompts of engines/demo/prompts.json and workloads.json (never trained
+   on), the head's top-1 agreement with the LLM per drafted depth, into engines/demo/head/config.json.
+
+  python build_scripts/make_draft_head.py                 # every missing stage
+  python build_scripts/make_draft_head.py --stage train --steps 1500 --force
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_demo_models as demo  # noqa: E402  (its prompt sets: one definition of train and held-out)
+
+from specinfer import SamplingParams, SpecInferEngine  # noqa: E402
+from specinfer.proposers.head import DraftHead  # noqa: E402
+from specinfer.runner import ModelRunner, chain_batch  # noqa: E402
+
+BUILD = demo.DEMO / "build" / "head"
+OUTPUT = demo.DEMO / "head"
+DEPTH = 3  # drafted tokens the training unrolls
+WIDTH = 1152  # the MLP's inner width (2x the demo LLM's hidden size)
+MAX_VOCAB = 8192
+NEW_TOKENS = 128
+CODE_REQUESTS = ["Explain what this code does:\n\n{}", "Add comments to this code and return it:\n\n{}",
+                 "Rewrite this code to be more readable:\n\n{}", "Is there a bug in this code?\n\n{}"]
+MORE_CHAT = ["List some tips for {}.", "How do I get started with {}?", "Tell me about the history of {}.",
+             "What should a beginner know about {}?"]
+
+
+def log(msg: str) -> None:
+    print(f"[head] {msg}", flush=True)
+
+
+def train_prompts(tok) -> list[list[int]]:
+    """make_demo_models' train prompts and the extra chat requests, as token ids."""
+    sets = demo.prompt_sets(tok, windows=256)["train"]
+    prompts = [ids for items in sets.values() for _, ids in items]
+    chat = lambda q: tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))  # noqa: E731
+    prompts += [chat(t.format(topic)) for topic in demo.TOPICS if not demo.held_out(topic) for t in MORE_CHAT]
+    train_files, _ = demo.stdlib_files()
+    windows = demo.code_windows(train_files, tok, 2 * len(CODE_REQUESTS) * 40, seed=3)
+    prompts += [chat(CODE_REQUESTS[i % len(CODE_REQUESTS)].format(tok.decode(ids))) for i, ids in enumerate(windows)]
+    return prompts
+
+
+def held_out_prompts(tok) -> dict[str, list[list[int]]]:
+    chat = lambda msgs: tok.encode(tok.apply_chat_template(msgs))  # noqa: E731
+    prompts = json.loads((demo.DEMO / "prompts.json").read_text())
+    workloads = json.loads((demo.DEMO / "workloads.json").read_text())
+    return {"open": [chat([{"role": "user", "content": q}]) for q in prompts["chat"]] + [tok.encode(t) for t in prompts["text"]],
+            "code": [tok.encode(t) for t in prompts["code"]],
+            "grounded": [chat(m) for m in workloads["grounded"]], "multi_turn": [chat(m) for m in workloads["multi_turn"]]}
+
+
+def continue_and_read(engine: SpecInferEngine, prompts: list[list[int]], chunk: int = 128) -> dict:
+    """The LLM's greedy continuations of ``prompts`` and its final hidden states along them."""
+    seqs, start = [], time.monotonic()
+    for i in range(0, len(prompts), chunk):
+        out = engine.generate(prompts[i:i + chunk], SamplingParams(max_tokens=NEW_TOKENS), speculate=False)
+        seqs += [p + r.token_ids for p, r in zip(prompts[i:i + chunk], out)]
+        log(f"  {len(seqs)}/{len(prompts)} continuations ({time.monotonic() - start:.0f} s)")
+    model = engine.llm.model
+    runner = ModelRunner(model, 32, max(len(s) for s in seqs) + 2, "sdpa", False)
+    hidden = []
+    for i in range(0, len(seqs), 32):
+        part = seqs[i:i + 32]
+        _, h = runner.forward(list(range(len(part))), [0] * len(part), chain_batch(part), hidden=True)
+        hidden += [h[b, : len(s)].to(torch.bfloat16).clone() for b, s in enumerate(part)]
+    return {"seqs": seqs, "starts": [len(p) - 1 for p in prompts], "hidden": hidden}
+
+
+def stage_data(llm: Path) -> None:
+    engine = SpecInferEngine.from_pretrained(llm, dtype="bfloat16", max_batch_size=128, max_context=640,
+                                             batch_invariant=False)
+    tok = engine.tokenizer
+    BUILD.mkdir(parents=True, exist_ok=True)
+    prompts = [p[-448:] for p in train_prompts(tok)]
+    log(f"{len(prompts)} train prompts")
+    torch.save(continue_and_read(engine, prompts), BUILD / "train.pt")
+    held = held_out_prompts(tok)
+    torch.save({kind: continue_and_read(engine, ps) for kind, ps in held.items()}, BUILD / "held_out.pt")
+
+
+def windows(data: dict, vocab_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every output position t: the hidden state there and the tokens t+1 .. t+1+DEPTH (-1 past the
+    end; targets outside the head's vocabulary are -1 as labels too, but still fed)."""
+    hs, xs = [], []
+    for seq, first, h in zip(data["seqs"], data["starts"], data["hidden"]):
+        s, n = torch.tensor(seq), len(seq)
+        t = torch.arange(first, n - 2)
+        if len(t):
+            idx = t[:, None] + torch.arange(1, DEPTH + 2)
+            xs.append(torch.where(idx < n, s[idx.clamp(max=n - 1)], -1))
+            hs.append(h[t])
+    return torch.cat(hs), torch.cat(xs)
+
+
+def unrolled(head: DraftHead, embed: torch.Tensor, output: torch.Tensor, vocab_index: torch.Tensor,
+             h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """Mean cross-entropy over the DEPTH drafted tokens, and top-1 agreement per depth."""
+    state, losses, agree = h.float(), [], []
+    for j in range(DEPTH):
+        state = head.step(state, embed[x[:, j].clamp(min=0)].float())
+        label = torch.where(x[:, j + 1] >= 0, vocab_index[x[:, j + 1].clamp(min=0)], -1)
+        logits = (state.to(output.dtype) @ output.T).float()
+        seen = x[:, j + 1] >= 0
+        losses.append(F.cross_entropy(logits[label >= 0], label[label >= 0]))
+        agree.append(float((logits.argmax(-1) == label)[seen].float().mean()))
+    return torch.stack(losses).mean(), agree
+
+
+def stage_train(llm: Path, steps: int, batch: int) -> None:
+    from specinfer.model import Transformer
+
+    model = Transformer.from_pretrained(llm, dtype=torch.bfloat16)
+    embed, out_layer = model.model.embed_tokens.weight.detach(), model.lm_head.weight.detach()
+    data = torch.load(BUILD / "train.pt")
+    counts = torch.bincount(torch.tensor([t for s, f in zip(data["seqs"], data["starts"]) for t in s[f + 1:]]),
+                            minlength=embed.shape[0])
+    vocab = torch.argsort(counts, descending=True, stable=True)[: min(MAX_VOCAB, int((counts > 0).sum()))]
+    vocab_index = torch.full((embed.shape[0],), -1, dtype=torch.long)
+    vocab_index[vocab] = torch.arange(len(vocab))
+    h, x = windows(data, vocab_index)
+    log(f"{len(h):,} positions, vocabulary of {len(vocab)} tokens")
+    torch.manual_seed(0)
+    head = DraftHead(embed.shape[1], WIDTH, vocab)
+    torch.nn.init.zeros_(head.down.weight)  # starts as the LLM's own reading of the state
+    torch.nn.init.zeros_(head.down.bias)
+    output = out_layer[vocab]
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.0)
+    g, start = torch.Generator().manual_seed(0), time.monotonic()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        i = torch.randint(len(h), (batch,), generator=g)
+        loss, agree = unrolled(head, embed, output, vocab_index, h[i], x[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"step {step}/{steps} loss {loss.item():.3f} agreement {[round(a, 3) for a in agree]} "
+                f"({time.monotonic() - start:.0f} s)")
+    with torch.no_grad():
+        held = torch.load(BUILD / "held_out.pt")
+        report = {kind: [round(a, 3) for a in unrolled(head, embed, output, vocab_index, *windows(d, vocab_index))[1]]
+                  for kind, d in held.items()}
+    log(f"held-out top-1 agreement per drafted depth: {report}")
+    head.to(torch.bfloat16).save(OUTPUT, train_steps=steps, train_rows=steps * batch,
+                                 train_seconds=round(time.monotonic() - start, 1), positions=len(h),
+                                 held_out_agreement_by_depth=report)
+    log(f"saved {OUTPUT}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=["all", "data", "train"], default="all")
+    ap.add_argument("--llm", type=Path, default=demo.DEMO / "llm")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=2048, help="positions per optimizer step")
+    ap.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
+    args = ap.parse_args()
+    torch.set_grad_enabled(True)
+    if args.stage in ("all", "data") and (args.force or not (BUILD / "held_out.pt").is_file()):
+        stage_data(args.llm)
+    if args.stage in ("all", "train"):
+        stage_train(args.llm, args.steps, args.batch)
+
+
+if __name__ == "__main__":
+    main()

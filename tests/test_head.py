@@ -1,0 +1,165 @@
+"""The draft head: its trees, the hidden state it drafts from, exact output beside the other
+proposers, its checkpoint folder and its configuration errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import prompts
+from specinfer import SamplingParams, SpecInferEngine, TreeConfig
+from specinfer.config import SuffixConfig
+from specinfer.cost_model import FixedCosts
+from specinfer.model import Transformer
+from specinfer.proposers import DraftHead, HeadProposer
+from specinfer.proposers.head import head_tree
+from specinfer.runner import ModelRunner, chain_batch
+from specinfer.sequence import Sequence
+
+PROMPTS = prompts(8, seed=43)
+PARAMS = [SamplingParams(max_tokens=10 + (i * 5) % 13, ignore_eos=True) for i in range(len(PROMPTS))]
+
+
+def hidden_along(model: Transformer, tokens: list[int]) -> torch.Tensor:
+    """The LLM's final hidden states at every position of ``tokens`` (one causal forward)."""
+    runner = ModelRunner(model, 1, len(tokens) + 2, "sdpa", True)
+    return runner.forward([0], [0], chain_batch([tokens]), hidden=True)[1][0]
+
+
+@pytest.fixture(scope="module")
+def head_folder(models, tmp_path_factory):
+    """A head fitted to the test LLM's own greedy continuations of PROMPTS (so that it is accepted
+    often enough to be exercised), saved as a folder."""
+    engine = SpecInferEngine.from_pretrained(models["llm"], max_batch_size=8)
+    model = engine.llm.model
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True), speculate=False)
+    embed, output = model.model.embed_tokens.weight.detach(), model.lm_head.weight.detach()
+    states, nexts = [], []
+    for p, r in zip(PROMPTS, outs):
+        seq = p + r.token_ids
+        h = hidden_along(model, seq)
+        for t in range(len(p) - 1, len(seq) - 2):  # state at t, fed token t+1, label t+2
+            states.append(h[t])
+            nexts.append(seq[t + 1: t + 3])
+    h, x = torch.stack(states), torch.tensor(nexts)
+    torch.manual_seed(0)
+    head = DraftHead(h.shape[1], 64, torch.arange(embed.shape[0]))
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    with torch.enable_grad():
+        for _ in range(300):
+            loss = F.cross_entropy(head.step(h, embed[x[:, 0]]) @ output.T, x[:, 1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    folder = tmp_path_factory.mktemp("head")
+    head.save(folder, note="fitted by tests/test_head.py")
+    return folder
+
+
+def test_head_tree_lists_every_levels_children_after_their_parents():
+    parents, depths = head_tree((3, 1, 2))
+    assert parents.tolist() == [-1, 0, 0, 0, 1, 2, 3, 4, 4, 5, 5, 6, 6]
+    assert depths.tolist() == [0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3]
+
+
+def test_proposer_drafts_the_top_children_of_its_state_level_by_level():
+    torch.manual_seed(1)
+    hidden, vocab = 8, torch.tensor([5, 9, 2, 7, 11, 3])
+    head = DraftHead(hidden, 16, vocab)
+    embed, output = torch.randn(12, hidden), torch.randn(12, hidden)
+    proposer = HeadProposer(head, embed, output, rows=4, expansion=(2, 1))
+    state = torch.randn(2, hidden)
+    proposer.remember([3, 1], state)
+    seqs = [Sequence(i, [1], SamplingParams(), frozenset(), None) for i in range(2)]
+    seqs[0].row, seqs[1].row = 3, 1
+    batch = proposer.propose(seqs, torch.tensor([4, 6]))
+    assert batch.tokens.shape == (2, 5) and batch.tokens[:, 0].tolist() == [4, 6]
+    assert bool(batch.selected.all()) and batch.proposals[:, 1:].eq(1).all() and batch.proposals[:, 0].eq(0).all()
+    for b, root in enumerate([4, 6]):  # recomputed by hand, one node at a time
+        s1 = head.step(state[b], embed[root])
+        p1 = torch.softmax(s1 @ output[vocab].T, -1)
+        top = p1.topk(2)
+        assert batch.tokens[b, 1:3].tolist() == vocab[top.indices].tolist()
+        assert torch.allclose(batch.confidence[b, 1:3], top.values)
+        for i in range(2):
+            s2 = head.step(s1, embed[vocab[top.indices[i]]])
+            p2 = torch.softmax(s2 @ output[vocab].T, -1)
+            assert int(batch.tokens[b, 3 + i]) == int(vocab[p2.argmax()])
+            assert torch.allclose(batch.confidence[b, 3 + i], p2.max())
+    assert set(batch.tokens[:, 1:].flatten().tolist()) <= set(vocab.tolist())  # only its vocabulary
+
+
+def test_head_is_saved_and_loaded_and_checks_the_hidden_size(tmp_path):
+    head = DraftHead(8, 16, torch.tensor([1, 2, 3]))
+    head.save(tmp_path, train_steps=1)
+    back = DraftHead.from_pretrained(tmp_path, 8)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), back.state_dict().values()))
+    with pytest.raises(ValueError, match="hidden states of 8 values, the LLM's have 64"):
+        DraftHead.from_pretrained(tmp_path, 64)
+
+
+def test_configuration_errors(models):
+    with pytest.raises(ValueError, match="no draft head was given"):
+        SpecInferEngine.from_pretrained(models["llm"], tree=TreeConfig(proposers=("head",)))
+    with pytest.raises(ValueError, match="head_expansion must be integers >= 1"):
+        TreeConfig(proposers=("head",), head_expansion=(2, 0))
+    with pytest.raises(ValueError, match="4 head nodes builds up to"):
+        TreeConfig(expansion=(1,), proposers=("head",), head_expansion=(2, 1), max_tree_tokens=4)
+
+
+def test_head_drafts_from_the_hidden_state_at_the_last_verified_node(models, head_folder):
+    """After every step, the state a request's next tree starts from is the LLM's hidden state at the
+    token before its last one (the node whose logits chose that token), bit for bit as a fresh
+    forward over the whole text computes it (the LLM is batch-invariant)."""
+    tree = TreeConfig(expansion=(1,), proposers=("head",), head_expansion=(2, 1))
+    engine = SpecInferEngine.from_pretrained(models["llm"], tree=tree, max_batch_size=4, head=head_folder)
+    seqs = [engine.new_sequence(p, SamplingParams(max_tokens=12, ignore_eos=True)) for p in PROMPTS[:3]]
+    for seq in seqs:
+        engine.add(seq)
+    checked = 0
+    while not all(s.finished for s in seqs):
+        engine.step()
+        for seq in seqs:
+            if not seq.finished:
+                expected = hidden_along(engine.llm.model, seq.tokens)[len(seq.tokens) - 2]
+                assert torch.equal(engine.head.hidden[seq.row], expected)
+                checked += 1
+    assert checked >= 10 and max(s.llm_steps for s in seqs) < 12  # some tokens came from accepted drafts
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    engine = SpecInferEngine.from_pretrained(models["llm"], max_batch_size=8)
+    return [r.token_ids for r in engine.generate(PROMPTS, PARAMS, speculate=False)]
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("proposers", [("head",), ("suffix", "head"), ("suffix", "ssm", "head")])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_greedy_equals_incremental(models, head_folder, reference, proposers, adaptive, batch):
+    tree = TreeConfig(expansion=(1, 2), adaptive=adaptive, proposers=proposers, head_expansion=(2, 1, 1),
+                      suffix=SuffixConfig(global_tokens=1000))
+    engine = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], tree=tree, max_batch_size=batch,
+                                             head=head_folder)
+    engine.llm.costs = FixedCosts(lambda n: 1.0 + 0.001 * n)  # not this loaded machine's timings: trees pay
+    if engine.policy is not None:  # no correction of the injected costs by real step times
+        engine.policy.rates.observe = lambda *args: None
+    for runner in engine.ssms:
+        runner.costs = FixedCosts(lambda n: 0.05)
+    results = engine.generate(PROMPTS, PARAMS)
+    assert [r.token_ids for r in results] == reference
+    assert engine.stats.accepted_by_proposer["head"] > 0
+    assert set(engine.stats.accepted_by_proposer) == {"ssm" if p == "ssm" else p for p in proposers}
+    assert sum(r.accepted_draft_tokens for r in results) <= sum(engine.stats.accepted_by_proposer.values())
+
+
+def test_sampled_requests_stay_seeded_with_the_head(models, head_folder):
+    """Sampled output with head trees is the one its seed gives: the same with and without speculation
+    under the Gumbel verifier (which samples every position from the seed)."""
+    tree = TreeConfig(expansion=(1,), proposers=("suffix", "head"), verifier="gumbel", head_expansion=(2, 1))
+    engine = SpecInferEngine.from_pretrained(models["llm"], tree=tree, max_batch_size=4, head=head_folder)
+    params = [SamplingParams(max_tokens=16, temperature=0.9, seed=7 + i, ignore_eos=True) for i in range(4)]
+    plain = engine.generate(PROMPTS[:4], params, speculate=False)
+    spec = engine.generate(PROMPTS[:4], params)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert sum(r.accepted_draft_tokens for r in spec) > 0
