@@ -194,10 +194,8 @@ def run_workloads(bench: "Bench", quick: bool, max_tokens: int) -> list[dict]:
     plain = bench.engine((), TreeConfig(expansion=(1,)), 1)
     configs = [("suffix,head adaptive, global cold", ("suffix", "head"), 0),
                ("suffix,head adaptive, global warm", ("suffix", "head"), 1 << 16),
-               ("suffix,ssm,head adaptive, global cold", ("suffix", "ssm", "head"), 0),
                ("suffix,ssm adaptive, global cold", ("suffix", "ssm"), 0),
-               ("head adaptive", ("head",), 0), ("ssm adaptive", ("ssm",), 0),
-               ("suffix adaptive, global cold", ("suffix",), 0)]
+               ("head adaptive", ("head",), 0), ("suffix adaptive, global cold", ("suffix",), 0)]
     rows = []
     for name, proposers, global_tokens in configs[:2] if quick else configs:
         tree = TreeConfig(expansion=(1, 1), adaptive=True, proposers=proposers, suffix=SuffixConfig(global_tokens=global_tokens))

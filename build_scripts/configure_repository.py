@@ -60,8 +60,7 @@ def main() -> None:
                     help="cpu: keep the LLM's decoder layers in host memory, streamed to the device every forward")
     ap.add_argument("--proposers", help="where draft nodes come from: suffix (text already seen, no model), ssm, "
                                          "head (the draft head on the LLM's hidden state; needs --head), or several "
-                                         f"(merged); default: {','.join(RepositoryOptions.proposers)}, without head "
-                                         "unless --head is given")
+                                         "(merged); default: suffix, and ssm with --ssm, head with --head")
     ap.add_argument("--head", help="the draft head's folder (build_scripts/make_draft_head.py trains one)")
     ap.add_argument("--head-expansion", default=",".join(map(str, RepositoryOptions.head_expansion)),
                     help="the head's tree: children per node at each level")
@@ -74,7 +73,7 @@ def main() -> None:
     try:  # fail here, not at server start
         head_expansion = parse_expansion(args.head_expansion)
         proposers = (parse_proposers(args.proposers) if args.proposers is not None
-                     else tuple(p for p in RepositoryOptions.proposers if p != "head" or args.head))
+                     else ("suffix",) + (("ssm",) if args.ssm else ()) + (("head",) if args.head else ()))
         TreeConfig(expansion=expansion, proposers=proposers, max_speculative_batch=args.max_speculative_batch,
                    head_expansion=head_expansion,
                    suffix=SuffixConfig(global_tokens=args.suffix_global_tokens)).check_size(max(1, len(args.ssm)))
@@ -82,6 +81,8 @@ def main() -> None:
         raise SystemExit(f"error: {exc}") from None
     if "head" in proposers and args.head is None:
         raise SystemExit("error: the proposer 'head' needs --head (a draft head trained for this LLM)")
+    if "head" in proposers and (args.tensor_parallel > 1 or args.cuda_graphs):
+        raise SystemExit("error: the proposer 'head' reads the LLM's hidden states: not with --tensor-parallel or --cuda-graphs")
     if args.cuda_graphs and args.device == "cpu":
         raise SystemExit("error: --cuda-graphs needs --device cuda")
     llm = Path(args.llm).resolve()

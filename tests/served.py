@@ -51,7 +51,7 @@ def make_repository(root: Path, *options: str, dtype: str = "float32") -> tuple[
     repo = root / "repo"
     subprocess.run([sys.executable, str(ROOT / "build_scripts" / "configure_repository.py"), "--llm", str(llm),
                     "--ssm", str(ssms[0]), "--ssm", str(ssms[1]), "--expansion", "1,2,1", "--output", str(repo),
-                    "--head", str(root / "head"),
+                    *(["--head", str(root / "head")] if "--tensor-parallel" not in options else []),
                     "--max-batch-size", str(MAX_BATCH), "--dtype", dtype, "--max-speculative-batch", "0", *options],
                    check=True)  # every batch speculates: concurrent requests verify trees side by side
     return repo, llm

@@ -238,29 +238,17 @@ def test_verifier_without_residual_update_fails_the_same_test(tree):
     assert tv > bound, f"wrong verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"
 
 
-@pytest.mark.parametrize("shapes", [(), ((1, 2),)], ids=["suffix_alone", "merged_with_ssm"])
-def test_suffix_trees_preserve_llm_distribution(shapes):
-    """Suffix candidates (continuations of earlier text) are selected, tested as one-hot draws: exact,
-    alone and merged with an SSM's selected tree (pruned at random, as a cost model might)."""
-    method = "suffix_merged" if shapes else "suffix"
+@pytest.mark.parametrize("method", ["suffix", "suffix_merged", "head", "head_merged"])
+def test_suffix_and_head_trees_preserve_llm_distribution(method):
+    """Suffix candidates (continuations of earlier text) and the draft head's (its top children, level
+    by level) are selected, tested as one-hot draws: exact, alone and merged (suffix with an SSM's
+    selected tree; the head's with both), pruned at random as a cost model might."""
+    shapes = ((1, 2),) if method.endswith("merged") else ()
     tv, bound = tv_and_bound(empirical(shapes, method, seed=1234), SAMPLES)
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
 
 
-def test_suffix_candidates_trusted_as_draws_from_the_llm_fail_the_same_test():
-    tv, bound = tv_and_bound(empirical((), "suffix_trusted", seed=1234), SAMPLES)
-    assert tv > bound, f"wrong verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"
-
-
-@pytest.mark.parametrize("shapes", [(), ((1, 2),)], ids=["head_alone", "merged_with_suffix_and_ssm"])
-def test_head_trees_preserve_llm_distribution(shapes):
-    """The draft head's candidates (its top children, level by level) are selected, tested as one-hot
-    draws: exact, alone and merged with the suffix proposer's and an SSM's trees (pruned at random)."""
-    method = "head_merged" if shapes else "head"
-    tv, bound = tv_and_bound(empirical(shapes, method, seed=1234), SAMPLES)
-    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
-
-
-def test_head_candidates_trusted_as_draws_from_the_llm_fail_the_same_test():
-    tv, bound = tv_and_bound(empirical((), "head_trusted", seed=1234), SAMPLES)
+@pytest.mark.parametrize("method", ["suffix_trusted", "head_trusted"])
+def test_suffix_and_head_candidates_trusted_as_draws_from_the_llm_fail_the_same_test(method):
+    tv, bound = tv_and_bound(empirical((), method, seed=1234), SAMPLES)
     assert tv > bound, f"wrong verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"

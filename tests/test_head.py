@@ -163,3 +163,25 @@ def test_sampled_requests_stay_seeded_with_the_head(models, head_folder):
     spec = engine.generate(PROMPTS[:4], params)
     assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
     assert sum(r.accepted_draft_tokens for r in spec) > 0
+
+
+def test_cuda_graphs_default_off_with_the_head():
+    """Graphed forwards do not return hidden states: with the head the default leaves graphs off."""
+    from specinfer import EngineConfig
+
+    assert EngineConfig(device="cuda", tree=TreeConfig(proposers=("head",))).cuda_graphs is False
+    assert EngineConfig(device="cuda", tree=TreeConfig(proposers=("suffix",))).cuda_graphs is True
+
+
+def test_configure_repository_refuses_what_the_head_cannot_serve(models, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "build_scripts" / "configure_repository.py"
+    run = lambda *args: subprocess.run([sys.executable, str(script), "--llm", str(models["llm"]),  # noqa: E731
+                                        "--output", str(tmp_path / "repo"), *args], capture_output=True, text=True)
+    out = run("--proposers", "suffix,head")
+    assert out.returncode != 0 and "the proposer 'head' needs --head" in out.stderr
+    out = run("--head", str(tmp_path), "--tensor-parallel", "2")
+    assert out.returncode != 0 and "not with --tensor-parallel or --cuda-graphs" in out.stderr

@@ -1,4 +1,4 @@
-"""The served default: adaptive trees merging suffix and SSM trees and the Gumbel verifier
+"""Adaptive trees merging suffix, SSM and draft-head trees and the Gumbel verifier
 (configure_repository.py's defaults), in bfloat16 (its dtype on CPUs that compute it), answer like
 incremental decoding, greedy or sampled with a seed, alone or under concurrent load, and count accepted
 tokens per proposer."""
@@ -27,11 +27,11 @@ def test_adaptive_repository_answers_like_incremental_decoding_and_reports_tree_
     repo, llm, server = adaptive
     config = (repo / "specinfer_llm" / "config.pbtxt").read_text()
     assert 'key: "adaptive" value: { string_value: "true" }' in config
-    assert 'key: "proposers" value: { string_value: "suffix,ssm" }' in config
+    assert 'key: "proposers" value: { string_value: "suffix,ssm,head" }' in config
     assert 'key: "verifier" value: { string_value: "gumbel" }' in config
     engine = SpecInferEngine.from_pretrained(llm, dtype="bfloat16")
     before = server.metrics()
-    steps, accepted, from_outputs = 0, 0, {"suffix": 0, "ssm": 0}
+    steps, accepted, from_outputs = 0, 0, {"suffix": 0, "ssm": 0, "head": 0}
     repeated = "x = [1, 2, 3]\nx = [1, 2, 3]\nx = [1, 2, 3]\nx = ["  # text the suffix proposer can continue
     for prompt in PROMPTS[:2] + [repeated]:
         status, out = post(server, "/v2/models/specinfer/generate", {"text_input": prompt, "max_tokens": 12})
@@ -39,12 +39,12 @@ def test_adaptive_repository_answers_like_incremental_decoding_and_reports_tree_
         assert ids(out) == expected(engine, prompt, 12)
         steps += out["num_llm_steps"] - 1  # the prefill verifies no tree
         accepted += out["total_accepted_draft_tokens"]
-        for name in ("suffix", "ssm"):
+        for name in from_outputs:
             from_outputs[name] += out[f"accepted_draft_tokens_{name}"]
     metrics = server.metrics()
     grown = lambda key: metrics.get(key, 0) - before.get(key, 0)  # noqa: E731
     by = {name: grown(f'specinfer_accepted_draft_tokens{{model="specinfer_llm",proposer="{name}"}}')
-          for name in ("suffix", "ssm")}
+          for name in from_outputs}
     assert grown('specinfer_accepted_draft_tokens{model="specinfer_llm"}') == accepted
     assert max(by.values()) <= accepted <= sum(by.values())  # a token both proposed counts for both
     assert by == from_outputs

@@ -250,7 +250,7 @@ class EngineConfig:
     runs on CPU only under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
     ``ssm_engine``: what runs the SSMs (``runtimes/``): ``"torch"``, or their exported ONNX graph run by
     ``"onnxruntime"`` or ``"tensorrt"``. ``cuda_graphs``: replay the PyTorch models' forwards as CUDA
-    graphs at bucketed shapes (``cuda_graphs.py``; with ``attention="triton"``); ``None``: on CUDA.
+    graphs at bucketed shapes (``cuda_graphs.py``; with ``attention="triton"``); ``None``: on CUDA, unless the draft head proposes (it reads hidden states graphs do not return).
     ``offload``: ``"cpu"`` keeps the LLM's decoder layers in host memory and streams them to ``device``
     for every forward (``model/offload.py``), for an LLM larger than the GPU; ``"none"``: resident.
     ``batch_invariant``: the LLM's forwards give a token the same bits whatever shares them
@@ -291,8 +291,9 @@ class EngineConfig:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.ssm_engine not in SSM_ENGINES:
             raise ValueError(f"ssm_engine must be one of {SSM_ENGINES}, got {self.ssm_engine!r}")
-        if self.cuda_graphs is None:
-            object.__setattr__(self, "cuda_graphs", self.device != "cpu" and self.offload == "none")
+        if self.cuda_graphs is None:  # (graphs do not return the hidden states the draft head reads)
+            object.__setattr__(self, "cuda_graphs", self.device != "cpu" and self.offload == "none"
+                               and "head" not in self.tree.proposers)
         if self.cuda_graphs and self.offload != "none":  # a forward is the weights' copy time: launches do not count
             raise ValueError("cuda_graphs=True does not combine with offload: leave cuda_graphs unset or False")
         if self.cuda_graphs and self.device == "cpu":

@@ -76,8 +76,8 @@ class RepositoryOptions:
     written as that parameter of both decoding models. Defaults that are the library's refer to it."""
 
     llm: str = "../engines/demo/llm"
-    ssms: tuple[str, ...] = ("../engines/demo/ssm-a",)  # the fastest demo set measured (README, Benchmarks)
-    head: str | None = None  # the draft head's folder (proposers with "head")
+    ssms: tuple[str, ...] = ()  # none: beside the draft head the demo SSMs added nothing (README, Benchmarks)
+    head: str | None = "../engines/demo/head"  # the draft head's folder (proposers with "head")
     head_expansion: tuple[int, ...] = TreeConfig.head_expansion  # the head's tree: children per node at each level
     expansion: tuple[int, ...] = (1, 1)  # the largest adaptive tree: the demo SSMs match ~40% of tokens
     max_tree_tokens: int = TreeConfig.max_tree_tokens
@@ -89,7 +89,7 @@ class RepositoryOptions:
     draft_sampling: str = TreeConfig.draft_sampling
     verifier: str = "gumbel"  # seeded sampled requests reproduce at any load; same acceptance as MSS on selected trees
     adaptive: bool = True  # the expansion is the largest tree; each step verifies what pays off here
-    proposers: tuple[str, ...] = ("suffix", "ssm")  # where draft nodes come from (TreeConfig.proposers)
+    proposers: tuple[str, ...] = ("suffix", "head")  # where draft nodes come from (TreeConfig.proposers)
     suffix_global_tokens: int = SuffixConfig.global_tokens  # earlier outputs the suffix proposer keeps for every request
     max_speculative_batch: int = 1  # larger steps decode plainly: on the 2-core CPU speculating lost at 16-32 (15-37% through
     # Triton) and did not pay at 2-4 (closed batches 0.84-0.99x; Triton concurrency 4: 98.3 against 99.5 tok/s speculating,
