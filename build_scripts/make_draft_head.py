@@ -11,8 +11,9 @@ Stages, cached under engines/demo/build/head/ (git-ignored), fixed seeds through
 3. ``report``: on the held-out prompts of engines/demo/prompts.json and workloads.json (never trained
    on), the head's top-1 agreement with the LLM per drafted depth, into engines/demo/head/config.json.
 
-  python build_scripts/make_draft_head.py                 # every missing stage
-  python build_scripts/make_draft_head.py --stage train --steps 1500 --force
+  python build_scripts/make_draft_head.py                 # every missing stage, for the demo LLM
+  python build_scripts/make_draft_head.py --llm DIR --output HEAD --build CACHE   # another LLM's head
+  python build_scripts/make_draft_head.py --stage train --steps 1600
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from specinfer.runner import ModelRunner, chain_batch  # noqa: E402
 BUILD = demo.DEMO / "build" / "head"
 OUTPUT = demo.DEMO / "head"
 DEPTH = 3  # drafted tokens the training unrolls
-WIDTH = 1152  # the MLP's inner width (2x the demo LLM's hidden size)
+WIDTH = 2  # the MLP's inner width, in multiples of the LLM's hidden size
 MAX_VOCAB = 8192
 NEW_TOKENS = 128
 CODE_REQUESTS = ["Explain what this code does:\n\n{}", "Add comments to this code and return it:\n\n{}",
@@ -87,16 +88,16 @@ def continue_and_read(engine: SpecInferEngine, prompts: list[list[int]], chunk: 
     return {"seqs": seqs, "starts": [len(p) - 1 for p in prompts], "hidden": hidden}
 
 
-def stage_data(llm: Path) -> None:
+def stage_data(llm: Path, build: Path) -> None:
     engine = SpecInferEngine.from_pretrained(llm, dtype="bfloat16", max_batch_size=128, max_context=640,
                                              batch_invariant=False)
     tok = engine.tokenizer
-    BUILD.mkdir(parents=True, exist_ok=True)
+    build.mkdir(parents=True, exist_ok=True)
     prompts = [p[-448:] for p in train_prompts(tok)]
     log(f"{len(prompts)} train prompts")
-    torch.save(continue_and_read(engine, prompts), BUILD / "train.pt")
+    torch.save(continue_and_read(engine, prompts), build / "train.pt")
     held = held_out_prompts(tok)
-    torch.save({kind: continue_and_read(engine, ps) for kind, ps in held.items()}, BUILD / "held_out.pt")
+    torch.save({kind: continue_and_read(engine, ps) for kind, ps in held.items()}, build / "held_out.pt")
 
 
 def windows(data: dict, vocab_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,12 +128,12 @@ def unrolled(head: DraftHead, embed: torch.Tensor, output: torch.Tensor, vocab_i
     return torch.stack(losses).mean(), agree
 
 
-def stage_train(llm: Path, steps: int, batch: int) -> None:
+def stage_train(llm: Path, build: Path, output: Path, steps: int, batch: int) -> None:
     from specinfer.model import Transformer
 
     model = Transformer.from_pretrained(llm, dtype=torch.bfloat16)
     embed, out_layer = model.model.embed_tokens.weight.detach(), model.lm_head.weight.detach()
-    data = torch.load(BUILD / "train.pt")
+    data = torch.load(build / "train.pt")
     counts = torch.bincount(torch.tensor([t for s, f in zip(data["seqs"], data["starts"]) for t in s[f + 1:]]),
                             minlength=embed.shape[0])
     vocab = torch.argsort(counts, descending=True, stable=True)[: min(MAX_VOCAB, int((counts > 0).sum()))]
@@ -141,7 +142,7 @@ def stage_train(llm: Path, steps: int, batch: int) -> None:
     h, x = windows(data, vocab_index)
     log(f"{len(h):,} positions, vocabulary of {len(vocab)} tokens")
     torch.manual_seed(0)
-    head = DraftHead(embed.shape[1], WIDTH, vocab)
+    head = DraftHead(embed.shape[1], WIDTH * embed.shape[1], vocab)
     torch.nn.init.zeros_(head.down.weight)  # starts as the LLM's own reading of the state
     torch.nn.init.zeros_(head.down.bias)
     output = out_layer[vocab]
@@ -159,29 +160,31 @@ def stage_train(llm: Path, steps: int, batch: int) -> None:
             log(f"step {step}/{steps} loss {loss.item():.3f} agreement {[round(a, 3) for a in agree]} "
                 f"({time.monotonic() - start:.0f} s)")
     with torch.no_grad():
-        held = torch.load(BUILD / "held_out.pt")
+        held = torch.load(build / "held_out.pt")
         report = {kind: [round(a, 3) for a in unrolled(head, embed, output, vocab_index, *windows(d, vocab_index))[1]]
                   for kind, d in held.items()}
     log(f"held-out top-1 agreement per drafted depth: {report}")
-    head.to(torch.bfloat16).save(OUTPUT, train_steps=steps, train_rows=steps * batch,
+    head.to(torch.bfloat16).save(output, train_steps=steps, train_rows=steps * batch,
                                  train_seconds=round(time.monotonic() - start, 1), positions=len(h),
                                  held_out_agreement_by_depth=report)
-    log(f"saved {OUTPUT}")
+    log(f"saved {output}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["all", "data", "train"], default="all")
-    ap.add_argument("--llm", type=Path, default=demo.DEMO / "llm")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--llm", type=Path, default=demo.DEMO / "llm", help="the LLM the head drafts for (a folder with tokenizer.json)")
+    ap.add_argument("--output", type=Path, default=OUTPUT, help="the head's folder")
+    ap.add_argument("--build", type=Path, default=BUILD, help="where the data stage caches its files (one per LLM)")
+    ap.add_argument("--steps", type=int, default=800, help="optimizer steps (the demo head's: 800)")
     ap.add_argument("--batch", type=int, default=2048, help="positions per optimizer step")
     ap.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
     args = ap.parse_args()
     torch.set_grad_enabled(True)
-    if args.stage in ("all", "data") and (args.force or not (BUILD / "held_out.pt").is_file()):
-        stage_data(args.llm)
+    if args.stage in ("all", "data") and (args.force or not (args.build / "held_out.pt").is_file()):
+        stage_data(args.llm, args.build)
     if args.stage in ("all", "train"):
-        stage_train(args.llm, args.steps, args.batch)
+        stage_train(args.llm, args.build, args.output, args.steps, args.batch)
 
 
 if __name__ == "__main__":

@@ -354,9 +354,9 @@ class SpecInferEngine:
                 or (self.policy is not None and not self.policy.worth_proposing(b)) or 0 < limit < b):
             return roots(last, len(self.columns)), torch.zeros(b, dtype=torch.long)
         before = self.drafting_seconds()
-        free = [proposer.propose(seqs, last) for proposer in self.free]
+        free = [merge([proposer.propose(seqs, last) for proposer in self.free])] if self.free else []
         plan = (Plan(torch.full((b,), bool(self.ssms)), self.tree.depth) if self.policy is None
-                else self.policy.plan(seqs, merge(free) if free else None))
+                else self.policy.plan(seqs, free[0] if free else None))
         parts = [proposer.propose(seqs, last, plan) for proposer in self.drafters]
         batch = merge(parts + free)
         if self.policy is not None:
