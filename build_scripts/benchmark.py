@@ -66,7 +66,8 @@ class Bench:
     def __init__(self, models: Path, device: str, dtype: str, max_tokens: int) -> None:
         load = lambda n: Transformer.from_pretrained(models / n, device=device, dtype=DTYPES[dtype])  # noqa: E731
         self.llm, self.ssms = load("llm"), {"ssm-a": load("ssm-a"), "ssm-b": load("ssm-b")}
-        self.head = DraftHead.from_pretrained(models / "head", self.llm.args.hidden_size)
+        folder = models / "head"
+        self.head = DraftHead.from_pretrained(folder, self.llm.args.hidden_size) if folder.is_dir() else None
         self.tokenizer = TextTokenizer.from_checkpoint(models / "llm")
         self.models = models
         self.device, self.dtype = device, dtype

@@ -9,6 +9,7 @@ absolute, so the repository can be served from anywhere on this machine.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from specinfer import TreeConfig
@@ -53,7 +54,8 @@ def main() -> None:
     ap.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                     help="shard each decoding model's LLM over N processes (GPUs device, device+1, ... on CUDA)")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                    help="replay the models' forwards as CUDA graphs (with triton attention); default: on with CUDA")
+                    help="replay the models' forwards as CUDA graphs (with triton attention); default: on with CUDA, "
+                         "unless the draft head proposes")
     ap.add_argument("--ssm-engine", default="torch", choices=SSM_ENGINES,
                     help="what runs the SSMs: PyTorch, or their ONNX graph under onnxruntime or tensorrt")
     ap.add_argument("--offload", default="none", choices=OFFLOAD,
@@ -83,6 +85,9 @@ def main() -> None:
         raise SystemExit("error: the proposer 'head' needs --head (a draft head trained for this LLM)")
     if "head" in proposers and (args.tensor_parallel > 1 or args.cuda_graphs):
         raise SystemExit("error: the proposer 'head' reads the LLM's hidden states: not with --tensor-parallel or --cuda-graphs")
+    head_config = Path(args.head or ".") / "config.json"
+    if "head" in proposers and not head_config.is_file():
+        raise SystemExit(f"error: {args.head} is not a draft head's folder (no config.json)")
     if args.cuda_graphs and args.device == "cpu":
         raise SystemExit("error: --cuda-graphs needs --device cuda")
     llm = Path(args.llm).resolve()
@@ -94,6 +99,8 @@ def main() -> None:
         raise SystemExit(f"error: {exc}") from None
     if not is_gguf(llm) and not (llm / "tokenizer.json").is_file():
         raise SystemExit(f"error: {llm} has no tokenizer.json")
+    if "head" in proposers and json.loads(head_config.read_text()).get("hidden_size") != llm_args.hidden_size:
+        raise SystemExit(f"error: {args.head} reads hidden states of another size than the LLM's ({llm_args.hidden_size})")
     for ssm in args.ssm:
         if read_model_args(ssm).vocab_size != vocab:
             raise SystemExit(f"error: {ssm} has another vocabulary size than the LLM ({vocab})")

@@ -15,6 +15,7 @@ from specinfer.proposers import DraftHead, HeadProposer
 from specinfer.proposers.head import head_tree
 from specinfer.runner import ModelRunner, chain_batch
 from specinfer.sequence import Sequence
+from specinfer.verify import Verdicts
 
 PROMPTS = prompts(8, seed=43)
 PARAMS = [SamplingParams(max_tokens=10 + (i * 5) % 13, ignore_eos=True) for i in range(len(PROMPTS))]
@@ -87,6 +88,10 @@ def test_proposer_drafts_the_top_children_of_its_state_level_by_level():
             assert int(batch.tokens[b, 3 + i]) == int(vocab[p2.argmax()])
             assert torch.allclose(batch.confidence[b, 3 + i], p2.max())
     assert set(batch.tokens[:, 1:].flatten().tolist()) <= set(vocab.tolist())  # only its vocabulary
+    with pytest.raises(ValueError, match="head_expansion asks for up to 7 children"):
+        HeadProposer(head, embed, output, rows=4, expansion=(7,))  # more children than its 6 tokens
+    with pytest.raises(ValueError, match="token ids up to 11 .* the LLM has 10"):
+        HeadProposer(head, embed[:10], output[:10], rows=4, expansion=(2,))
 
 
 def test_head_is_saved_and_loaded_and_checks_the_hidden_size(tmp_path):
@@ -107,24 +112,45 @@ def test_configuration_errors(models):
         TreeConfig(expansion=(1,), proposers=("head",), head_expansion=(2, 1), max_tree_tokens=4)
 
 
-def test_head_drafts_from_the_hidden_state_at_the_last_verified_node(models, head_folder):
-    """After every step, the state a request's next tree starts from is the LLM's hidden state at the
-    token before its last one (the node whose logits chose that token), bit for bit as a fresh
-    forward over the whole text computes it (the LLM is batch-invariant)."""
+def check_states(models, head_folder) -> tuple[int, int, int]:
+    """Run 4 requests through 2 cache rows (rows reused; one request sampled, MSS-verified) and after
+    every step compare the state each running request's next tree starts from with the LLM's hidden
+    state at the token before its last one (the node whose logits chose that token), as a fresh
+    forward over the whole text computes it. Returns (checks, matches, checks right after a step that
+    accepted drafts for that request)."""
     tree = TreeConfig(expansion=(1,), proposers=("head",), head_expansion=(2, 1))
-    engine = SpecInferEngine.from_pretrained(models["llm"], tree=tree, max_batch_size=4, head=head_folder)
-    seqs = [engine.new_sequence(p, SamplingParams(max_tokens=12, ignore_eos=True)) for p in PROMPTS[:3]]
+    engine = SpecInferEngine.from_pretrained(models["llm"], tree=tree, max_batch_size=2, head=head_folder)
+    params = [SamplingParams(max_tokens=12, ignore_eos=True)] * 3 + [
+        SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True)]
+    seqs = [engine.new_sequence(p, sp) for p, sp in zip(PROMPTS[:4], params)]
     for seq in seqs:
         engine.add(seq)
-    checked = 0
+    checks = matches = after_acceptance = 0
     while not all(s.finished for s in seqs):
+        before = {id(s): s.accepted_draft_tokens for s in seqs}
         engine.step()
-        for seq in seqs:
+        for seq in engine.scheduler.running:
             if not seq.finished:
                 expected = hidden_along(engine.llm.model, seq.tokens)[len(seq.tokens) - 2]
-                assert torch.equal(engine.head.hidden[seq.row], expected)
-                checked += 1
-    assert checked >= 10 and max(s.llm_steps for s in seqs) < 12  # some tokens came from accepted drafts
+                checks += 1
+                matches += torch.equal(engine.head.hidden[seq.row], expected)
+                after_acceptance += seq.accepted_draft_tokens > before[id(seq)]
+    return checks, matches, after_acceptance
+
+
+def test_head_drafts_from_the_hidden_state_at_the_last_verified_node(models, head_folder):
+    """Bit for bit (the LLM is batch-invariant), greedy and sampled, through reused rows."""
+    checks, matches, after_acceptance = check_states(models, head_folder)
+    assert checks >= 20 and after_acceptance >= 3
+    assert matches == checks
+
+
+def test_a_head_handed_its_roots_state_fails_the_same_check(models, head_folder, monkeypatch):
+    """Negative control: the root's state instead of the last accepted node's differs whenever drafts
+    were accepted."""
+    monkeypatch.setattr(Verdicts, "last_nodes", lambda self: torch.zeros_like(self.lengths))
+    checks, matches, after_acceptance = check_states(models, head_folder)
+    assert after_acceptance > 0 and matches < checks
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +211,5 @@ def test_configure_repository_refuses_what_the_head_cannot_serve(models, tmp_pat
     assert out.returncode != 0 and "the proposer 'head' needs --head" in out.stderr
     out = run("--head", str(tmp_path), "--tensor-parallel", "2")
     assert out.returncode != 0 and "not with --tensor-parallel or --cuda-graphs" in out.stderr
+    out = run("--head", str(tmp_path / "missing"))
+    assert out.returncode != 0 and "is not a draft head's folder" in out.stderr

@@ -93,7 +93,8 @@ class SpecInferEngine:
         if "ssm" not in tree.proposers:
             ssms = []  # loaded but not asked for
         if "head" in tree.proposers and head is None:
-            raise ValueError("proposers include 'head' but no draft head was given (from_pretrained(head=FOLDER))")
+            raise ValueError("proposers include 'head' but no draft head was given (from_pretrained(head=FOLDER), "
+                             "or the repository parameter head)")
         if "head" in tree.proposers and (not isinstance(llm, Transformer) or config.cuda_graphs):
             raise ValueError("the draft head reads the LLM's hidden states: it needs the eager PyTorch LLM "
                              "(not tensor-parallel, not with CUDA graphs)")
@@ -289,8 +290,7 @@ class SpecInferEngine:
             verdicts, ok = self.verify(active, batch, logits)
             self.commit(active, batch, verdicts, ok, drafted, logits)
             if self.head is not None:  # the state at each request's last verified node, for its next tree
-                nodes = torch.cat([torch.zeros(len(active), 1, dtype=torch.long), verdicts.path], dim=1)  # root first
-                last = nodes.gather(1, verdicts.lengths[:, None])[:, 0].to(hidden.device)
+                last = verdicts.last_nodes().to(hidden.device)
                 self.head.remember([s.row for s in active], hidden[torch.arange(len(active), device=hidden.device), last])
             if self.policy is not None and speculate:
                 realised = (sum(len(s.output) for s in active) - emitted) / (time.perf_counter() - began)
@@ -344,7 +344,7 @@ class SpecInferEngine:
         return token
 
     def propose(self, seqs: list[Sequence], speculate: bool) -> tuple[TreeBatch, torch.Tensor]:
-        """Every request's tree (the suffix proposer's and the SSMs' merged), and how deep the SSMs
+        """Every request's tree (the SSMs', the suffix proposer's and the draft head's merged), and how deep the SSMs
         drafted each request (``[B]``, 0: not this step). Adaptive trees leave the choice of drafting
         and of the nodes to verify to the policy."""
         b = len(seqs)

@@ -126,7 +126,7 @@ def with_padding(anc: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class TreeBatch:
     """Every running request's tree, padded to one size: the step's one tree type from proposal to
     commit. Proposer column ``p`` of ``proposals``/``ssm_nodes``: the SSMs in order, then the suffix
-    proposer. Batch operations (``merge``, ``select``, verification, commit) are tensor operations
+    proposer, then the draft head (the engine's ``columns``). Batch operations (``merge``, ``select``, verification, commit) are tensor operations
     over all requests; ``tree(b)`` is one request's view for the verifiers that sample one by one."""
 
     tokens: torch.Tensor  # [B, N]

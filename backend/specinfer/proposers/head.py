@@ -88,6 +88,9 @@ class HeadProposer:
 
     def __init__(self, head: DraftHead, embed: torch.Tensor, output: torch.Tensor, rows: int,
                  expansion: tuple[int, ...]) -> None:
+        if int(head.vocab.max()) >= output.shape[0] or max(expansion) > len(head.vocab):
+            raise ValueError(f"draft head drafts token ids up to {int(head.vocab.max())} and {len(head.vocab)} tokens "
+                             f"in all: the LLM has {output.shape[0]}, head_expansion asks for up to {max(expansion)} children")
         dtype, device = embed.dtype, embed.device
         self.head = head.to(device=device, dtype=dtype)
         self.embed = embed
