@@ -4,8 +4,8 @@ as Apple's ReDrafter; Medusa's heads without their blindness to the tokens draft
 The LLM's final (normed) hidden state at a request's last verified node already saw the whole
 context; the head carries it forward one drafted token at a time with one small MLP,
 ``state' = state + down(silu(up([state, embed(token)])))``, and reads each state with the LLM's own
-output layer, restricted to the head's vocabulary (the tokens its training data used, at most a few
-thousand: the output layer is most of a draft level's cost). One level of every request's tree is
+output layer, restricted to the head's vocabulary (the tokens its training data used most, a few thousand:
+the output layer is most of a draft level's cost). One level of every request's tree is
 one batched call; nothing runs per request or per node. The head drafts no K/V and keeps no cache:
 its only state is one hidden vector per cache row, set after each verification (``remember``).
 """
