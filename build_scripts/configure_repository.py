@@ -9,7 +9,6 @@ absolute, so the repository can be served from anywhere on this machine.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from specinfer import TreeConfig
@@ -18,6 +17,7 @@ from specinfer.model.checkpoint import read_model_args
 from specinfer.model.gguf import is_gguf
 from specinfer.model.offload import OFFLOAD
 from specinfer.parallel.shard import check_size
+from specinfer.proposers import DraftHead
 from specinfer.serving.repository import RepositoryOptions, write_repository
 from specinfer.serving.requests import Limits
 
@@ -85,9 +85,6 @@ def main() -> None:
         raise SystemExit("error: the proposer 'head' needs --head (a draft head trained for this LLM)")
     if "head" in proposers and (args.tensor_parallel > 1 or args.cuda_graphs):
         raise SystemExit("error: the proposer 'head' reads the LLM's hidden states: not with --tensor-parallel or --cuda-graphs")
-    head_config = Path(args.head or ".") / "config.json"
-    if "head" in proposers and not head_config.is_file():
-        raise SystemExit(f"error: {args.head} is not a draft head's folder (no config.json)")
     if args.cuda_graphs and args.device == "cpu":
         raise SystemExit("error: --cuda-graphs needs --device cuda")
     llm = Path(args.llm).resolve()
@@ -95,12 +92,12 @@ def main() -> None:
     vocab = llm_args.vocab_size
     try:
         check_size(llm_args, args.tensor_parallel)
+        if "head" in proposers:
+            DraftHead.read_config(args.head, llm_args.hidden_size)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     if not is_gguf(llm) and not (llm / "tokenizer.json").is_file():
         raise SystemExit(f"error: {llm} has no tokenizer.json")
-    if "head" in proposers and json.loads(head_config.read_text()).get("hidden_size") != llm_args.hidden_size:
-        raise SystemExit(f"error: {args.head} reads hidden states of another size than the LLM's ({llm_args.hidden_size})")
     for ssm in args.ssm:
         if read_model_args(ssm).vocab_size != vocab:
             raise SystemExit(f"error: {ssm} has another vocabulary size than the LLM ({vocab})")

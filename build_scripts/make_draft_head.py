@@ -18,7 +18,6 @@ Stages, cached under engines/demo/build/head/ (git-ignored), fixed seeds through
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -30,7 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_demo_models as demo  # noqa: E402  (its prompt sets: one definition of train and held-out)
 
-from specinfer import SamplingParams, SpecInferEngine  # noqa: E402
+from benchmark import workload_prompts  # noqa: E402  (the held-out workloads, one definition)
+from specinfer import SpecInferEngine  # noqa: E402
 from specinfer.proposers.head import DraftHead  # noqa: E402
 from specinfer.runner import ModelRunner, chain_batch  # noqa: E402
 
@@ -63,21 +63,14 @@ def train_prompts(tok) -> list[list[int]]:
 
 
 def held_out_prompts(tok) -> dict[str, list[list[int]]]:
-    chat = lambda msgs: tok.encode(tok.apply_chat_template(msgs))  # noqa: E731
-    prompts = json.loads((demo.DEMO / "prompts.json").read_text())
-    workloads = json.loads((demo.DEMO / "workloads.json").read_text())
-    return {"open": [chat([{"role": "user", "content": q}]) for q in prompts["chat"]] + [tok.encode(t) for t in prompts["text"]],
-            "code": [tok.encode(t) for t in prompts["code"]],
-            "grounded": [chat(m) for m in workloads["grounded"]], "multi_turn": [chat(m) for m in workloads["multi_turn"]]}
+    """The benchmark's workloads (open, code, grounded, multi-turn), never trained on."""
+    return {k: v for k, v in workload_prompts(demo.DEMO, tok).items() if k != "warm"}
 
 
 def continue_and_read(engine: SpecInferEngine, prompts: list[list[int]], chunk: int = 128) -> dict:
     """The LLM's greedy continuations of ``prompts`` and its final hidden states along them."""
-    seqs, start = [], time.monotonic()
-    for i in range(0, len(prompts), chunk):
-        out = engine.generate(prompts[i:i + chunk], SamplingParams(max_tokens=NEW_TOKENS), speculate=False)
-        seqs += [p + r.token_ids for p, r in zip(prompts[i:i + chunk], out)]
-        log(f"  {len(seqs)}/{len(prompts)} continuations ({time.monotonic() - start:.0f} s)")
+    outs = demo.generate(engine, prompts, [NEW_TOKENS] * len(prompts), 0.0, seed=0, chunk=chunk)
+    seqs = [p + out for p, out in zip(prompts, outs)]
     model = engine.llm.model
     runner = ModelRunner(model, 32, max(len(s) for s in seqs) + 2, "sdpa", False)
     hidden = []

@@ -58,11 +58,11 @@ def stream(client, model: str, prompt: str, max_tokens: int, chat: bool, echo: b
     return text, counters, seconds
 
 
-def by_proposer(server) -> dict[str, float]:
+def by_proposer(server, proposers: tuple[str, ...]) -> dict[str, float]:
     """specinfer_llm's accepted draft tokens so far per proposer (Prometheus; a token both proposed counts for both)."""
     metrics = server.metrics()
     return {p: metrics.get(f'specinfer_accepted_draft_tokens{{model="specinfer_llm",proposer="{p}"}}', 0.0)
-            for p in parse_proposers(read_pbtxt_parameters(CONFIG.read_text()).get("proposers", ""))}
+            for p in proposers}
 
 
 def main() -> None:
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    proposers = parse_proposers(read_pbtxt_parameters(CONFIG.read_text()).get("proposers", ""))
     print("[demo] starting tritonserver on model_repository/ ...", flush=True)
     server = start_server(ROOT / "model_repository")
     try:
@@ -80,10 +81,10 @@ def main() -> None:
         for prompt, chat in ((args.chat, True), (args.text, False)):
             kind = "chat message (chat template applied)" if chat else "plain text"
             print(f"\n[demo] {kind}: {prompt!r}\n[demo] specinfer streams:\n", end="")
-            before = by_proposer(server)
+            before = by_proposer(server, proposers)
             text, c, _ = stream(client, "specinfer", prompt, args.max_tokens, chat, echo=True)
             time.sleep(0.2)  # the counters grow once the request has finished
-            after = by_proposer(server)
+            after = by_proposer(server, proposers)
             print(f"\n[demo] {c['num_output_tokens']} tokens in {c['num_llm_steps']} LLM steps: "
                   f"{c['num_output_tokens'] / c['num_llm_steps']:.2f} tokens per LLM step, "
                   f"{c['total_accepted_draft_tokens']}/{c['total_draft_tokens']} draft tokens accepted "

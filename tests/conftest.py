@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from specinfer.cost_model import FixedCosts  # noqa: E402
+
 VOCAB = 96
 
 
@@ -52,6 +54,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "other": make_llama(root / "other", seed=2, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=2, num_key_value_heads=1),
     }
+
+
+def trees_pay(engine) -> None:
+    """Give adaptive trees fixed costs under which drafts pay (not this loaded machine's timings),
+    uncorrected by real step times, so that exactness tests verify trees."""
+    engine.llm.costs = FixedCosts(lambda n: 1.0 + 0.001 * n)
+    if engine.policy is not None:
+        engine.policy.rates.observe = lambda *args: None
+    for runner in engine.ssms:
+        runner.costs = FixedCosts(lambda n: 0.05)
 
 
 def prompts(n: int, seed: int = 0, vocab: int = VOCAB, lo: int = 1, hi: int = 12) -> list[list[int]]:

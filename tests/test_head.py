@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import prompts
+from conftest import prompts, trees_pay
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.config import SuffixConfig
-from specinfer.cost_model import FixedCosts
 from specinfer.model import Transformer
 from specinfer.proposers import DraftHead, HeadProposer
 from specinfer.proposers.head import head_tree
@@ -167,11 +166,7 @@ def test_greedy_equals_incremental(models, head_folder, reference, proposers, ad
                       suffix=SuffixConfig(global_tokens=1000))
     engine = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], tree=tree, max_batch_size=batch,
                                              head=head_folder)
-    engine.llm.costs = FixedCosts(lambda n: 1.0 + 0.001 * n)  # not this loaded machine's timings: trees pay
-    if engine.policy is not None:  # no correction of the injected costs by real step times
-        engine.policy.rates.observe = lambda *args: None
-    for runner in engine.ssms:
-        runner.costs = FixedCosts(lambda n: 0.05)
+    trees_pay(engine)
     results = engine.generate(PROMPTS, PARAMS)
     assert [r.token_ids for r in results] == reference
     assert engine.stats.accepted_by_proposer["head"] > 0

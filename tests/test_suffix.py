@@ -5,10 +5,9 @@ import random
 
 import pytest
 
-from conftest import prompts
+from conftest import prompts, trees_pay
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.config import SuffixConfig
-from specinfer.cost_model import FixedCosts
 from specinfer.proposers import SuffixIndex, SuffixProposer, grow_tree
 from specinfer.sampling import make_generator
 from specinfer.sequence import Sequence
@@ -131,11 +130,7 @@ def test_greedy_equals_incremental(models, reference, proposers, adaptive, batch
     tree = TreeConfig(expansion=(1, 2, 1), adaptive=adaptive, proposers=proposers,
                       suffix=SuffixConfig(global_tokens=1000))
     engine = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], tree=tree, max_batch_size=batch)
-    engine.llm.costs = FixedCosts(lambda n: 1.0 + 0.001 * n)  # not this loaded machine's timings: trees pay
-    if engine.policy is not None:  # no correction of the injected costs by real step times
-        engine.policy.rates.observe = lambda *args: None
-    for runner in engine.ssms:
-        runner.costs = FixedCosts(lambda n: 0.05)
+    trees_pay(engine)
     for _ in range(2):  # the second time, the global index holds the first time's outputs
         results = engine.generate(PROMPTS, PARAMS)
         assert [r.token_ids for r in results] == reference

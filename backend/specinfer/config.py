@@ -140,6 +140,15 @@ class SuffixConfig:
             raise ValueError(f"suffix global_tokens must be an integer >= 0, got {self.global_tokens!r}")
 
 
+def level_widths(expansion: tuple[int, ...]) -> tuple[int, ...]:
+    """Nodes at depths 1, 2, ... of a tree with ``expansion[d]`` children under every node of depth ``d``."""
+    widths, width = [], 1
+    for k in expansion:
+        width *= k
+        widths.append(width)
+    return tuple(widths)
+
+
 def parse_expansion(text: str) -> tuple[int, ...]:
     """``"1,1,3,1"`` (command lines, config.pbtxt parameters) as an expansion tuple."""
     try:
@@ -211,11 +220,7 @@ class TreeConfig:
 
     def level_widths(self) -> tuple[int, ...]:
         """Nodes one SSM proposes at most at each depth 1, 2, ..."""
-        widths, width = [], 1
-        for k in self.expansion:
-            width *= k
-            widths.append(width)
-        return tuple(widths)
+        return level_widths(self.expansion)
 
     def nodes_per_ssm(self) -> int:
         """Draft nodes one SSM proposes at most (root excluded)."""
@@ -228,12 +233,16 @@ class TreeConfig:
 
     def head_nodes(self) -> int:
         """Draft nodes the head proposes (root excluded)."""
-        return sum(math.prod(self.head_expansion[: d + 1]) for d in range(len(self.head_expansion)))
+        return sum(level_widths(self.head_expansion))
+
+    def draft_nodes(self, num_ssms: int) -> tuple[int, int, int]:
+        """The most draft nodes ``num_ssms`` SSMs, the suffix proposer and the head add to a merged tree."""
+        return (num_ssms * self.nodes_per_ssm(), self.suffix.max_nodes if "suffix" in self.proposers else 0,
+                self.head_nodes() if "head" in self.proposers else 0)
 
     def check_size(self, num_ssms: int) -> None:
-        suffix = self.suffix.max_nodes if "suffix" in self.proposers else 0
-        head = self.head_nodes() if "head" in self.proposers else 0
-        size = 1 + num_ssms * self.nodes_per_ssm() + suffix + head
+        ssm, suffix, head = self.draft_nodes(num_ssms)
+        size = 1 + ssm + suffix + head
         if size > self.max_tree_tokens:
             raise ValueError(
                 f"expansion {self.expansion} with {num_ssms} SSM(s), {suffix} suffix and {head} head nodes builds up to "

@@ -133,9 +133,7 @@ class SpecInferEngine:
         self.policy = (AdaptivePolicy(self.llm, self.ssms, tree, config.max_batch_size, tuple(self.columns[len(self.ssms):]))
                        if tree.adaptive and self.columns else None)
         if self.policy is not None:
-            largest = (len(self.ssms) * tree.nodes_per_ssm() + 1 + (tree.suffix.max_nodes if self.suffix else 0)
-                       + (tree.head_nodes() if self.head else 0))
-            self.policy.calibrate(config.max_batch_size, largest)
+            self.policy.calibrate(config.max_batch_size, 1 + sum(tree.draft_nodes(len(self.ssms))))
 
     @classmethod
     def from_pretrained(
@@ -303,7 +301,7 @@ class SpecInferEngine:
         return new + active
 
     def forward_seconds(self) -> float:
-        return self.llm.seconds + sum(r.seconds for r in self.ssms) + (self.head.seconds if self.head else 0.0)
+        return self.llm.seconds + self.drafting_seconds()
 
     def drafting_seconds(self) -> float:
         return sum(r.seconds for r in self.ssms) + (self.head.seconds if self.head else 0.0)
@@ -430,7 +428,7 @@ class SpecInferEngine:
         step); an SSM holds K/V for its own nodes along the accepted path, above the last level."""
         rows = [s.row for s in seqs]
         b = len(seqs)
-        nodes = torch.cat([torch.zeros(b, 1, dtype=torch.long), verdicts.path], dim=1)  # root first
+        nodes = verdicts.nodes()
         counts = torch.where(ok, verdicts.lengths + 1, 0)
         self.llm.commit(rows, torch.tensor([s.llm_len for s in seqs]), nodes, counts)
         safe = nodes.clamp(min=0)
@@ -453,8 +451,7 @@ class SpecInferEngine:
         by = batch.proposals[lines, safe] > 0  # [B, D, P]
         n = len(self.ssms)
         names = (["ssm"] if n else []) + self.columns[n:]
-        kinds = torch.stack(([by[..., :n].any(dim=-1)] if n else []) + [by[..., n + i] for i in range(len(self.free))]
-                            + [torch.zeros(by.shape[:2], dtype=torch.bool)], -1)  # (+ a column for no proposer)
+        kinds = torch.cat(([by[..., :n].any(dim=-1, keepdim=True)] if n else []) + [by[..., n:]], dim=-1)  # names' columns
         credit = torch.cumsum(kinds.long(), dim=1)  # [B, D, K] accepted draft tokens per proposer kind, by length
         host = (tokens.tolist(), verdicts.lengths.tolist(), verdicts.bonus.tolist(), ok.tolist(), batch.sizes.tolist(),
                 credit.tolist(), [c.tolist() for c in ssm_counts])

@@ -44,11 +44,14 @@ class Verdicts:
         path = torch.tensor([p + [-1] * (width - len(p)) for p, _ in verdicts], dtype=torch.long).view(len(verdicts), width)
         return cls(path, torch.tensor([len(p) for p, _ in verdicts]), torch.tensor([b for _, b in verdicts]))
 
+    def nodes(self) -> torch.Tensor:
+        """``[B, 1 + D]`` the accepted nodes, root first (-1 past ``lengths + 1``)."""
+        return torch.cat([torch.zeros(self.path.shape[0], 1, dtype=torch.long), self.path], dim=1)
+
     def last_nodes(self) -> torch.Tensor:
         """``[B]`` each request's last accepted node (its root where none was): the node whose logits
         chose the bonus token, where the draft head's next tree starts."""
-        nodes = torch.cat([torch.zeros(self.path.shape[0], 1, dtype=torch.long), self.path], dim=1)
-        return nodes.gather(1, self.lengths[:, None])[:, 0]
+        return self.nodes().gather(1, self.lengths[:, None])[:, 0]
 
     def on_path(self, n: int) -> torch.Tensor:
         """``[B, N]`` the accepted nodes, roots included."""

@@ -41,16 +41,24 @@ class DraftHead(nn.Module):
         """The state after feeding a token (``embedded``: its LLM input embedding), same shape."""
         return state + self.down(F.silu(self.up(torch.cat([state, embedded], dim=-1))))
 
+    @staticmethod
+    def read_config(folder: str | Path, hidden: int) -> dict:
+        """The head folder's config, checked against the LLM's hidden size ``hidden``."""
+        path = Path(folder) / CONFIG
+        if not path.is_file():
+            raise ValueError(f"{str(folder)!r} is not a draft head's folder (no {CONFIG})")
+        config = json.loads(path.read_text())
+        if config.get("hidden_size") != hidden:
+            raise ValueError(f"draft head {str(folder)!r} reads hidden states of {config.get('hidden_size')} "
+                             f"values, the LLM's have {hidden}")
+        return config
+
     @classmethod
     def from_pretrained(cls, folder: str | Path, hidden: int) -> "DraftHead":
         from safetensors.torch import load_file
 
-        folder = Path(folder)
-        config = json.loads((folder / CONFIG).read_text())
-        if config.get("hidden_size") != hidden:
-            raise ValueError(f"draft head {str(folder)!r} reads hidden states of {config.get('hidden_size')} "
-                             f"values, the LLM's have {hidden}")
-        state = load_file(str(folder / WEIGHTS))
+        config = cls.read_config(folder, hidden)
+        state = load_file(str(Path(folder) / WEIGHTS))
         head = cls(hidden, config["width"], state["vocab"])
         head.load_state_dict(state)
         return head.eval()
