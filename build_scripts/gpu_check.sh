@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check in at most 8 minutes: versions, every `gpu`-marked test (kernel vs SDPA, CUDA engine parity,
 # CUDA graphs on and off, ONNX Runtime's CUDA provider where installed, offloading), a short benchmark, the
-# offload benchmark (bench_offload.py: streamed layers, H2D bandwidth, overlap, HF + accelerate), one table.
+# offload benchmark (bench_offload.py: streamed layers, H2D bandwidth, overlap, HF + accelerate), the
+# device's rounding classes (cuda_rounding.py: which kernels give a row other bits beside other rows), one table.
 #
 #   build_scripts/gpu_check.sh          # from the repository root, on a machine with a CUDA GPU
 #
@@ -45,10 +46,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu
 
 # Only the files holding gpu tests: others import what this machine lacks (tritonclient).
 GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
-stage gpu-tests 210 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfEs --durations=10 \
+stage gpu-tests 300 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfEs --durations=10 \
     --junitxml="$LOGS/gpu-tests.xml" $GPU_TESTS
 stage benchmark 140 "$PY" build_scripts/gpu_bench.py --json "$LOGS/benchmark.json"
 stage offload 100 "$PY" build_scripts/bench_offload.py --json "$LOGS/offload.json"
+stage rounding 120 "$PY" build_scripts/cuda_rounding.py
 
 {
     echo
@@ -58,6 +60,7 @@ stage offload 100 "$PY" build_scripts/bench_offload.py --json "$LOGS/offload.jso
     grep -E "(passed|failed|skipped|error).* in [0-9.]+s" "$LOGS/gpu-tests.log" | tail -n 1
     sed -n '/^bfloat16\|^float/,$p' "$LOGS/benchmark.log"
     sed -n '/^offload, /,$p' "$LOGS/offload.log"
+    grep -E "^(bfloat16|float32|engine) " "$LOGS/rounding.log"
     echo "logs: $LOGS"
 } | tee "$LOGS/table.txt"
 exit $FAILED

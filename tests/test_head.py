@@ -174,6 +174,20 @@ def test_greedy_equals_incremental(models, head_folder, reference, proposers, ad
     assert sum(r.accepted_draft_tokens for r in results) <= sum(engine.stats.accepted_by_proposer.values())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_cuda_bfloat16_greedy_equals_incremental(models, head_folder, batch):
+    """On CUDA in bfloat16 (the served dtype there), head and suffix trees give plain decoding's tokens."""
+    tree = TreeConfig(expansion=(1,), proposers=("suffix", "head"), head_expansion=(2, 1, 1))
+    engine = SpecInferEngine.from_pretrained(models["llm"], tree=tree, max_batch_size=batch, head=head_folder,
+                                             device="cuda", dtype="bfloat16")
+    trees_pay(engine)
+    plain = [r.token_ids for r in engine.generate(PROMPTS, PARAMS, speculate=False)]
+    assert [r.token_ids for r in engine.generate(PROMPTS, PARAMS)] == plain
+    assert engine.stats.accepted_by_proposer["head"] > 0
+
+
 def test_sampled_requests_stay_seeded_with_the_head(models, head_folder):
     """Sampled output with head trees is the one its seed gives: the same with and without speculation
     under the Gumbel verifier (which samples every position from the seed)."""

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from specinfer.noise import as_int64, gumbel, philox
+from specinfer.noise import as_int64, gumbel, philox, uniform
 
 M32 = 0xFFFFFFFF
 
@@ -68,8 +68,11 @@ def test_noise_is_standard_gumbel():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_gives_the_cpu_bits():
+def test_cuda_gives_the_cpu_uniforms_bit_for_bit_and_gumbel_to_the_last_bits():
+    """The Philox words and the uniforms made of them are exact on both devices; ``log`` is rounded by
+    each device's library (an H200 differed from this CPU in 43 of 196,608 values, by <= 4.8e-14)."""
     seeds, positions = torch.tensor([1, as_int64(2**64 - 1)]), torch.tensor([[0, 7], [3, 123456]])
+    assert torch.equal(uniform(seeds.cuda(), positions.cuda(), 49152).cpu(), uniform(seeds, positions, 49152))
     cpu = gumbel(seeds, positions, 49152)
     cuda = gumbel(seeds.cuda(), positions.cuda(), 49152).cpu()
-    torch.testing.assert_close(cuda, cpu, rtol=1e-15, atol=0)
+    torch.testing.assert_close(cuda, cpu, rtol=1e-12, atol=0)

@@ -77,24 +77,32 @@ class PackedTreeMask:
     lengths: torch.Tensor  # [B] int32
     bits: torch.Tensor  # [B, T, ceil(N/32)] int32, bit j: sees region slot j
     region: int  # N
+    invariant: bool = False  # the kernel's form that gives a node its path's incremental-decoding bits
 
     @classmethod
     def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor,
               invariant: bool = False) -> "PackedTreeMask":
         """Padding sees no region slot (``region`` is false there); its output is never read. The
-        kernel blocks keys from each row's own start, so it needs no padding to be batch-invariant."""
-        del valid, invariant
-        return cls(lengths.to(torch.int32), packed_mask(region), region.shape[-1])
+        kernel blocks keys from each row's own start, so it needs no padding to be batch-invariant;
+        its invariant form takes regions past ``PATH_REGION`` slots only as chains (prompts)."""
+        del valid
+        from ..kernels.tree_attention import PATH_REGION  # triton is imported only where this backend is chosen
+
+        if invariant and region.shape[-1] > PATH_REGION and not bool((region[..., 1:] <= region[..., :-1]).all()):
+            raise ValueError(f"a tree region of {region.shape[-1]} slots: the batch-invariant kernel finds "
+                             f"ancestors in up to {PATH_REGION} (longer regions must be chains)")
+        return cls(lengths.to(torch.int32), packed_mask(region), region.shape[-1], invariant)
 
     def to(self, device: torch.device) -> "PackedTreeMask":
-        return PackedTreeMask(self.lengths.to(device), self.bits.to(device), self.region)
+        return PackedTreeMask(self.lengths.to(device), self.bits.to(device), self.region, self.invariant)
 
     def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: Rows) -> torch.Tensor:
         from ..kernels import tree_attention  # triton is imported only where this backend is chosen
 
         if isinstance(rows, slice):
             rows = torch.arange(rows.start, rows.stop, device=q.device)
-        return tree_attention(q, cache.k[layer], cache.v[layer], rows, self.lengths, self.bits, self.region)
+        return tree_attention(q, cache.k[layer], cache.v[layer], rows, self.lengths, self.bits, self.region,
+                              self.invariant)
 
 
 Visibility = DenseMask | PackedTreeMask

@@ -76,7 +76,8 @@ class GraphedModel:
         bb, tb = bucket(b, BATCH_BUCKETS), bucket(t, TOKEN_BUCKETS)
         if not isinstance(visibility, PackedTreeMask) or bb is None or tb is None:
             return self.model(tokens, positions, cache, rows, slots, visibility, output_index)
-        key = (id(cache), bb, tb, visibility.region, visibility.bits.shape[-1], output_index is not None)
+        key = (id(cache), bb, tb, visibility.region, visibility.bits.shape[-1], output_index is not None,
+               visibility.invariant)
         if key not in self.statics and len(self.statics) >= self.max_graphs:
             return self.model(tokens, positions, cache, rows, slots, visibility, output_index)
         if key not in self.statics:
@@ -87,7 +88,7 @@ class GraphedModel:
         self.fill(static, tokens, positions, rows, slots, visibility, output_index)
         run = lambda: self.model(  # noqa: E731
             static.tokens, static.positions, cache, static.rows, static.slots,
-            PackedTreeMask(static.lengths, static.bits, visibility.region), static.output_index)
+            PackedTreeMask(static.lengths, static.bits, visibility.region, visibility.invariant), static.output_index)
         if not self.capture:
             static.out = run()
         elif static.graph is None:

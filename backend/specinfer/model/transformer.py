@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Visibility
-from .batch_invariance import pad_rows, padded_rows, row_limit
+from .batch_invariance import DEVICE_ROWS, pad_rows, padded_rows, row_limit
 from .checkpoint import ModelArgs, read_checkpoint
 from .kv_cache import KVCache, Rows
 from .offload import OFFLOAD, LayerStreamer
@@ -38,8 +38,8 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can pad its rows (zeros appended, results dropped), and on the CPU split
-    calls past ``row_limit`` rows, so that a row's result does not depend on how many rows share the
+    """``nn.Linear`` that can pad its rows (zeros appended, results dropped) and split calls past
+    ``row_limit`` rows on the CPU (``DEVICE_ROWS`` on CUDA, where every call has that many), so that a row's result does not depend on how many rows share the
     call (``batch_invariance.py``)."""
 
     invariant = True  # Transformer.batch_invariant switches a model's layers off (to measure the cost, to trace)
@@ -51,10 +51,11 @@ class Linear(nn.Linear):
         rows = x.numel() // x.shape[-1]
         if not self.invariant or rows == 0:
             return F.linear(x, self.weight, bias)
-        most = row_limit(self.out_features, self.in_features, x.dtype) if x.device.type == "cpu" else rows
-        if rows <= most and padded_rows(rows, x.dtype) == rows:
+        device = x.device
+        most = row_limit(self.out_features, self.in_features, x.dtype) if device.type == "cpu" else DEVICE_ROWS
+        if rows <= most and padded_rows(rows, x.dtype, device) == rows:
             return F.linear(x, self.weight, bias)
-        pieces = [F.linear(pad_rows(p, padded_rows(len(p), x.dtype)), self.weight, bias)[: len(p)]
+        pieces = [F.linear(pad_rows(p, padded_rows(len(p), x.dtype, device)), self.weight, bias)[: len(p)]
                   for p in x.reshape(rows, x.shape[-1]).split(most)]
         return torch.cat(pieces).reshape(*x.shape[:-1], self.out_features)
 

@@ -82,7 +82,7 @@ def forward_command(
         scalars += [0, 0]
         tensors.append(visibility.mask)
     else:
-        scalars += [1, visibility.region]
+        scalars += [3 if visibility.invariant else 1, visibility.region]
         tensors += [visibility.lengths, visibility.bits]
     scalars.append(int(output_index is not None))
     if output_index is not None:
@@ -102,7 +102,7 @@ def forward_inputs(cmd: Command, device: torch.device) -> tuple:
     elif vis_kind == 2:  # the leader's invariant keys, rebuilt on the host as the leader built them
         lengths, region, valid = (rest.pop(0).cpu() for _ in range(3))
         visibility = DenseMask.build(lengths, region, valid, invariant=True).to(device)
-    else:
-        visibility = PackedTreeMask(rest.pop(0), rest.pop(0), region)
+    else:  # 1, or 3: the kernel's batch-invariant form
+        visibility = PackedTreeMask(rest.pop(0), rest.pop(0), region, vis_kind == 3)
     output_index = rest.pop(0) if has_index else None
     return tokens, positions, rows, slots, visibility, output_index
