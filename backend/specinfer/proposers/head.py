@@ -73,6 +73,12 @@ class DraftHead(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS))
 
 
+def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows [K, H]`` as int8 and a scale per row (``rows ~ int8 * scale``), the scales in ``rows``' dtype."""
+    scales = rows.float().abs().amax(dim=1).clamp_min(1e-12) / 127
+    return torch.round(rows.float() / scales[:, None]).to(torch.int8), scales.to(rows.dtype)
+
+
 def head_tree(expansion: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Parents and depths of the head's fixed tree shape: ``expansion[d]`` children under every node
     of level ``d`` (root first, levels in order)."""
@@ -102,13 +108,24 @@ class HeadProposer:
         dtype, device = embed.dtype, embed.device
         self.head = head.to(device=device, dtype=dtype)
         self.embed = embed
-        self.output = output[self.head.vocab]  # [K, H]: the rows of the output layer the head drafts
+        drafted = output[self.head.vocab]  # [K, H]: the rows of the output layer the head drafts
+        # On the CPU a level's read of these rows is bound by memory (8,192 x 576 bf16: 0.34 ms for one
+        # state, 0.37 for three); int8 rows with a scale per row halve the bytes (0.15 / 0.23 ms). Drafts
+        # only: the LLM verifies every token, so the output stays exact whatever the head reads.
+        self.output, self.scales = int8_rows(drafted) if device.type == "cpu" else (drafted, None)
         self.hidden = torch.zeros(rows, embed.shape[1], dtype=dtype, device=device)
         self.expansion = expansion
         parents, self.depths = head_tree(expansion)
         self.parents = parents
         self.ancestors = ancestor_mask(parents)
         self.seconds = 0.0  # wall time drafting, which adaptive trees count as a step's drafting cost
+
+    def read(self, state: torch.Tensor) -> torch.Tensor:
+        """Logits over the head's vocabulary ``[..., K]`` of states ``[..., H]``."""
+        if self.scales is None:
+            return state @ self.output.T
+        flat = state.reshape(-1, state.shape[-1])
+        return torch._weight_int8pack_mm(flat, self.output, self.scales).view(*state.shape[:-1], -1)
 
     def remember(self, rows: list[int], hidden: torch.Tensor) -> None:
         """``hidden [B, H]``: the LLM's hidden state at each request's last verified node."""
@@ -124,7 +141,7 @@ class HeadProposer:
         found, confidence = [tokens], [torch.ones(b, 1, device=dev)]
         for k in self.expansion:
             state = self.head.step(state, self.embed[tokens])
-            probs = torch.softmax((state @ self.output.T).float(), dim=-1)
+            probs = torch.softmax(self.read(state).float(), dim=-1)
             top = probs.topk(k, dim=-1)
             tokens = self.head.vocab[top.indices].flatten(1)
             confidence.append(top.values.flatten(1))
