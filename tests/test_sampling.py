@@ -1,10 +1,11 @@
 """Target distributions (temperature, top-k, top-p) and draft draws."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from specinfer import SamplingParams
-from specinfer.sampling import draw_children, make_generator, target_probs
+from specinfer.sampling import draw_children, first_max, make_generator, target_probs
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0], [0.0, 3.0, 0.0, 1.0, 0.0]])
 
@@ -58,3 +59,14 @@ def test_same_seed_same_draws():
     a = draw_children(probs, 8, True, make_generator(7))
     b = draw_children(probs, 8, True, make_generator(7))
     assert a == b
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_first_max_is_argmax_with_its_ties(dtype):
+    """Greedy choices go through ``first_max`` (faster than ``argmax`` on CPUs): the same index, the
+    first of equal maxima, on logits rounded so that ties are everywhere."""
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(16, 9, 4099, generator=g)).round().to(dtype)
+    x[0, 0, [5, 700, 4098]] = 50  # a tie of three at the top
+    assert torch.equal(first_max(x), torch.argmax(x, dim=-1))
+    assert int(first_max(x)[0, 0]) == 5

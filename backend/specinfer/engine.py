@@ -31,7 +31,7 @@ from .model.cuda_graphs import GraphedModel
 from .proposers import DraftHead, HeadProposer, Plan, SsmProposer, SuffixProposer
 from .runner import ModelRunner, NodeBatch, chain_batch
 from .runtimes import load_model
-from .sampling import gumbel_choice, make_generator, sample, target_probs, target_scores
+from .sampling import first_max, gumbel_choice, make_generator, sample, target_probs, target_scores
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .tokenizer import TextTokenizer
@@ -330,7 +330,7 @@ class SpecInferEngine:
     def pick(self, logits: torch.Tensor, seq: Sequence) -> int:
         logits = process_batch(logits[None, None], [seq], roots(torch.tensor([seq.tokens[-1]]), 0))[0]
         if seq.params.greedy:
-            token = int(torch.argmax(logits[0]))
+            token = int(first_max(logits[0]))
         elif self.tree.verifier == "gumbel":
             choice, finite = self.gumbel_choices(logits[None], [seq], torch.zeros(1, 1, dtype=torch.long))
             if not bool(finite.all()):
@@ -384,7 +384,7 @@ class SpecInferEngine:
         one_by_one = (~by_argmax).nonzero().flatten().tolist()
         rows: list[Verdict] = [([], 0)] * len(seqs)
         if bool(by_argmax.any()):
-            choice = logits.argmax(dim=-1)
+            choice = first_max(logits)
             sampled = [b for b, s in enumerate(seqs) if gumbel and not s.params.greedy]
             if sampled:
                 choice[sampled], finite = self.gumbel_choices(logits[sampled], [seqs[b] for b in sampled],
