@@ -19,7 +19,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from specinfer.kernels.tree_attention import BLOCKS, DOT_DTYPES, PATH_REGION, _path_attention_kernel, _tree_attention_kernel
+from specinfer.kernels.tree_attention import (BLOCKS, DOT_DTYPES, PATH_REGION, _path_attention_kernel,
+                                              _tree_attention_kernel)
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

@@ -131,7 +131,8 @@ def nodes_and_paths(device: str, dtype: torch.dtype, heads: tuple[int, int, int]
             k1, v1 = k[row:row + 1].clone(), v[row:row + 1].clone()
             k1[0, prefix:prefix + len(path)], v1[0, prefix:prefix + len(path)] = k[row, committed], v[row, committed]
             one = torch.ones(1, 1, 1, dtype=torch.int32, device=device)
-            alone = tree_attention(q[i:i + 1, node:node + 1].contiguous(), k1, v1, torch.zeros(1, dtype=torch.long, device=device),
+            alone = tree_attention(q[i:i + 1, node:node + 1].contiguous(), k1, v1,
+                                   torch.zeros(1, dtype=torch.long, device=device),
                                    torch.tensor([prefix + len(path) - 1], dtype=torch.int32, device=device), one, 1,
                                    invariant)
             pairs.append((out[i, node], alone[0, 0]))

@@ -99,7 +99,7 @@ class SpecInferEngine:
             raise ValueError("the draft head reads the LLM's hidden states: it needs the eager PyTorch LLM "
                              "(not tensor-parallel, not with CUDA graphs)")
         tree.check_size(max(1, len(ssms)))
-        if config.batch_invariant and tree.max_tree_tokens > MAX_TREE_TOKENS:  # (the kernel's limit, PATH_REGION, is higher)
+        if config.batch_invariant and tree.max_tree_tokens > MAX_TREE_TOKENS:  # (the kernel's own, PATH_REGION, is higher)
             raise ValueError(f"max_tree_tokens={tree.max_tree_tokens} is more than the batch-invariant attention "
                              f"verifies in one tree ({MAX_TREE_TOKENS}); lower it or turn batch_invariant off")
         if max(tree.expansion) > vocab:

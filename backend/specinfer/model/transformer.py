@@ -39,8 +39,8 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Linear):
     """``nn.Linear`` that can pad its rows (zeros appended, results dropped) and split calls past
-    ``row_limit`` rows on the CPU (``DEVICE_ROWS`` on CUDA, where every call has that many), so that a row's result does not depend on how many rows share the
-    call (``batch_invariance.py``)."""
+    ``row_limit`` rows on the CPU (on CUDA every call has ``DEVICE_ROWS``), so that a row's result does
+    not depend on how many rows share the call (``batch_invariance.py``)."""
 
     invariant = True  # Transformer.batch_invariant switches a model's layers off (to measure the cost, to trace)
 
