@@ -16,7 +16,6 @@ from specinfer.model.kv_cache import KVCache
 from specinfer.runner import NodeBatch, layout
 from specinfer.serving.repository import RepositoryOptions, repository_files
 from specinfer.tree import TreeBuilder, pad_trees
-from test_tree_attention import random_tree
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # interpreter
@@ -107,34 +106,28 @@ def nodes_and_paths(device: str, dtype: torch.dtype, heads: tuple[int, int, int]
 
     g = torch.Generator().manual_seed(seed)
     n_heads, kv_heads, dim = heads
-    prefixes, sizes = [37, 64, 70], [12, 7, 20]
+    prefixes = [37, 64, 70]
     rows = torch.tensor([2, 0, 1], device=device)
-    slots = max(prefixes) + max(sizes) + 2
-    k, v = (torch.randn(3, slots, kv_heads, dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
-    trees = [random_tree(n, g) for n in sizes]
-    batch = pad_trees(trees)
-    b, t = batch.tokens.shape
-    nodes = NodeBatch(batch.tokens, torch.arange(t).expand(b, t), batch.depths, batch.ancestors, batch.valid)
-    lengths = torch.tensor(prefixes)
-    _, _, packed = layout(lengths, nodes, "triton", invariant)
+    nodes = random_nodes(g, [12, 7, 20], level=False)
+    b, t = nodes.tokens.shape
+    k, v = (torch.randn(3, max(prefixes) + t + 2, kv_heads, dim, generator=g).to(device=device, dtype=dtype)
+            for _ in range(2))
+    _, _, packed = layout(torch.tensor(prefixes), nodes, "triton", invariant)
     packed = packed.to(torch.device(device))
     q = torch.randn(b, t, n_heads, dim, generator=g).to(device=device, dtype=dtype)
     out = tree_attention(q, k, v, rows, packed.lengths, packed.bits, packed.region, invariant)
+    one = torch.ones(1, 1, 1, dtype=torch.int32, device=device)
     pairs = []
-    for i, tree in enumerate(trees):
-        parents, row, prefix = tree.parents.tolist(), int(rows[i]), prefixes[i]
-        for node in range(tree.size):
-            path = [node]
-            while parents[path[-1]] >= 0:
-                path.append(parents[path[-1]])
-            committed = [prefix + j for j in path[::-1]]
+    for i, (row, prefix) in enumerate(zip(rows.tolist(), prefixes)):
+        for node in nodes.valid[i].nonzero().flatten().tolist():
+            committed = [prefix + j for j in nodes.attend[i, node].nonzero().flatten().tolist()]  # root first
             k1, v1 = k[row:row + 1].clone(), v[row:row + 1].clone()
-            k1[0, prefix:prefix + len(path)], v1[0, prefix:prefix + len(path)] = k[row, committed], v[row, committed]
-            one = torch.ones(1, 1, 1, dtype=torch.int32, device=device)
+            moved = slice(prefix, prefix + len(committed))
+            k1[0, moved], v1[0, moved] = k[row, committed], v[row, committed]
             alone = tree_attention(q[i:i + 1, node:node + 1].contiguous(), k1, v1,
                                    torch.zeros(1, dtype=torch.long, device=device),
-                                   torch.tensor([prefix + len(path) - 1], dtype=torch.int32, device=device), one, 1,
-                                   invariant)
+                                   torch.tensor([prefix + len(committed) - 1], dtype=torch.int32, device=device), one,
+                                   1, invariant)
             pairs.append((out[i, node], alone[0, 0]))
     return pairs
 
