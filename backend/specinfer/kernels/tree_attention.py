@@ -121,7 +121,7 @@ def _path_attention_kernel(
     words = tl.load(bits_ptr + b * sm_b + t * sm_t + (j >> 5), mask=j_ok, other=0)
     seen = (((words >> (j & 31)) & 1) != 0) & j_ok
     rank = tl.cumsum(seen.to(tl.int32), 0) - 1  # depth of each seen slot
-    n = length + tl.sum(seen.to(tl.int32), 0)  # virtual keys: the prefix, then the path
+    n = length + tl.max(rank, 0) + 1  # virtual keys: the prefix, then the path
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
