@@ -105,10 +105,11 @@ def test_chain_nodes_equal_incremental_decoding(wide, dtype, device):
 
 
 FLOAT32_CUDA_PREFILL = pytest.mark.xfail(
-    reason="H200, 2026-12-04: in float32 a tree node (prefix 37, depth 2) differed from its path prefilled with the "
-           "prefix and its last token decoded; bfloat16 and every engine run were exact. The kernel then summed "
-           "whole prefix blocks in one loop and the rest in another, and a prefill from an empty prefix puts the "
-           "first blocks in the second; it now has one loop body (not yet run on a GPU: XPASS expected)",
+    reason="H200, 2026-12-04, twice (two-loop and one-loop path kernel): in float32 a tree node (prefix 37, depth "
+           "2) differs from its path prefilled with the prefix and its last token decoded; bfloat16 passes and "
+           "all 8 float32 engine runs of cuda_rounding.py (24 requests each) were exact. Not understood; suspected: Triton picks "
+           "the float32 FMA dot's layout, hence tl.sum's order, per compiled variant (REGION_BLOCK differs "
+           "between the prefill, decode and tree calls), where bfloat16's MMA layout is fixed",
     strict=False)
 
 
@@ -247,6 +248,24 @@ def test_linear_layers_of_the_demo_llm_s_shapes_keep_a_row_s_bits_in_any_call(dt
             alone = torch.cat([layer(x[i:i + 1]) for i in range(48)])
             for n in (2, 13, 33, 48):
                 assert torch.equal(layer(x[:n]), alone[:n]), f"{fan_in}x{fan_out}, {n} rows"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rmsnorm_of_the_demo_llm_s_width_keeps_a_row_s_bits_in_any_call(dtype, device):
+    """Width 576, 1 to 130 rows per call: each row's result equals its result alone. On the H200 CUDA's
+    float32 mean rounded 1-15 rows apart from 16 and more (``cuda_rounding.py``) before every CUDA call
+    got ``DEVICE_ROWS`` rows; the CPU's is per-row at any count."""
+    g = torch.Generator().manual_seed(10)
+    norm = transformer.RMSNorm(576, 1e-5)
+    norm.weight.data = torch.rand(576, generator=g) + 0.5
+    norm = norm.to(device=device, dtype=DTYPES[dtype])
+    x = (torch.randn(130, 576, generator=g) * 3).to(device=device, dtype=DTYPES[dtype])
+    with torch.no_grad():
+        alone = torch.cat([norm(x[i:i + 1]) for i in range(130)])
+        for n in (2, 15, 16, 64, 65, 130):
+            assert torch.equal(norm(x[:n]), alone[:n]), f"{n} rows"
+        assert torch.equal(norm(x.view(10, 13, 576)).view(130, 576), alone)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -17,7 +17,9 @@ classes by shape, each bit-identical within itself (``tests/test_batch_invarianc
   among them and the key width (its flash kernel blocks keys by 512): ``attention`` below replaces it.
 - A float32 GEMM of up to ``KEY_WINDOW`` keys gives the same result when keys of weight zero are
   inserted anywhere (it sums each output in one pass over the keys); past it, it blocks the keys.
-- RMSNorm, rotary embedding, SiLU, embedding gathers and cache scatters are per-token already.
+- RMSNorm, rotary embedding, SiLU, embedding gathers and cache scatters are per-token already, but
+  CUDA's float32 mean rounds a width-576 row by the row count (1-15 against 16+): RMSNorm there
+  has ``DEVICE_ROWS`` per call too.
 """
 from __future__ import annotations
 

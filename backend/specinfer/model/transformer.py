@@ -30,7 +30,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    invariant = True  # as ``Linear.invariant``
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" or not self.invariant or rows == 0:
+            return self.normalize(x)
+        # CUDA's mean rounds a row by the call's row count (H200, float32, width 576: 1-15 against 16+
+        # rows; cuda_rounding.py), so every call has DEVICE_ROWS rows, as Linear's do.
+        pieces = [self.normalize(pad_rows(p, DEVICE_ROWS))[: len(p)]
+                  for p in x.reshape(rows, x.shape[-1]).split(DEVICE_ROWS)]
+        return torch.cat(pieces).reshape(x.shape)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -255,10 +267,10 @@ class Transformer(nn.Module):
         self.inv_freq = self.inv_freq.to(device)
 
     def batch_invariant(self, on: bool) -> None:
-        """Whether every linear layer pads its rows to the dtype's batch-invariant class (on by default;
-        off only to measure what the property costs, and for tracing graphs of dynamic shape)."""
+        """Whether every linear layer (and on CUDA every RMSNorm) pads its rows to the dtype's batch-invariant
+        class (on by default; off only to measure what the property costs, and for tracing graphs of dynamic shape)."""
         for module in [*self.modules(), *(self.streamer.modules() if self.streamer else ())]:
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, RMSNorm)):
                 module.invariant = on
 
     def new_cache(self, rows: int, slots: int) -> KVCache:
