@@ -11,7 +11,7 @@ from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.config import SuffixConfig
 from specinfer.model import Transformer
 from specinfer.proposers import DraftHead, HeadProposer
-from specinfer.proposers.head import head_tree, int8_rows
+from specinfer.proposers.head import Int8Linear, head_tree, int8_rows
 from specinfer.runner import ModelRunner, chain_batch
 from specinfer.sequence import Sequence
 from specinfer.verify import Verdicts
@@ -75,17 +75,22 @@ def test_proposer_drafts_the_top_children_of_its_state_level_by_level():
     batch = proposer.propose(seqs, torch.tensor([4, 6]))
     assert batch.tokens.shape == (2, 5) and batch.tokens[:, 0].tolist() == [4, 6]
     assert bool(batch.selected.all()) and batch.proposals[:, 1:].eq(1).all() and batch.proposals[:, 0].eq(0).all()
-    q, scales = int8_rows(output[vocab])  # the rows as the CPU proposer reads them
-    rows = q.float() * scales[:, None]
+    rows = Int8Linear(output[vocab]).dequantized()  # the rows as the CPU proposer reads them
     assert (rows - output[vocab]).abs().max() <= output[vocab].abs().max() / 254 + 1e-6  # half a step of 127
+    q, scales = int8_rows(output[vocab])
+    assert q.dtype == torch.int8 and torch.equal(q.float() * scales[:, None], rows)
+    read = DraftHead(hidden, 16, vocab)  # the head as the CPU proposer reads it: int8 layers too
+    read.load_state_dict({**head.state_dict(), "up.weight": Int8Linear(head.up.weight).dequantized(),
+                          "down.weight": Int8Linear(head.down.weight).dequantized()})
+    assert not torch.equal(read.up.weight, head.up.weight)
     for b, root in enumerate([4, 6]):  # recomputed by hand, one node at a time
-        s1 = head.step(state[b], embed[root])
+        s1 = read.step(state[b], embed[root])
         p1 = torch.softmax(s1 @ rows.T, -1)
         top = p1.topk(2)
         assert batch.tokens[b, 1:3].tolist() == vocab[top.indices].tolist()
         assert torch.allclose(batch.confidence[b, 1:3], top.values)
         for i in range(2):
-            s2 = head.step(s1, embed[vocab[top.indices[i]]])
+            s2 = read.step(s1, embed[vocab[top.indices[i]]])
             p2 = torch.softmax(s2 @ rows.T, -1)
             assert int(batch.tokens[b, 3 + i]) == int(vocab[p2.argmax()])
             assert torch.allclose(batch.confidence[b, 3 + i], p2.max())
