@@ -23,7 +23,7 @@ classes by shape, each bit-identical within itself (``tests/test_batch_invarianc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -85,19 +85,19 @@ class VirtualKeys:
     tree is not a chain (``tree_rows``; the others, lone roots beside a tree, take the identity path),
     so the rest is read through a window of slots per such row: from the first ``KEY_BLOCK`` holding
     a tree key (``window[r, 0]``) past the tree region and the scratch slot. ``window_slots[r, t, w]``
-    is the slot of virtual key ``window[r, w]`` of query ``t``; ``window_pos[r, t, w]`` the virtual
-    key window slot ``w`` is for query ``t`` (0 where unseen); ``window_own[r, i, t, w]`` whether it
-    is a key of the row's virtual block ``tail_index[r, i]`` for query ``t``; ``r`` counts tree rows.
-    Built on the host, where ``past`` is known without a device sync."""
+    is the slot of virtual key ``window[r, w]`` of query ``t``; ``tail_pos[r, i, t, w]`` the virtual
+    key window slot ``w`` is for query ``t`` where that key is in the row's virtual block
+    ``tail_index[r, i]``, else a key the query does not see (its probability is exactly 0);
+    ``r`` counts tree rows. Built on the host, where ``past`` is known without a device sync."""
 
     visible: torch.Tensor  # [B, T, S] bool
     tree_rows: torch.Tensor  # [R] long: the rows whose keys are not in slot order
     window: torch.Tensor  # [R, W] long (clamped to the key width)
     window_slots: torch.Tensor  # [R, T, W] long
-    window_pos: torch.Tensor  # [R, T, W] long
-    window_own: torch.Tensor  # [R, tail, T, W] bool
+    tail_pos: torch.Tensor  # [R, tail, T, W] long
     tail_index: torch.Tensor  # [R, tail] long: the virtual blocks that hold tree keys
     past: int = 0  # tail blocks past the key width's last (a short row beside a long one): room to make
+    shaped: dict = field(default_factory=dict, repr=False, compare=False)  # ``expanded``'s, by shape
 
     @property
     def identity(self) -> bool:
@@ -122,7 +122,7 @@ class VirtualKeys:
         rows = (slots != j).flatten(1).any(dim=1).nonzero().flatten()
         if rows.numel() == 0:
             none = torch.zeros(0, t, 0, dtype=torch.long)
-            return cls(visible, rows, none[:, 0], none, none, none[:, None].bool(), none[:, 0])
+            return cls(visible, rows, none[:, 0], none, none[:, None], none[:, 0])
         everyone = visible
         lengths, slots, visible, padding, count = lengths[rows], slots[rows], visible[rows], padding[rows], count[rows]
         r = len(rows)
@@ -141,16 +141,30 @@ class VirtualKeys:
         block = torch.where(pos >= 0, pos // KEY_BLOCK - first[:, None, None], -1)
         last = torch.where(padding[..., 0], lengths[:, None] + n, lengths[:, None] + count[..., 0] - 1)  # the last key seen
         tail = int((last // KEY_BLOCK - first[:, None]).max()) + 1
-        own = block[:, None] == torch.arange(tail)[None, :, None, None]
+        own = block[:, None] == torch.arange(tail)[None, :, None, None]  # [R, tail, T, W]
+        unseen = torch.where(padding[..., 0], 0, width - 1)  # [R, T]: padding sees only slot length + n < width
+        tail_pos = torch.where(own, pos[:, None], unseen[:, None, :, None])
         window_slots = torch.gather(slots, -1, window[:, None, :].expand(r, t, w))
         tail_index = first[:, None] + torch.arange(tail)
         past = max(0, int(tail_index.max()) + 1 - width // KEY_BLOCK)
-        return cls(everyone, rows, window, window_slots, pos.clamp(min=0), own, tail_index, past)
+        return cls(everyone, rows, window, window_slots, tail_pos, tail_index, past)
+
+    def expanded(self, kvh: int, g: int, d: int) -> tuple[torch.Tensor, ...]:
+        """The window's indices expanded to ``attention``'s shapes (``kvh`` KV heads of ``g`` queries,
+        head width ``d``): made at a forward's first layer, reused by the others."""
+        if (kvh, g, d) not in self.shaped:
+            (r, w), t, tail = self.window.shape, self.window_slots.shape[1], self.tail_index.shape[-1]
+            self.shaped[kvh, g, d] = (
+                self.window_slots[:, None, :, None, :].expand(r, kvh, t, g, w),  # scores: from
+                self.window[:, None, None, None, :].expand(r, kvh, t, g, w),  # scores: to
+                self.tail_pos[:, None, :, :, None, :].expand(r, kvh, tail, t, g, w),  # weights
+                self.window[:, None, :, None].expand(r, kvh, w, d),  # values
+                self.tail_index[:, None, :, None, None, None].expand(r, kvh, tail, t, g, d))  # blocks
+        return self.shaped[kvh, g, d]
 
     def to(self, device: torch.device) -> "VirtualKeys":
         return VirtualKeys(self.visible.to(device), self.tree_rows.to(device), self.window.to(device),
-                           self.window_slots.to(device), self.window_pos.to(device), self.window_own.to(device),
-                           self.tail_index.to(device), self.past)
+                           self.window_slots.to(device), self.tail_pos.to(device), self.tail_index.to(device), self.past)
 
 
 @dataclass
@@ -211,9 +225,9 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: V
     rows, (r, w) = view.tree_rows, view.window.shape
     every = r == b  # every row verifies a tree (a lone request, a split's rest): no row indexing
     if r:
+        from_slots, to_slots, weights_at, values_at, blocks_at = view.expanded(kvh, g, d)
         mine = scores if every else scores[rows]
-        moved = torch.gather(mine, -1, view.window_slots[:, None, :, None, :].expand(r, kvh, t, g, w))
-        mine.scatter_(-1, view.window[:, None, None, None, :].expand(r, kvh, t, g, w), moved)
+        mine.scatter_(-1, to_slots, torch.gather(mine, -1, from_slots))
         if not every:
             scores[rows] = mine
     probs = torch.softmax(scores.masked_fill_(~view.visible[:, None, :, None, :], float("-inf")), dim=-1)
@@ -224,17 +238,16 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: V
                            vals.view(b, kvh, blocks, KEY_BLOCK, d)).view(b, kvh, blocks, t, g, d)
     if r:
         tail = view.tail_index.shape[-1]
-        p = torch.gather(probs if every else probs[rows], -1, view.window_pos[:, None, :, None, :].expand(r, kvh, t, g, w))
-        p = (p[:, :, None] * view.window_own[:, None, :, :, None, :]).view(r, kvh, tail * t * g, w)  # a GEMM's rows
-        v = torch.gather(vals if every else vals[rows], 2, view.window[:, None, :, None].expand(r, kvh, w, d))
+        mine = (probs if every else probs[rows])[:, :, None].expand(r, kvh, tail, t, g, s)
+        p = torch.gather(mine, -1, weights_at).view(r, kvh, tail * t * g, w)  # a GEMM's rows: each tail block's
+        v = torch.gather(vals if every else vals[rows], 2, values_at)  # weights, zeros elsewhere
         tail_parts = block_products(p, v).view(r, kvh, tail, t, g, d)
         if view.past:
             parts = torch.cat([parts, parts.new_zeros(b, kvh, view.past, t, g, d)], dim=2)
-        index = view.tail_index[:, None, :, None, None, None].expand(r, kvh, tail, t, g, d)
         if every:
-            parts.scatter_(2, index, tail_parts)
+            parts.scatter_(2, blocks_at, tail_parts)
         else:
-            parts[rows] = parts[rows].scatter_(2, index, tail_parts)
+            parts[rows] = parts[rows].scatter_(2, blocks_at, tail_parts)
     out = torch.cumsum(parts, dim=2)[:, :, -1]  # blocks summed in key order (sequentially)
     return out.permute(0, 2, 1, 3, 4).reshape(b, t, h, d).to(q.dtype)
 
