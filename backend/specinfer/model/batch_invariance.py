@@ -23,6 +23,7 @@ classes by shape, each bit-identical within itself (``tests/test_batch_invarianc
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -56,6 +57,14 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """``x`` with zero rows appended along dimension -2 up to ``rows``."""
     extra = rows - x.shape[-2]
     return x if extra == 0 else torch.cat([x, x.new_zeros(*x.shape[:-2], extra, x.shape[-1])], dim=-2)
+
+
+def in_pieces(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, most: int) -> torch.Tensor:
+    """``fn`` (a per-row layer) over the rows of ``x [..., K]`` in calls of at most ``most`` rows, each
+    padded to ``padded_rows``: a row's result then does not depend on the rows beside it."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.cat([fn(pad_rows(p, padded_rows(len(p), x.dtype, x.device)))[: len(p)] for p in flat.split(most)])
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 @lru_cache(maxsize=None)

@@ -50,7 +50,7 @@ class LayerStreamer:
             self.free = [torch.cuda.Event() for _ in self.buffers]
 
     def modules(self) -> Iterator[nn.Module]:
-        """The buffers' modules (``Transformer.batch_invariant`` sets their linear layers too)."""
+        """The buffers' modules (``Transformer.batch_invariant`` sets their linear layers and norms too)."""
         for buffer in self.buffers:
             yield from buffer.modules()
 

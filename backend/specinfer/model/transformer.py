@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Visibility
-from .batch_invariance import DEVICE_ROWS, pad_rows, padded_rows, row_limit
+from .batch_invariance import DEVICE_ROWS, in_pieces, padded_rows, row_limit
 from .checkpoint import ModelArgs, read_checkpoint
 from .kv_cache import KVCache, Rows
 from .offload import OFFLOAD, LayerStreamer
@@ -38,9 +38,7 @@ class RMSNorm(nn.Module):
             return self.normalize(x)
         # CUDA's mean rounds a row by the call's row count (H200, float32, width 576: 1-15 against 16+
         # rows; cuda_rounding.py), so every call has DEVICE_ROWS rows, as Linear's do.
-        pieces = [self.normalize(pad_rows(p, DEVICE_ROWS))[: len(p)]
-                  for p in x.reshape(rows, x.shape[-1]).split(DEVICE_ROWS)]
-        return torch.cat(pieces).reshape(x.shape)
+        return in_pieces(self.normalize, x, DEVICE_ROWS)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -67,9 +65,7 @@ class Linear(nn.Linear):
         most = row_limit(self.out_features, self.in_features, x.dtype) if device.type == "cpu" else DEVICE_ROWS
         if rows <= most and padded_rows(rows, x.dtype, device) == rows:
             return F.linear(x, self.weight, bias)
-        pieces = [F.linear(pad_rows(p, padded_rows(len(p), x.dtype, device)), self.weight, bias)[: len(p)]
-                  for p in x.reshape(rows, x.shape[-1]).split(most)]
-        return torch.cat(pieces).reshape(*x.shape[:-1], self.out_features)
+        return in_pieces(lambda p: F.linear(p, self.weight, bias), x, most)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:

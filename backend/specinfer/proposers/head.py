@@ -11,6 +11,7 @@ its only state is one hidden vector per cache row, set after each verification (
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from functools import partial
@@ -93,7 +94,7 @@ class Int8Linear(nn.Module):
         q, scales = int8_rows(weight.detach())
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales)
-        self.bias = None if bias is None else bias.detach()
+        self.register_buffer("bias", None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -134,8 +135,8 @@ class HeadProposer:
         dtype, device = embed.dtype, embed.device
         head = head.to(device=device, dtype=dtype)
         drafted = output[head.vocab]  # [K, H]: the rows of the output layer the head drafts
-        if device.type == "cpu":  # a copy with int8 layers (``Int8Linear``); the caller's head is left as it was
-            quantized = DraftHead(head.down.out_features, head.up.out_features, head.vocab)
+        if device.type == "cpu":  # a copy with int8 layers (``Int8Linear``): the caller's head keeps its own
+            quantized = copy.deepcopy(head)
             quantized.up, quantized.down = Int8Linear(head.up.weight, head.up.bias), Int8Linear(head.down.weight, head.down.bias)
             head, self.read = quantized, Int8Linear(drafted)
         else:
