@@ -316,18 +316,26 @@ def test_batches_above_max_speculative_batch_decode_plainly(models, reference, m
         TreeConfig(max_speculative_batch=-1)
 
 
-def test_a_step_above_max_speculative_batch_predicts_plain_decoding(models):
-    """The rate correction compares each step's realised rate with its prediction: a step the limit
-    keeps plain predicts plain decoding's rate, not what an earlier step of another size chose."""
+def test_a_step_above_max_speculative_batch_neither_prices_nor_teaches(models):
+    """A step the limit keeps plain prices no speculation and feeds nothing to the rate correction
+    (what it would teach, at its batch size, no step of that size could use); once at most the
+    limit runs, steps price and observe again."""
     engine = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], max_batch_size=2,
                                              tree=TreeConfig(expansion=(1,), adaptive=True, max_speculative_batch=1))
     engine.llm.costs, engine.ssms[0].costs = FixedCosts(lambda n: 1.0 + 0.1 * n), FixedCosts(lambda n: 0.0)
     engine.policy.predicted_rate = 123.0  # what an earlier step chose
-    for prompt in PROMPTS[:2]:
-        engine.add(engine.new_sequence(prompt, SamplingParams(max_tokens=4, ignore_eos=True)))
+    seqs = [engine.new_sequence(prompt, SamplingParams(max_tokens=n, ignore_eos=True)) for prompt, n in zip(PROMPTS, (3, 8))]
+    for seq in seqs:
+        engine.add(seq)
     engine.step()  # admits and prefills
     engine.step()  # two requests: above the limit
-    assert engine.policy.predicted_rate == pytest.approx(2 / 1.2)
+    assert engine.policy.predicted_rate == 123.0
+    assert not engine.policy.rates.plain_run and not engine.policy.rates.error
+    while not seqs[0].finished:
+        engine.step()
+    engine.step()  # one request left: within the limit
+    assert engine.policy.predicted_rate != 123.0
+    assert engine.policy.rates.plain_run or engine.policy.rates.error
 
 
 def test_free_verification_means_the_full_tree(models, reference, monkeypatch):

@@ -282,6 +282,8 @@ class SpecInferEngine:
             self.prefill(new)
         active = [s for s in self.scheduler.running if not s.finished and s not in new]
         if active:
+            limit = self.tree.max_speculative_batch  # a batch past it decodes plainly: nothing to price or learn
+            speculate = speculate and not 0 < limit < len(active)
             began, emitted = time.perf_counter(), sum(len(s.output) for s in active)
             batch, drafted = self.propose(active, speculate)
             logits, hidden = self.score(active, batch)
@@ -348,9 +350,8 @@ class SpecInferEngine:
         and of the nodes to verify to the policy."""
         b = len(seqs)
         last = torch.tensor([s.output[-1] if s.output else s.prompt[-1] for s in seqs])
-        limit = self.tree.max_speculative_batch
-        if (not speculate or not self.columns  # worth_proposing first: it sets the plain step's predicted rate
-                or (self.policy is not None and not self.policy.worth_proposing(b)) or 0 < limit < b):
+        if (not speculate or not self.columns  # worth_proposing sets the plain step's predicted rate too
+                or (self.policy is not None and not self.policy.worth_proposing(b))):
             return roots(last, len(self.columns)), torch.zeros(b, dtype=torch.long)
         before = self.drafting_seconds()
         free = [merge([proposer.propose(seqs, last) for proposer in self.free])] if self.free else []
