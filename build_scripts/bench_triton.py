@@ -4,6 +4,9 @@
 until ``C x rounds`` requests are done. Reports output tokens/s (wall time of the whole run), latency
 p50/p99 and tokens per LLM step (from the server's specinfer_* counters). perf_analyzer measures
 windows of fixed length, and requests of several seconds (CPU) left its windows nearly empty.
+``--balanced``: each concurrency measured twice, in the order specinfer, incremental, incremental,
+specinfer, each model's two halves pooled: the order (which model runs first after the previous
+point) and a drift across the point weigh on both alike.
 
   .venv/bin/python build_scripts/bench_triton.py --concurrency 1,4 --max-tokens 32
 """
@@ -54,24 +57,43 @@ def closed_loop(server, model: str, prompts: list[str], max_tokens: int, concurr
     after = counters(server, f"{model}_llm")
     tokens = after["specinfer_output_tokens"] - before["specinfer_output_tokens"]
     steps = after["specinfer_llm_steps"] - before["specinfer_llm_steps"]
-    ms = sorted(1000 * x for x in latencies)
-    return {"model": model, "concurrency": concurrency, "requests": len(ms), "seconds": round(seconds, 2),
+    return summary(model, concurrency, [1000 * x for x in latencies], seconds, tokens, steps)
+
+
+def summary(model: str, concurrency: int, ms: list[float], seconds: float, tokens: float, steps: float) -> dict:
+    ms = sorted(ms)
+    return {"model": model, "concurrency": concurrency, "requests": len(ms), "seconds": seconds,
             "requests_per_s": len(ms) / seconds, "output_tokens_per_s": tokens / seconds,
             "tokens_per_llm_step": tokens / steps, "p50_ms": statistics.median(ms),
-            "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))]}
+            "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))], "latencies_ms": ms, "output_tokens": tokens,
+            "llm_steps": steps}
+
+
+def pooled(halves: list[dict]) -> dict:
+    """One model's measurements at one concurrency as one: tokens and time summed, latencies pooled."""
+    return summary(halves[0]["model"], halves[0]["concurrency"], [x for h in halves for x in h["latencies_ms"]],
+                   sum(h["seconds"] for h in halves), sum(h["output_tokens"] for h in halves),
+                   sum(h["llm_steps"] for h in halves))
 
 
 def sweep(repository: Path, concurrencies: tuple[int, ...], measure: Callable[[Server, str, int], dict],
-          describe: Callable[[dict], str], warm_up: Callable[[Server, str], None] | None = None) -> list[dict]:
-    """Start a server on ``repository`` and measure both models at each concurrency, alternating."""
+          describe: Callable[[dict], str], warm_up: Callable[[Server, str], None] | None = None,
+          pool: Callable[[list[dict]], dict] | None = None) -> list[dict]:
+    """Start a server on ``repository`` and measure both models at each concurrency, alternating;
+    with ``pool``, twice per concurrency in the order A B B A, each model's halves pooled by it."""
     server = start_server(repository)
     rows = []
+    orders = [MODELS, MODELS[::-1]] if pool else [MODELS]
     try:
         for model in MODELS if warm_up else ():  # first requests pay one-time costs
             warm_up(server, model)
         for c in concurrencies:
+            halves: dict[str, list[dict]] = {model: [] for model in MODELS}
+            for order in orders:
+                for model in order:
+                    halves[model].append(measure(server, model, c))
             for model in MODELS:
-                rows.append(measure(server, model, c))
+                rows.append(pool(halves[model]) if pool else halves[model][0])
                 print(f"  {model:<12} concurrency {c:>2}: {describe(rows[-1])}", flush=True)
     finally:
         server.stop()
@@ -79,13 +101,15 @@ def sweep(repository: Path, concurrencies: tuple[int, ...], measure: Callable[[S
 
 
 def run_triton(repository: Path, prompts: list[str], max_tokens: int, concurrencies: tuple[int, ...],
-               rounds: int = 2) -> list[dict]:
-    """Closed-loop clients against both models at each concurrency."""
-    return sweep(repository, concurrencies,
+               rounds: int = 2, balanced: bool = False) -> list[dict]:
+    """Closed-loop clients against both models at each concurrency (``balanced``: A B B A, pooled)."""
+    rows = sweep(repository, concurrencies,
                  lambda server, model, c: closed_loop(server, model, prompts, max_tokens, c, rounds),
                  lambda r: f"{r['output_tokens_per_s']:7.1f} tok/s  {r['tokens_per_llm_step']:.2f} tok/step  "
                            f"p50 {r['p50_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms",
-                 warm_up=lambda server, model: closed_loop(server, model, prompts, 8, 1, 1) and None)
+                 warm_up=lambda server, model: closed_loop(server, model, prompts, 8, 1, 1) and None,
+                 pool=pooled if balanced else None)
+    return [{k: v for k, v in r.items() if k != "latencies_ms"} for r in rows]
 
 
 def main() -> None:
@@ -94,6 +118,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2, help="requests per client")
+    ap.add_argument("--balanced", action="store_true",
+                    help="each concurrency twice, specinfer-incremental-incremental-specinfer, halves pooled")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     from benchmark import held_out_prompts
@@ -101,7 +127,7 @@ def main() -> None:
 
     demo = ROOT / "engines" / "demo"
     rows = run_triton(Path(args.model_repository), held_out_prompts(demo, TextTokenizer.from_checkpoint(demo / "llm"))[:8], args.max_tokens,
-                      tuple(int(x) for x in args.concurrency.split(",")), args.rounds)
+                      tuple(int(x) for x in args.concurrency.split(",")), args.rounds, args.balanced)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
