@@ -63,5 +63,6 @@ def compile_one(fn, dtype: torch.dtype, const: dict, arch: int):
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32))
     return kernel, time.perf_counter() - start
 
+
 if __name__ == "__main__":
     main()

@@ -107,9 +107,9 @@ def test_chain_nodes_equal_incremental_decoding(wide, dtype, device):
 FLOAT32_CUDA_PREFILL = pytest.mark.xfail(
     reason="H200, 2026-12-04, twice (two-loop and one-loop path kernel): in float32 a tree node (prefix 37, depth "
            "2) differs from its path prefilled with the prefix and its last token decoded; bfloat16 passes and "
-           "all 8 float32 engine runs of cuda_rounding.py (24 requests each) were exact. Not understood; suspected: Triton picks "
-           "the float32 FMA dot's layout, hence tl.sum's order, per compiled variant (REGION_BLOCK differs "
-           "between the prefill, decode and tree calls), where bfloat16's MMA layout is fixed",
+           "all 8 float32 engine runs of cuda_rounding.py (24 requests each) were exact. Not understood; "
+           "suspected: Triton picks the float32 FMA dot's layout, hence tl.sum's order, per compiled variant "
+           "(REGION_BLOCK differs between the prefill, decode and tree calls), where bfloat16's MMA layout is fixed",
     strict=False)
 
 

@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 
 
 class RMSNorm(nn.Module):
+    invariant = True  # as ``Linear.invariant``
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-
-    invariant = True  # as ``Linear.invariant``
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
