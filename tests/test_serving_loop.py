@@ -28,13 +28,19 @@ class Recorded(NoMetrics):
     def __init__(self) -> None:
         self.ended: list[tuple[int, str | None, bool]] = []  # (request id, finish reason, failed)
         self.sizes: Counter = Counter()
-        self.forward_requests = 0
+        self.forward_requests = self.prefills = 0
+        self.step_seconds = self.forward_seconds = 0.0
 
     def finished(self, seq, failed: bool = False) -> None:
         self.ended.append((seq.request_id, seq.finish_reason, failed))
 
-    def forwards(self, forwards: int, requests: int) -> None:
+    def forwards(self, forwards: int, requests: int, prefills: int) -> None:
         self.forward_requests += requests
+        self.prefills += prefills
+
+    def busy(self, step_seconds: float, forward_seconds: float) -> None:
+        self.step_seconds += step_seconds
+        self.forward_seconds += forward_seconds
 
     def tree_sizes(self, sizes: Counter) -> None:
         self.sizes += sizes
@@ -78,6 +84,7 @@ def idle(engine: SpecInferEngine) -> bool:
 def test_a_streamed_request_gets_the_tokens_of_generate(engine, loop, metrics):
     batch = prompts(3, seed=70)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
+    before = engine.stats_snapshot()  # where the loop's accounting starts (its fixture made it)
     want = [r.token_ids for r in engine.generate(batch, params)]
     sinks = [submit(loop, p, params=params, stream=True) for p in batch]
     for sink, prompt, tokens in zip(sinks, batch, want):
@@ -92,6 +99,11 @@ def test_a_streamed_request_gets_the_tokens_of_generate(engine, loop, metrics):
     assert idle(engine)
     assert sorted(reason for _, reason, _ in metrics.ended) == ["length"] * 3
     assert sum(metrics.sizes.values()) == metrics.forward_requests > 0  # every verified tree counted once
+    stats = engine.stats_snapshot()  # the loop reported every step's seconds, once
+    assert (metrics.step_seconds, metrics.forward_seconds) == pytest.approx(
+        (stats.step_seconds - before.step_seconds, stats.forward_seconds - before.forward_seconds))
+    assert 0 < metrics.forward_seconds < metrics.step_seconds
+    assert 2 <= metrics.prefills == stats.prefill_forwards - before.prefill_forwards <= 4  # generate's 1, the loop's 1-3
 
 
 def test_a_request_not_streamed_gets_one_response(engine, loop):

@@ -106,7 +106,9 @@ class Metrics(Protocol):
 
     def finished(self, seq: Sequence, failed: bool = False) -> None: ...
 
-    def forwards(self, forwards: int, requests: int) -> None: ...
+    def forwards(self, forwards: int, requests: int, prefills: int) -> None: ...
+
+    def busy(self, step_seconds: float, forward_seconds: float) -> None: ...
 
     def occupancy(self, running: int, waiting: int) -> None: ...
 
@@ -119,7 +121,10 @@ class NoMetrics:
     def finished(self, seq: Sequence, failed: bool = False) -> None:
         pass
 
-    def forwards(self, forwards: int, requests: int) -> None:
+    def forwards(self, forwards: int, requests: int, prefills: int) -> None:
+        pass
+
+    def busy(self, step_seconds: float, forward_seconds: float) -> None:
         pass
 
     def occupancy(self, running: int, waiting: int) -> None:
@@ -333,7 +338,10 @@ class RequestLoop:
         ended = time.time_ns()
         before, self.stats = self.stats, self.engine.stats_snapshot()
         self.metrics.forwards(self.stats.verify_forwards - before.verify_forwards,
-                              self.stats.verify_requests - before.verify_requests)
+                              self.stats.verify_requests - before.verify_requests,
+                              self.stats.prefill_forwards - before.prefill_forwards)
+        self.metrics.busy(self.stats.step_seconds - before.step_seconds,
+                          self.stats.forward_seconds - before.forward_seconds)
         self.metrics.tree_sizes(self.stats.tree_sizes - before.tree_sizes)
         for seq in progressed:
             live = self.live.get(seq.request_id)

@@ -37,6 +37,10 @@ class ServingMetrics:
         self.llm_forwards = counter("specinfer_llm_forwards", "Batched LLM verification forwards")
         self.forward_requests = counter(
             "specinfer_llm_forward_requests", "Requests verified, summed over LLM forwards (mean batch = this / forwards)")
+        self.prefill_forwards = counter("specinfer_prefill_forwards", "Batched LLM prefill forwards (one per step that admits requests)")
+        self.step_seconds = counter("specinfer_step_seconds", "Wall seconds the engine spent in its steps")
+        self.forward_seconds = counter(
+            "specinfer_forward_seconds", "Of the step seconds, those inside model forwards (the LLM's and the drafters')")
         gauge = lambda name, doc: family(name, doc, pb_utils.MetricFamily.GAUGE).Metric(labels=labels)  # noqa: E731
         self.running = gauge("specinfer_running_requests", "Requests holding a KV-cache row")
         self.waiting = gauge("specinfer_waiting_requests", "Requests queued for a free row")
@@ -65,10 +69,16 @@ class ServingMetrics:
     def rejected(self) -> None:
         self.rejected_requests.increment(1)
 
-    def forwards(self, forwards: int, requests: int) -> None:
+    def forwards(self, forwards: int, requests: int, prefills: int) -> None:
         if forwards:
             self.llm_forwards.increment(forwards)
             self.forward_requests.increment(requests)
+        if prefills:
+            self.prefill_forwards.increment(prefills)
+
+    def busy(self, step_seconds: float, forward_seconds: float) -> None:
+        self.step_seconds.increment(step_seconds)
+        self.forward_seconds.increment(forward_seconds)
 
     def occupancy(self, running: int, waiting: int) -> None:
         self.running.set(running)
