@@ -8,7 +8,8 @@ windows of fixed length, and requests of several seconds (CPU) left its windows 
 specinfer, each model's two halves pooled: the order (which model runs first after the previous
 point) and a drift across the point weigh on both alike. ``--control``: ``incremental_b`` as well, an
 identical copy of ``incremental`` served by a process of its own (an A/A control: how far two
-identical server processes differ in one run).
+identical server processes differ in one run); with ``--balanced`` the order is S I B B I S, so the
+twin runs twice in a row where ``incremental`` does not (one pass each way, no more).
 
   .venv/bin/python build_scripts/bench_triton.py --concurrency 1,4 --max-tokens 32
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import tempfile
@@ -75,7 +77,7 @@ def summary(model: str, concurrency: int, ms: list[float], seconds: float, grown
     time inside engine steps (the rest the model waited for requests or for its responses to leave),
     ``batch``: requests per verification forward, ``prefills``: prefill forwards (one per step that
     admitted requests: requests arriving apart cost one each)."""
-    ms, tokens, forwards = sorted(ms), grown["specinfer_output_tokens"], grown["specinfer_llm_forwards"]
+    ms, tokens, forwards = sorted(ms), grown["specinfer_output_tokens"], max(grown["specinfer_llm_forwards"], 1)
     step_s, forward_s = grown["specinfer_step_seconds"], grown["specinfer_forward_seconds"]
     return {"model": model, "concurrency": concurrency, "requests": len(ms), "seconds": seconds,
             "requests_per_s": len(ms) / seconds, "output_tokens_per_s": tokens / seconds,
@@ -93,20 +95,17 @@ def pooled(halves: list[dict]) -> dict:
                    sum(h["seconds"] for h in halves), {k: sum(h["grown"][k] for h in halves) for k in SUMMED})
 
 
-def with_control(repository: Path, folder: Path) -> Path:
-    """A copy of ``repository`` in ``folder`` with ``incremental_b``: ``incremental`` again under another
-    name, so in a process of its own. Beside the others it shows how far two identical server
-    processes differ in one run. Relative paths in the copy's parameters are made absolute."""
-    copy = folder / "model_repository"
-    shutil.copytree(repository, copy, ignore=shutil.ignore_patterns("__pycache__"))
+def with_control(repository: Path, copy: Path) -> Path:
+    """``repository`` copied into ``copy`` (a folder beside it, so that its relative paths still
+    resolve) with ``incremental_b``: ``incremental`` again under another name, so in a process of its
+    own. Beside the others it shows how far two identical server processes differ in one run."""
+    shutil.copytree(repository, copy, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     for model in ("incremental", "incremental_llm"):
-        shutil.copytree(copy / model, copy / model.replace("incremental", CONTROL))
-    for config in copy.glob("*/config.pbtxt"):
-        text = config.read_text().replace('string_value: "../', f'string_value: "{repository.resolve().parent}/')
-        if config.parent.name.startswith(CONTROL):
-            text = text.replace('name: "incremental', f'name: "{CONTROL}').replace('model_name: "incremental_llm"',
-                                                                                   f'model_name: "{CONTROL}_llm"')
-        config.write_text(text)
+        twin = copy / model.replace("incremental", CONTROL)
+        shutil.copytree(copy / model, twin)
+        config = twin / "config.pbtxt"
+        text = re.sub(r'^name: "incremental(_llm)?"', rf'name: "{CONTROL}\1"', config.read_text(), flags=re.M)
+        config.write_text(text.replace('model_name: "incremental_llm"', f'model_name: "{CONTROL}_llm"'))
     return copy
 
 
@@ -138,9 +137,11 @@ def run_triton(repository: Path, prompts: list[str], max_tokens: int, concurrenc
                rounds: int = 2, balanced: bool = False, control: bool = False) -> list[dict]:
     """Closed-loop clients against both models at each concurrency (``balanced``: A B B A, pooled;
     ``control``: ``incremental_b`` too, see ``with_control``)."""
-    with tempfile.TemporaryDirectory() as folder:
-        return closed_loops(with_control(repository, Path(folder)) if control else repository, prompts, max_tokens,
-                            concurrencies, rounds, balanced, (*MODELS, CONTROL) if control else MODELS)
+    if not control:
+        return closed_loops(repository, prompts, max_tokens, concurrencies, rounds, balanced, MODELS)
+    with tempfile.TemporaryDirectory(dir=repository.resolve().parent, prefix=".control-") as folder:
+        return closed_loops(with_control(repository, Path(folder)), prompts, max_tokens, concurrencies, rounds,
+                            balanced, (*MODELS, CONTROL))
 
 
 def closed_loops(repository: Path, prompts: list[str], max_tokens: int, concurrencies: tuple[int, ...],

@@ -211,13 +211,21 @@ def test_perf_analyzer_runs_against_both_models(served, tmp_path):
         assert "Concurrency: 4" in run.stdout
 
 
-@pytest.mark.skipif("[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
-                    reason="this kernel has transparent huge pages off")
+def thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise``, ``never``), None where it has none."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[")[1].split("]")[0] if "[" in text else None
+
+
+@pytest.mark.skipif(thp_mode() != "madvise", reason="only under THP 'madvise' do huge pages show that torch asked for them")
 def test_decoding_models_hold_their_buffers_on_huge_pages(served):
     """The entry point turns torch's huge-page allocation on before torch loads (measured on CPU: forwards
-    ~2% faster, and the speed of separate processes spread half as wide)."""
+    ~2% faster). The test model's K/V tensors are ~4 MB per layer, above torch's 2 MB threshold."""
     server = served[0]
-    stubs = {}
+    stubs: dict[str, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != server.process.pid:  # the server's children only
@@ -228,6 +236,6 @@ def test_decoding_models_hold_their_buffers_on_huge_pages(served):
             continue
         for model in ("specinfer_llm", "incremental_llm", "postprocessing"):
             if any(f"/{model}/1/model.py".encode() in part for part in command):
-                stubs[model] = int(rollup.split("AnonHugePages:")[1].split()[0])
+                stubs[model] = max(stubs.get(model, 0), int(rollup.split("AnonHugePages:")[1].split()[0]))
     assert set(stubs) == {"specinfer_llm", "incremental_llm", "postprocessing"}, stubs
     assert stubs["specinfer_llm"] > 0 and stubs["incremental_llm"] > 0, stubs  # kB: weights and KV cache

@@ -12,7 +12,8 @@ TREE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 
 
 class ServingMetrics:
-    """Counters per model (label ``model``); they grow when a request finishes, cancelled ones too."""
+    """Counters per model (label ``model``): token and request counters grow when a request finishes
+    (cancelled ones too), forward, prefill and time counters each step."""
 
     def __init__(self, pb_utils, model: str) -> None:
         self.families = []  # a family must outlive its metrics
