@@ -25,6 +25,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from contextlib import nullcontext
 from itertools import count
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from specinfer.serving.launcher import Server, start_server
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("specinfer", "incremental")
 CONTROL = "incremental_b"  # --control: incremental's twin
+SUMMED = ("specinfer_output_tokens", "specinfer_llm_steps", "specinfer_llm_forwards", "specinfer_llm_forward_requests",
+          "specinfer_prefill_forwards", "specinfer_step_seconds", "specinfer_forward_seconds")  # the server's counters a measurement reads, grown over it
 
 
 def counters(server, model: str) -> dict[str, float]:
@@ -64,10 +67,6 @@ def closed_loop(server, model: str, prompts: list[str], max_tokens: int, concurr
     after = counters(server, f"{model}_llm")
     grown = {name: after[name] - before[name] for name in SUMMED}
     return summary(model, concurrency, [1000 * x for x in latencies], seconds, grown)
-
-
-SUMMED = ("specinfer_output_tokens", "specinfer_llm_steps", "specinfer_llm_forwards", "specinfer_llm_forward_requests",
-          "specinfer_prefill_forwards", "specinfer_step_seconds", "specinfer_forward_seconds")  # the server's counters a measurement reads, grown over it
 
 
 def summary(model: str, concurrency: int, ms: list[float], seconds: float, grown: dict[str, float]) -> dict:
@@ -137,22 +136,16 @@ def run_triton(repository: Path, prompts: list[str], max_tokens: int, concurrenc
                rounds: int = 2, balanced: bool = False, control: bool = False) -> list[dict]:
     """Closed-loop clients against both models at each concurrency (``balanced``: A B B A, pooled;
     ``control``: ``incremental_b`` too, see ``with_control``)."""
-    if not control:
-        return closed_loops(repository, prompts, max_tokens, concurrencies, rounds, balanced, MODELS)
-    with tempfile.TemporaryDirectory(dir=repository.resolve().parent, prefix=".control-") as folder:
-        return closed_loops(with_control(repository, Path(folder)), prompts, max_tokens, concurrencies, rounds,
-                            balanced, (*MODELS, CONTROL))
-
-
-def closed_loops(repository: Path, prompts: list[str], max_tokens: int, concurrencies: tuple[int, ...],
-                 rounds: int, balanced: bool, models: tuple[str, ...]) -> list[dict]:
-    rows = sweep(repository, concurrencies,
-                 lambda server, model, c: closed_loop(server, model, prompts, max_tokens, c, rounds),
-                 lambda r: f"{r['output_tokens_per_s']:7.1f} tok/s  {r['tokens_per_llm_step']:.2f} tok/step  "
-                           f"p50 {r['p50_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms  forward {r['forward_ms']:5.1f} ms  "
-                           f"host {r['host_ms']:4.2f} ms  busy {r['busy']:.0%}  batch {r['batch']:.2f}  prefills {r['prefills']:.0f}",
-                 warm_up=lambda server, model: closed_loop(server, model, prompts, 8, 1, 1) and None,
-                 pool=pooled if balanced else None, models=models)
+    models = (*MODELS, CONTROL) if control else MODELS
+    copy = tempfile.TemporaryDirectory(dir=repository.resolve().parent, prefix=".control-") if control else nullcontext()
+    with copy as folder:
+        rows = sweep(with_control(repository, Path(folder)) if control else repository, concurrencies,
+                     lambda server, model, c: closed_loop(server, model, prompts, max_tokens, c, rounds),
+                     lambda r: f"{r['output_tokens_per_s']:7.1f} tok/s  {r['tokens_per_llm_step']:.2f} tok/step  "
+                               f"p50 {r['p50_ms']:6.0f} ms  p99 {r['p99_ms']:6.0f} ms  forward {r['forward_ms']:5.1f} ms  "
+                               f"host {r['host_ms']:4.2f} ms  busy {r['busy']:.0%}  batch {r['batch']:.2f}  prefills {r['prefills']:.0f}",
+                     warm_up=lambda server, model: closed_loop(server, model, prompts, 8, 1, 1) and None,
+                     pool=pooled if balanced else None, models=models)
     for c in concurrencies:
         rate = {r["model"]: r["output_tokens_per_s"] for r in rows if r["concurrency"] == c}
         print(f"  concurrency {c:>2}: " + "  ".join(f"{m} / incremental {rate[m] / rate['incremental']:.3f}x"
