@@ -92,9 +92,8 @@ class RepositoryOptions:
     adaptive: bool = True  # the expansion is the largest tree; each step verifies what pays off here
     proposers: tuple[str, ...] = ("suffix", "head")  # where draft nodes come from (TreeConfig.proposers)
     suffix_global_tokens: int = SuffixConfig.global_tokens  # earlier outputs the suffix proposer keeps for every request
-    max_speculative_batch: int = 1  # larger steps decode plainly: on the 2-core CPU speculating lost at 16-32 (15-37% through
-    # Triton) and did not pay at 2-4 (closed batches 0.84-0.99x; Triton concurrency 4: 98.3 against 99.5 tok/s speculating,
-    # 98.8 against 95.8 plainly; README)
+    max_speculative_batch: int = 4  # larger steps decode plainly: on the 2-core CPU with the draft head, Triton at concurrency
+    # 2 / 4 / 8 speculating gave 1.45x / 1.19x / 0.98x; above 8 it lost 15-37% (README, Adaptive trees)
     attention: str | None = EngineConfig.attention  # "sdpa" | "triton"; None: the engine's default for the device
     cuda_graphs: bool | None = EngineConfig.cuda_graphs  # None: on with CUDA (and triton attention)
     tensor_parallel_size: int = EngineConfig.tensor_parallel_size  # processes each decoding model's LLM is sharded
