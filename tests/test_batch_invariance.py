@@ -209,8 +209,8 @@ def test_row_limit_finds_where_a_kernel_changes_its_rounding_and_layers_split_th
     a ``Linear`` splits larger calls there, so its rows are invariant even on a kernel that rounds
     calls of more than 5 rows (padding included) differently (as float32 past 8-12 and bfloat16 past 32 rows do on
     AVX-512/AMX CPUs); unsplit, that kernel is not (the control). The fake kernel computes in float64
-    below its boundary, where a row's bits cannot depend on the call (the real bfloat16 kernel of this
-    tiny shape already rounds 3 rows apart on the AMX CPU)."""
+    below its boundary, where rounding to the result's dtype hides any order of summation (the real
+    bfloat16 kernel of this tiny shape already rounds 3 rows apart on the AMX CPU)."""
     real = F.linear
     exact = lambda x, w, b=None: real(x.double(), w.double(), None if b is None else b.double()).to(x.dtype)  # noqa: E731
     coarse = lambda x, w, b=None: exact(x, w, b) if len(x) <= 5 else exact(x, w, b) * (1 + 2 ** -5)  # noqa: E731
@@ -232,22 +232,24 @@ def test_row_limit_finds_where_a_kernel_changes_its_rounding_and_layers_split_th
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("fan_in,fan_out", [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)])
 def test_linear_layers_of_the_demo_llm_s_shapes_keep_a_row_s_bits_in_any_call(dtype, fan_in, fan_out):
-    """The demo LLM's five layer shapes (qkv, o, gate-up, down, output), 2 to 64 rows per call: each
-    row's result equals its result alone, over draws of about a million outputs per row count. On
-    AVX-512/AMX CPUs this failed past 12 rows in float32 and past 32 in bfloat16 before calls were
-    split at ``row_limit``; then failed for qkv (576 x 960) at 33-63 bfloat16 rows, where one probe
-    draw had shown no flip (about 6 outputs in 100,000 round apart) and the limit was measured as
-    63: batched prompts' K/V and verifications past 32 tokens were not exact (elsewhere the test
-    may pass either way: a property of the CPU)."""
+    """The demo LLM's five layer shapes (qkv, o, gate-up, down, output), every count of 2 to 64 rows
+    per call: each row's result equals its result alone, over a pool of rows giving about a million
+    outputs per count (drawn apart from ``row_limit``'s own). On AVX-512/AMX CPUs this failed past 12
+    rows in float32 and past 32 in bfloat16 before calls were split at ``row_limit``; then for qkv
+    (576 x 960) at 33-63 bfloat16 rows, where one probe draw's 33-63-row calls had shown no flip
+    (about 6 outputs in 100,000 round apart) and the limit was measured as 63: batched prompts' K/V
+    and verifications past 32 tokens were not exact (elsewhere the test may pass either way: a
+    property of the CPU)."""
     g = torch.Generator().manual_seed(9)
-    layer = transformer.Linear(fan_in, fan_out, bias=False).to(DTYPES[dtype])
-    draws = -(-(1 << 20) // (64 * fan_out))
+    layer = transformer.Linear(fan_in, fan_out, bias=False)
     with torch.no_grad():
-        for _ in range(draws):
-            x = torch.randn(64, fan_in, generator=g).to(DTYPES[dtype])
-            alone = torch.cat([layer(x[i:i + 1]) for i in range(64)])
-            for n in (2, 13, 32, 33, 40, 48, 63, 64):
-                assert torch.equal(layer(x[:n]), alone[:n]), f"{fan_in}x{fan_out}, {n} rows"
+        layer.weight.copy_(torch.randn(fan_out, fan_in, generator=g) / fan_in ** 0.5)
+        layer = layer.to(DTYPES[dtype])
+        x = torch.randn(max(-(-(1 << 20) // fan_out), 64), fan_in, generator=g).to(DTYPES[dtype])
+        alone = torch.cat([layer(row[None]) for row in x])
+        for n in range(2, 65):
+            calls = len(x) // n * n
+            assert torch.equal(torch.cat([layer(p) for p in x[:calls].split(n)]), alone[:calls]), f"{fan_in}x{fan_out}, {n} rows"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -34,7 +34,8 @@ KEY_BLOCK = 64  # keys per GEMM of the weighted sum over values; key widths and 
 KEY_WINDOW = 192  # the most keys a float32 GEMM sums in one pass here: within it, zero-weight keys change nothing
 MAX_TREE_TOKENS = KEY_WINDOW - KEY_BLOCK  # a tree's window: up to KEY_BLOCK - 1 committed keys, the tree, a scratch slot
 ROW_PROBE = 64  # rows up to which ``row_limit`` measures a linear layer's calls
-PROBE_OUTPUTS = 1 << 20  # outputs ``row_limit`` compares per row count (~60 flips expected past a bf16 boundary; one draw of 61k saw none)
+PROBE_OUTPUTS = 1 << 20  # outputs ``row_limit`` compares per row count: ~60 flips expected past a bf16 boundary
+PROBE_MAX_ROWS = 4096  # its pool of rows at most (a narrow layer's calls are cheap, not free)
 DEVICE_ROWS = 64  # rows of every GEMM on CUDA: smaller calls padded, larger split (bf16: 64 rows cost what 1 costs)
 SPLIT_PADDING = 32  # lone roots' padding queries past which they attend apart (2-core CPU, bf16: 0.29 ms vs 0.46 at 4 rows x 8)
 MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -77,19 +78,20 @@ def row_limit(out_features: int, in_features: int, dtype: torch.dtype) -> int:
     move with the shape), which the classes above, measured on another CPU, do not know.
 
     A kernel that sums in another order changes a bfloat16 output only where the float32 sums round
-    apart (about 6 in 100,000 outputs past 32 rows here), so one draw of 64 rows x 960 outputs often
-    shows no flip: each row count is tried on draws of at least ``PROBE_OUTPUTS`` outputs in all."""
+    apart (about 6 in 100,000 outputs past 32 rows here), so each row count is tried on a pool of rows
+    cut into calls of that many, about ``PROBE_OUTPUTS`` outputs per count; a count whose padded call
+    rounds apart ends the limit below every count padded to that call."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(out_features, in_features, generator=g).to(dtype)
-    draws = -(-PROBE_OUTPUTS // (ROW_PROBE * out_features))
-    x = torch.randn(draws, ROW_PROBE, in_features, generator=g).to(dtype)
+    pool = min(max(-(-PROBE_OUTPUTS // out_features), ROW_PROBE), PROBE_MAX_ROWS)
+    x = torch.randn(pool, in_features, generator=g).to(dtype)
     one = padded_rows(1, dtype)
-    alone = torch.stack([torch.cat([F.linear(pad_rows(rows[i:i + 1], one), w)[:1] for i in range(ROW_PROBE)])
-                         for rows in x])
+    alone = torch.cat([F.linear(pad_rows(x[i:i + 1], one), w)[:1] for i in range(pool)])
     for n in range(2, ROW_PROBE + 1):
-        if any(not torch.equal(F.linear(pad_rows(rows[:n], padded_rows(n, dtype)), w)[:n], ref[:n])
-               for rows, ref in zip(x, alone)):
-            return n - 1
+        calls = pool // n * n
+        out = torch.cat([F.linear(pad_rows(p, padded_rows(n, dtype)), w)[:n] for p in x[:calls].split(n)])
+        if not torch.equal(out, alone[:calls]):
+            return max((m for m in range(1, n) if padded_rows(m, dtype) < padded_rows(n, dtype)), default=1)
     return ROW_PROBE
 
 

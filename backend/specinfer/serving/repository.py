@@ -93,7 +93,7 @@ class RepositoryOptions:
     proposers: tuple[str, ...] = ("suffix", "head")  # where draft nodes come from (TreeConfig.proposers)
     suffix_global_tokens: int = SuffixConfig.global_tokens  # earlier outputs the suffix proposer keeps for every request
     max_speculative_batch: int = 4  # larger steps decode plainly: on the 2-core CPU with the draft head, Triton at concurrency
-    # 2 / 4 / 8 speculating gave 1.45x / 1.19x / 0.98x; above 8 it lost 15-37% (README, Adaptive trees)
+    # 2 / 4 / 8 with a limit of 8 gave 1.45x / 1.19x / 0.98x, and with 4, 1.26x at 4; without a head 2-4 lost (README)
     attention: str | None = EngineConfig.attention  # "sdpa" | "triton"; None: the engine's default for the device
     cuda_graphs: bool | None = EngineConfig.cuda_graphs  # None: on with CUDA (and triton attention)
     tensor_parallel_size: int = EngineConfig.tensor_parallel_size  # processes each decoding model's LLM is sharded
