@@ -70,8 +70,6 @@ def main() -> None:
                     help="earlier requests' output tokens the suffix proposer keeps for all requests (0: none)")
     ap.add_argument("--max-speculative-batch", type=int, default=RepositoryOptions.max_speculative_batch,
                     help="steps whose batch has more requests decode plainly (0: any batch speculates)")
-    ap.add_argument("--admission-hold", type=int, default=RepositoryOptions.admission_hold,
-                    help="steps a newcomer may wait, while 8 or more requests run, to share its prompt forward (0: none)")
     args = ap.parse_args()
     expansion = parse_expansion(args.expansion)
     try:  # fail here, not at server start
@@ -112,7 +110,7 @@ def main() -> None:
         offload=args.offload,
         proposers=proposers, suffix_global_tokens=args.suffix_global_tokens,
         head=str(Path(args.head).resolve()) if args.head else None, head_expansion=head_expansion,
-        max_speculative_batch=args.max_speculative_batch, admission_hold=args.admission_hold,
+        max_speculative_batch=args.max_speculative_batch,
         limits=Limits(args.max_prompt_bytes, args.max_stop_words, args.max_stop_word_bytes),
     )
     out = write_repository(args.output, opts)

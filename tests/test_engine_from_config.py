@@ -75,8 +75,7 @@ def test_the_engine_is_the_one_the_served_model_builds(repo, models, model):
     speculate = model == "specinfer_llm"
     tree = TreeConfig(expansion=(1, 2), verifier="gumbel", proposers=("suffix", "ssm") if speculate else (),
                       suffix=SuffixConfig(global_tokens=100), max_speculative_batch=RepositoryOptions.max_speculative_batch)
-    assert engine.config == EngineConfig(max_batch_size=3, max_context=64, dtype="float32", tree=tree,
-                                         admission_hold=RepositoryOptions.admission_hold)
+    assert engine.config == EngineConfig(max_batch_size=3, max_context=64, dtype="float32", tree=tree)
     assert len(engine.ssms) == (2 if speculate else 0) and (engine.suffix is not None) == speculate
     assert engine.kv_cache_tokens == 3 * engine.llm.cache.slots
 

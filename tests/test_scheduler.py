@@ -1,13 +1,10 @@
 """Continuous batching: joining, leaving, aborting, stop sequences, engine counters."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from conftest import prompts
-from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig
-from specinfer.scheduler import HOLD_GROUP, HOLD_RUNNING, Scheduler
+from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 
 
 @pytest.fixture()
@@ -108,59 +105,3 @@ def test_long_prompt_joining_a_long_running_request_fits_the_cache(models):
     while engine.scheduler.has_work():
         engine.step()
     assert [a.output, b.output] == expected
-
-
-def test_newcomers_beside_a_large_batch_wait_up_to_hold_steps_to_share_a_prompt_forward():
-    """Beside ``HOLD_RUNNING`` running requests a lone newcomer waits ``hold_steps`` admissions (others
-    arriving meanwhile share its prompt forward), a group filling ``HOLD_GROUP`` rows joins at once,
-    and smaller batches or ``hold_steps`` 0 admit at once."""
-    def fresh() -> SimpleNamespace:
-        return SimpleNamespace(row=-1, finished=False)
-
-    def running(n: int, hold: int) -> Scheduler:
-        s = Scheduler(16, hold_steps=hold)
-        for _ in range(n):
-            s.add(fresh())
-        assert len(s.admit()) == n  # nothing ran: admitted at once
-        return s
-
-    s = running(HOLD_RUNNING, hold=2)
-    late = fresh()
-    s.add(late)
-    assert s.admit() == [] and s.admit() == [] and late.row == -1
-    assert s.admit() == [late] and late.row >= 0  # held two steps, no more
-    s.add(fresh())
-    assert s.admit() == []
-    group = [fresh() for _ in range(HOLD_GROUP - 1)]
-    for seq in group:
-        s.add(seq)
-    assert len(s.admit()) == HOLD_GROUP  # the held one and those that came meanwhile, in one prompt forward
-    for n, hold in ((HOLD_RUNNING - 1, 2), (HOLD_RUNNING, 0)):
-        s = running(n, hold)
-        s.add(fresh())
-        assert len(s.admit()) == 1, (n, hold)
-    with pytest.raises(ValueError, match="admission_hold"):
-        EngineConfig(admission_hold=-1)
-
-
-def test_a_held_newcomer_decodes_what_it_decodes_alone(models):
-    """``admission_hold``: the ninth request waits two steps beside eight, joins on the third, and its
-    tokens are its own (exactness does not depend on which prompts share a forward)."""
-    engine = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], tree=TreeConfig(expansion=(1, 2, 1)),
-                                             max_batch_size=10, admission_hold=2)
-    params = SamplingParams(max_tokens=10, ignore_eos=True)
-    batch = prompts(9, seed=52)
-    expected = [r.token_ids for r in engine.generate(batch, params, speculate=False)]
-    seqs = [engine.new_sequence(p, params) for p in batch]
-    for s in seqs[:8]:
-        engine.add(s)
-    engine.step()
-    engine.add(seqs[8])
-    engine.step()
-    engine.step()
-    assert seqs[8].row == -1 and not seqs[8].output
-    engine.step()
-    assert seqs[8].row >= 0 and seqs[8].output
-    while engine.scheduler.has_work():
-        engine.step()
-    assert [s.output for s in seqs] == expected

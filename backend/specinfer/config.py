@@ -277,7 +277,6 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     batch_invariant: bool = True
     offload: str = "none"
-    admission_hold: int = 0  # steps a newcomer may wait, beside a large batch, to share a prompt forward (scheduler.py)
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD:
@@ -286,8 +285,6 @@ class EngineConfig:
             raise ValueError("offload needs tensor_parallel_size=1: a sharded LLM is not streamed from host memory")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
-        if not isinstance(self.admission_hold, int) or self.admission_hold < 0:
-            raise ValueError(f"admission_hold must be an integer >= 0 (0: admit at once), got {self.admission_hold!r}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_context is not None and self.max_context < 2:

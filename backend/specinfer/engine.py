@@ -121,7 +121,7 @@ class SpecInferEngine:
         self.ssms = [ModelRunner(m, config.max_batch_size, slots, getattr(m, "attention", config.attention), False)
                      for m in ssms]
         self.eos_ids = frozenset(llm.args.eos_token_ids)
-        self.scheduler = Scheduler(config.max_batch_size, config.admission_hold)
+        self.scheduler = Scheduler(config.max_batch_size)
         self.stats = EngineStats()
         self._ids = count()
         self.drafters = [SsmProposer(runner, i, tree) for i, runner in enumerate(self.ssms)]
@@ -141,15 +141,14 @@ class SpecInferEngine:
         device: str = "cpu", dtype: str = "float32", max_batch_size: int = 16, max_context: int | None = None,
         attention: str | None = None, tensor_parallel_size: int = 1, workers: "Workers | None" = None,
         ssm_engine: str = "torch", cuda_graphs: bool | None = None, batch_invariant: bool = True, offload: str = "none",
-        head: str | Path | None = None, admission_hold: int = 0,
+        head: str | Path | None = None,
     ) -> "SpecInferEngine":
         """``tensor_parallel_size > 1`` shards the LLM over that many processes (``parallel/``), spawned
         here unless ``workers`` says otherwise (``parallel.MpiWorkers`` under mpiexec); ``close()`` stops them.
         ``head``: a draft head's folder (``proposers/head.py``), for ``tree.proposers`` with ``"head"``."""
         config = EngineConfig(max_batch_size=max_batch_size, max_context=max_context, device=device, dtype=dtype, tree=tree,
                               attention=attention, tensor_parallel_size=tensor_parallel_size, ssm_engine=ssm_engine,
-                              cuda_graphs=cuda_graphs, batch_invariant=batch_invariant, offload=offload,
-                              admission_hold=admission_hold)
+                              cuda_graphs=cuda_graphs, batch_invariant=batch_invariant, offload=offload)
         dtype = config.dtype  # "auto" resolved
         if tensor_parallel_size == 1:
             target = Transformer.from_pretrained(llm, device=device, dtype=DTYPES[dtype], offload=offload)

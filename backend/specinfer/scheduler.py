@@ -1,9 +1,6 @@
 """Iteration-level scheduling: a waiting queue and a fixed set of cache rows.
 
-Requests join when a row is free and leave as soon as they finish, between iterations. A prompt is
-prefilled in a forward of its own, one per step that admits requests, and that forward stalls every
-running request; so while a large batch runs, a newcomer may wait a few steps (``hold_steps``) for
-others to share its prompt forward, as vLLM's ``scheduler_delay_factor`` does by time.
+Requests join when a row is free and leave as soon as they finish, between iterations.
 """
 from __future__ import annotations
 
@@ -11,30 +8,18 @@ from collections import deque
 
 from .sequence import Sequence
 
-HOLD_RUNNING = 8  # running requests from which a newcomer may be held: an idle row then costs an eighth of a step or
-# less, a prompt forward of its own about a whole step (2-core CPU, demo LLM: ~45 ms of fixed cost at any batch)
-HOLD_GROUP = 4  # newcomers that fill this many rows are admitted at once
-
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, hold_steps: int = 0) -> None:
-        """``hold_steps``: the most steps newcomers wait for others while ``HOLD_RUNNING`` requests or
-        more run, unless they fill ``HOLD_GROUP`` rows (0: admitted at once)."""
+    def __init__(self, max_batch_size: int) -> None:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_rows = list(range(max_batch_size - 1, -1, -1))
-        self.hold_steps, self.held = hold_steps, 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def admit(self) -> list[Sequence]:
         """Move waiting requests onto free rows; returns the newly admitted ones."""
-        if (self.waiting and self.free_rows and len(self.running) >= HOLD_RUNNING and self.held < self.hold_steps
-                and min(len(self.waiting), len(self.free_rows)) < HOLD_GROUP):
-            self.held += 1
-            return []
-        self.held = 0
         admitted = []
         while self.waiting and self.free_rows:
             seq = self.waiting.popleft()

@@ -53,7 +53,6 @@ PARAMETERS = (
     Parameter("ssm_engine", str),
     Parameter("cuda_graphs", boolean),
     Parameter("offload", str),
-    Parameter("admission_hold", int),
     Parameter("expansion", parse_expansion, "tree"),
     Parameter("max_tree_tokens", int, "tree"),
     Parameter("draft_sampling", str, "tree"),

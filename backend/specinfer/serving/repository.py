@@ -100,8 +100,6 @@ class RepositoryOptions:
     # over (workers started at load on the devices after ``device``, stopped at unload)
     ssm_engine: str = EngineConfig.ssm_engine  # "torch" | "onnxruntime" | "tensorrt": what runs the SSMs (runtimes/)
     offload: str = EngineConfig.offload  # "cpu": the LLM's decoder layers streamed from host memory (model/offload.py)
-    admission_hold: int = 2  # steps a newcomer may wait beside 8+ running requests to share a prompt forward: Triton
-    # concurrency 32 with the specinfer process's staggered arrivals, 0.937x / 0.971x without it, 0.992x with it (README)
     bls_name: str = "specinfer_bls"  # TensorRT-LLM's clients know theirs as tensorrt_llm_bls
     unary_name: str = "specinfer_unary"  # the non-decoupled BLS model, for plain infer() (TensorRT-LLM's decoupled_mode: false)
     ensemble_name: str = "specinfer"  # TensorRT-LLM's clients and docs call theirs ensemble
