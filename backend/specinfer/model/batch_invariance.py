@@ -85,12 +85,11 @@ def row_limit(out_features: int, in_features: int, dtype: torch.dtype) -> int:
     w = torch.randn(out_features, in_features, generator=g).to(dtype)
     pool = min(max(-(-PROBE_OUTPUTS // out_features), ROW_PROBE), PROBE_MAX_ROWS)
     x = torch.randn(pool, in_features, generator=g).to(dtype)
-    one = padded_rows(1, dtype)
-    alone = torch.cat([F.linear(pad_rows(x[i:i + 1], one), w)[:1] for i in range(pool)])
+    project = lambda p: F.linear(p, w)  # noqa: E731
+    alone = in_pieces(project, x, 1)
     for n in range(2, ROW_PROBE + 1):
         calls = pool // n * n
-        out = torch.cat([F.linear(pad_rows(p, padded_rows(n, dtype)), w)[:n] for p in x[:calls].split(n)])
-        if not torch.equal(out, alone[:calls]):
+        if not torch.equal(in_pieces(project, x[:calls], n), alone[:calls]):
             return max((m for m in range(1, n) if padded_rows(m, dtype) < padded_rows(n, dtype)), default=1)
     return ROW_PROBE
 
