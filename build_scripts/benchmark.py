@@ -14,6 +14,8 @@ with the demo pair (SmolLM2-135M-Instruct, ssm-a, ssm-b):
   cold and warm (--workloads: only these; --suffix-cost: only the drafting cost, 3 rounds, seconds);
 - --batches (only this): the served engine against incremental decoding at batch 1, 4, 16, 32,
   alternating in 3 rounds;
+- --ceiling (only this): the drafters' ceiling, tokens per step if every node the suffix proposer
+  and the draft head propose were verified, replayed on the LLM's greedy answers to the workloads;
 - peer: transformers `generate` plain and assisted (the SSM as assistant), greedy, batch 1;
 - through Triton: closed-loop clients against `specinfer` (adaptive) and `incremental` at
   concurrency 1 to 32.
@@ -42,7 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from specinfer import EngineConfig, SamplingParams, SpecInferEngine, TreeConfig, engine_from_config  # noqa: E402
 from specinfer.config import DTYPES, SuffixConfig, resolve_dtype  # noqa: E402
 from specinfer.engine import EngineStats  # noqa: E402
-from specinfer.proposers import DraftHead, SuffixProposer  # noqa: E402
+from specinfer.proposers import DraftHead, HeadProposer, SuffixProposer  # noqa: E402
+from specinfer.runner import chain_batch  # noqa: E402
+from specinfer.tree import merge  # noqa: E402
+from specinfer.verify import greedy_verify  # noqa: E402
 from specinfer.serving.parameters import read_pbtxt_parameters  # noqa: E402
 from specinfer.sampling import make_generator  # noqa: E402
 from specinfer.sequence import Sequence  # noqa: E402
@@ -233,6 +238,52 @@ def run_workloads(bench: "Bench", quick: bool, max_tokens: int) -> list[dict]:
     return rows
 
 
+def draft_ceiling(bench: "Bench", max_tokens: int) -> list[dict]:
+    """The drafters' ceiling: tokens per LLM step if the LLM verified every node they propose (no
+    pruning, forwards free), replayed on the LLM's own greedy answers to each workload (batch 1, own
+    index only, the default suffix and head trees). Adaptive trees realise at most this, at the cost
+    of verifying ``tree tokens`` per step; it separates what the drafters offer from what pruning and
+    the machine's forward costs make of it."""
+    sets = workload_prompts(bench.models, bench.tokenizer)
+    plain = bench.engine((), TreeConfig(expansion=(1,)), 1)
+    llm, tree = bench.llm, TreeConfig()
+    kinds = [("suffix",)] + ([("head",), ("suffix", "head")] if bench.head is not None else [])
+    rows = []
+    for workload in ("open", "code", "grounded", "multi_turn"):
+        answers = []
+        for p in sets[workload]:
+            out = plain.generate([p], SamplingParams(max_tokens=max_tokens))[0].token_ids
+            _, hidden = plain.llm.forward([0], [0], chain_batch([p + out]), hidden=True, priced=False)
+            answers.append((p, out, hidden[0]))
+        for kind in kinds:
+            steps = sizes = tokens = 0
+            for p, out, hidden in answers:
+                text, seq = p + out, Sequence(0, p, SamplingParams(), frozenset(), make_generator(0))
+                seq.row = 0
+                suffix = SuffixProposer(SuffixConfig()) if "suffix" in kind else None
+                head = (HeadProposer(bench.head, llm.model.embed_tokens.weight, llm.lm_head.weight, 1, tree.head_expansion)
+                        if "head" in kind else None)
+                n, steps, tokens = len(p) + 1, steps + 1, tokens + len(out)  # the prompt's forward gives the first token
+                while n < len(text):
+                    seq.output = out[: n - len(p)]
+                    parts = [suffix.propose([seq])] if suffix else []
+                    if head:  # its state: the LLM's at the node before the root, as after a verification
+                        head.remember([0], hidden[n - 2][None])
+                        parts.append(head.propose([seq], torch.tensor([text[n - 1]])))
+                    batch = merge(parts)
+                    truth = torch.tensor(text[n:] + [-1] * (int(batch.depths.max()) + 1))
+                    accepted = int(greedy_verify(batch, truth[batch.depths]).lengths[0])
+                    n += min(accepted, len(text) - n - 1) + 1
+                    steps, sizes = steps + 1, sizes + int(batch.sizes[0])
+            verified = steps - len(answers)
+            row = {"workload": workload, "proposers": list(kind), "output_tokens": tokens, "llm_steps": steps,
+                   "tokens_per_step_ceiling": round(tokens / steps, 3), "tree_tokens_per_step": round(sizes / verified, 1)}
+            rows.append(row)
+            print(f"  ceiling {workload:<10} {'+'.join(kind):<12} tok/step {row['tokens_per_step_ceiling']:5.2f}  "
+                  f"verifying {row['tree_tokens_per_step']:5.1f} tree tokens per step", flush=True)
+    return rows
+
+
 def hf_peer(models: Path, prompts: list[list[int]], max_tokens: int, reference: list[list[int]],
             dtype: str) -> list[dict]:
     """transformers' own generate, plain and assisted by ssm-a, greedy, batch 1, in the benchmark's dtype."""
@@ -332,6 +383,9 @@ def main() -> None:
     ap.add_argument("--batches", action="store_true",
                     help="only the served engine against incremental decoding at batch 1, 4, 16 and 32, "
                          "alternating in 3 rounds (the ratio's median)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="only the drafters' ceiling: tokens per step if every proposed node were verified, replayed on the "
+                         "LLM's greedy answers to the workloads (suffix, head, both)")
     ap.add_argument("--suffix-cost", action="store_true",
                     help="only suffix drafting's host time per request and step at a 2,000-token context, 3 rounds")
     args = ap.parse_args()
@@ -355,6 +409,11 @@ def main() -> None:
         rows = batch_pairs(bench, Path(args.config), (1, 4, 16, 32), rounds=3)
         (out / "batches.json").write_text(json.dumps(rows, indent=2))
         print(f"[bench] done in {time.monotonic() - started:.0f} s: {out}/batches.json")
+        return
+    if args.ceiling:
+        rows = draft_ceiling(bench, args.workload_tokens)
+        (out / "ceiling.json").write_text(json.dumps(rows, indent=2))
+        print(f"[bench] done in {time.monotonic() - started:.0f} s: {out}/ceiling.json")
         return
     if args.host_time:
         host_time(bench, Path(args.config), out)

@@ -96,7 +96,7 @@ def test_tree_respects_node_budget_and_min_probability():
 def test_a_longer_match_in_earlier_outputs_does_not_crowd_out_the_requests_own_repetition():
     """The global index matches 3 tokens, each time followed by something else (no node reaches the
     minimum share); the request's own text matches 2 and repeats: its own tree is proposed."""
-    proposer = SuffixProposer(SuffixConfig(global_tokens=1000, max_nodes=8, min_probability=0.1))
+    proposer = SuffixProposer(SuffixConfig(global_tokens=1000, max_nodes=8, min_probability=0.1, depth_per_match=2.0))
     for i in range(16):
         proposer.remember(100 + i, [9, 5, 6, 200 + i])
     seq = Sequence(0, [5, 6, 7, 8, 9, 5, 6], SamplingParams(), frozenset(), make_generator(0))
@@ -107,7 +107,7 @@ def test_a_longer_match_in_earlier_outputs_does_not_crowd_out_the_requests_own_r
 
 def test_own_repeated_text_is_proposed_from_the_first_repetition():
     text = [11, 12, 13, 14, 15, 16]
-    proposer = SuffixProposer(SuffixConfig(max_nodes=8, min_probability=0.1))
+    proposer = SuffixProposer(SuffixConfig(max_nodes=8, min_probability=0.1, depth_per_match=2.0))
     seq = Sequence(0, text + [20], SamplingParams(), frozenset(), make_generator(0))
     assert proposer.propose([seq]).tree(0).size == 1  # 20 was never followed by anything
     seq.output = [11]  # the repetition starts: the rest of the text is proposed as a chain
