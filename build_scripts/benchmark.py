@@ -238,6 +238,32 @@ def run_workloads(bench: "Bench", quick: bool, max_tokens: int) -> list[dict]:
     return rows
 
 
+def replay(llm: Transformer, head: DraftHead | None, proposers: tuple[str, ...], prompt: list[int],
+           output: list[int], hidden: torch.Tensor, tree: TreeConfig = TreeConfig()) -> tuple[int, int]:
+    """LLM steps (the prompt's forward included) and tree tokens verified if the LLM verified every
+    node ``proposers`` offer while decoding ``output`` after ``prompt`` (what an engine without
+    adaptive trees does); ``hidden [L, H]``: the LLM's final hidden states along ``prompt + output``,
+    the head's state at each step being the one at the node before the root, as after a verification."""
+    text, seq = prompt + output, Sequence(0, prompt, SamplingParams(), frozenset(), make_generator(0))
+    seq.row = 0
+    suffix = SuffixProposer(tree.suffix) if "suffix" in proposers else None
+    drafter = (HeadProposer(head, llm.model.embed_tokens.weight, llm.lm_head.weight, 1, tree.head_expansion)
+               if "head" in proposers else None)
+    n, steps, sizes = len(prompt) + 1, 1, 0  # the prompt's forward gives the first token
+    while n < len(text):
+        seq.output = output[: n - len(prompt)]
+        parts = [suffix.propose([seq])] if suffix else []
+        if drafter:
+            drafter.remember([0], hidden[n - 2][None])
+            parts.append(drafter.propose([seq], torch.tensor([text[n - 1]])))
+        batch = merge(parts)
+        truth = torch.tensor(text[n:] + [-1] * (int(batch.depths.max()) + 1))  # the LLM's choice at each depth
+        accepted = int(greedy_verify(batch, truth[batch.depths]).lengths[0])
+        n += min(accepted, len(text) - n - 1) + 1
+        steps, sizes = steps + 1, sizes + int(batch.sizes[0])
+    return steps, sizes
+
+
 def draft_ceiling(bench: "Bench", max_tokens: int) -> list[dict]:
     """The drafters' ceiling: tokens per LLM step if the LLM verified every node they propose (no
     pruning, forwards free), replayed on the LLM's own greedy answers to each workload (batch 1, own
@@ -246,7 +272,6 @@ def draft_ceiling(bench: "Bench", max_tokens: int) -> list[dict]:
     the machine's forward costs make of it."""
     sets = workload_prompts(bench.models, bench.tokenizer)
     plain = bench.engine((), TreeConfig(expansion=(1,)), 1)
-    llm, tree = bench.llm, TreeConfig()
     kinds = [("suffix",)] + ([("head",), ("suffix", "head")] if bench.head is not None else [])
     rows = []
     for workload in ("open", "code", "grounded", "multi_turn"):
@@ -256,28 +281,12 @@ def draft_ceiling(bench: "Bench", max_tokens: int) -> list[dict]:
             _, hidden = plain.llm.forward([0], [0], chain_batch([p + out]), hidden=True, priced=False)
             answers.append((p, out, hidden[0]))
         for kind in kinds:
-            steps = sizes = tokens = 0
-            for p, out, hidden in answers:
-                text, seq = p + out, Sequence(0, p, SamplingParams(), frozenset(), make_generator(0))
-                seq.row = 0
-                suffix = SuffixProposer(SuffixConfig()) if "suffix" in kind else None
-                head = (HeadProposer(bench.head, llm.model.embed_tokens.weight, llm.lm_head.weight, 1, tree.head_expansion)
-                        if "head" in kind else None)
-                n, steps, tokens = len(p) + 1, steps + 1, tokens + len(out)  # the prompt's forward gives the first token
-                while n < len(text):
-                    seq.output = out[: n - len(p)]
-                    parts = [suffix.propose([seq])] if suffix else []
-                    if head:  # its state: the LLM's at the node before the root, as after a verification
-                        head.remember([0], hidden[n - 2][None])
-                        parts.append(head.propose([seq], torch.tensor([text[n - 1]])))
-                    batch = merge(parts)
-                    truth = torch.tensor(text[n:] + [-1] * (int(batch.depths.max()) + 1))
-                    accepted = int(greedy_verify(batch, truth[batch.depths]).lengths[0])
-                    n += min(accepted, len(text) - n - 1) + 1
-                    steps, sizes = steps + 1, sizes + int(batch.sizes[0])
-            verified = steps - len(answers)
+            counted = [replay(bench.llm, bench.head, kind, p, out, hidden) for p, out, hidden in answers]
+            steps, sizes = sum(c[0] for c in counted), sum(c[1] for c in counted)
+            tokens = sum(len(out) for _, out, _ in answers)
             row = {"workload": workload, "proposers": list(kind), "output_tokens": tokens, "llm_steps": steps,
-                   "tokens_per_step_ceiling": round(tokens / steps, 3), "tree_tokens_per_step": round(sizes / verified, 1)}
+                   "tokens_per_step_ceiling": round(tokens / steps, 3),
+                   "tree_tokens_per_step": round(sizes / (steps - len(answers)), 1)}
             rows.append(row)
             print(f"  ceiling {workload:<10} {'+'.join(kind):<12} tok/step {row['tokens_per_step_ceiling']:5.2f}  "
                   f"verifying {row['tree_tokens_per_step']:5.1f} tree tokens per step", flush=True)

@@ -338,6 +338,29 @@ def test_a_step_above_max_speculative_batch_neither_prices_nor_teaches(models):
     assert engine.policy.rates.plain_run or engine.policy.rates.error
 
 
+def test_a_step_admitting_requests_counts_them_against_max_speculative_batch(models, monkeypatch):
+    """The requests a step admits count toward the limit: while a batch fills, its first arrivals do
+    not speculate ahead of the rest (through Triton at concurrency 32 they finished apart and their
+    successors arrived one by one, each with a prompt forward of its own)."""
+    monkeypatch.setattr("specinfer.adaptive.MARGIN", 1.0)  # any expected gain pays when verifying is free
+    engine = SpecInferEngine.from_pretrained(models["llm"], [models["close"]], max_batch_size=4,
+                                             tree=TreeConfig(expansion=(1, 1), adaptive=True, max_speculative_batch=2))
+    engine.llm.costs, engine.ssms[0].costs = FixedCosts(lambda n: 1.0), FixedCosts(lambda n: 0.0)
+    widths = []  # tree width of every verification
+    score = engine.score
+    engine.score = lambda seqs, tree: widths.append(tree.tokens.shape[1]) or score(seqs, tree)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    first = engine.new_sequence(PROMPTS[0], params)
+    engine.add(first)
+    engine.step()  # admits and prefills it
+    engine.step()
+    assert widths[-1] > 1  # alone: it speculates
+    for prompt in PROMPTS[1:3]:
+        engine.add(engine.new_sequence(prompt, params))
+    engine.step()  # admits two beside it: three requests this step
+    assert widths[-1] == 1
+
+
 def test_free_verification_means_the_full_tree(models, reference, monkeypatch):
     monkeypatch.setattr("specinfer.adaptive.MARGIN", 1.0)  # any expected gain pays when nothing costs
     engine, _ = engine_with_costs(models, lambda n: 1.0, lambda n: 0.0, expansion=(2, 1, 2))

@@ -2,6 +2,9 @@
 proposers, its checkpoint folder and its configuration errors."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,10 +221,29 @@ def test_cuda_graphs_default_off_with_the_head():
     assert EngineConfig(device="cuda", tree=TreeConfig(proposers=("suffix",))).cuda_graphs is True
 
 
+@pytest.mark.parametrize("proposers", [("suffix",), ("head",), ("suffix", "head")])
+def test_the_benchmarks_ceiling_replay_takes_the_steps_of_an_engine_verifying_every_node(models, head_folder, proposers):
+    """``benchmark.py --ceiling`` replays answers without the LLM; an engine without adaptive trees
+    verifies every node its proposers offer, so it takes the replay's steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "build_scripts"))
+    from benchmark import replay
+
+    tree = TreeConfig(expansion=(1,), proposers=proposers)
+    engine = SpecInferEngine.from_pretrained(models["llm"], tree=tree, max_batch_size=1,
+                                             head=head_folder if "head" in proposers else None)
+    model = engine.llm.model
+    head = DraftHead.from_pretrained(head_folder, model.args.hidden_size)
+    accepted = 0
+    for p, params in zip(PROMPTS, PARAMS):
+        r = engine.generate([p], params)[0]
+        steps, _ = replay(model, head, proposers, p, r.token_ids, hidden_along(model, p + r.token_ids), tree)
+        assert steps == r.llm_steps
+        accepted += r.accepted_draft_tokens
+    assert accepted > 0  # the trees were accepted, so the replay followed them
+
+
 def test_configure_repository_refuses_what_the_head_cannot_serve(models, tmp_path):
     import subprocess
-    import sys
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "build_scripts" / "configure_repository.py"
     run = lambda *args: subprocess.run([sys.executable, str(script), "--llm", str(models["llm"]),  # noqa: E731

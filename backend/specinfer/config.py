@@ -176,10 +176,10 @@ class TreeConfig:
     ``head_expansion[d]`` children under every node of level ``d``); their trees are merged. With
     ``"suffix"`` or ``"head"`` every candidate is selected, never sampled.
 
-    ``max_speculative_batch``: a step whose batch has more requests decodes plainly (0: any batch
-    speculates), as vLLM's ``disable_by_batch_size``: on a machine where verifying extra tokens
-    beside other requests costs much, what speculation gains per step is lost to requests finishing
-    at different steps, which no step's price sees.
+    ``max_speculative_batch``: a step whose batch has more requests, those it admits included,
+    decodes plainly (0: any batch speculates), as vLLM's ``disable_by_batch_size``: on a machine
+    where verifying extra tokens beside other requests costs much, what speculation gains per step
+    is lost to requests finishing at different steps, which no step's price sees.
     """
 
     expansion: tuple[int, ...] = (1, 1, 3, 1, 1, 1, 1, 1)

@@ -282,8 +282,10 @@ class SpecInferEngine:
             self.prefill(new)
         active = [s for s in self.scheduler.running if not s.finished and s not in new]
         if active:
-            limit = self.tree.max_speculative_batch  # a batch past it decodes plainly: nothing to price or learn
-            speculate = speculate and not 0 < limit < len(active)
+            # a batch past the limit decodes plainly (nothing to price or learn); newcomers count, so that a
+            # filling batch does not speculate its first arrivals ahead of the rest (they would finish apart)
+            limit = self.tree.max_speculative_batch
+            speculate = speculate and not 0 < limit < len(active) + len(new)
             began, emitted = time.perf_counter(), sum(len(s.output) for s in active)
             batch, drafted = self.propose(active, speculate)
             logits, hidden = self.score(active, batch)
