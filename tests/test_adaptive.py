@@ -355,7 +355,11 @@ def test_a_step_admitting_requests_counts_them_against_max_speculative_batch(mod
     engine.step()  # admits and prefills it
     engine.step()
     assert widths[-1] > 1  # alone: it speculates
-    for prompt in PROMPTS[1:3]:
+    for prompt in PROMPTS[1:3]:  # newcomers that finish in their prompt's forward hold no row afterwards
+        engine.add(engine.new_sequence(prompt, SamplingParams(max_tokens=1)))
+    engine.step()
+    assert widths[-1] > 1
+    for prompt in PROMPTS[3:5]:
         engine.add(engine.new_sequence(prompt, params))
     engine.step()  # admits two beside it: three requests this step
     assert widths[-1] == 1

@@ -19,6 +19,8 @@ from specinfer.runner import ModelRunner, chain_batch
 from specinfer.sequence import Sequence
 from specinfer.verify import Verdicts
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "build_scripts"))  # benchmark.py's replay
+
 PROMPTS = prompts(8, seed=43)
 PARAMS = [SamplingParams(max_tokens=10 + (i * 5) % 13, ignore_eos=True) for i in range(len(PROMPTS))]
 
@@ -225,7 +227,6 @@ def test_cuda_graphs_default_off_with_the_head():
 def test_the_benchmarks_ceiling_replay_takes_the_steps_of_an_engine_verifying_every_node(models, head_folder, proposers):
     """``benchmark.py --ceiling`` replays answers without the LLM; an engine without adaptive trees
     verifies every node its proposers offer, so it takes the replay's steps."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "build_scripts"))
     from benchmark import replay
 
     tree = TreeConfig(expansion=(1,), proposers=proposers)
@@ -236,8 +237,8 @@ def test_the_benchmarks_ceiling_replay_takes_the_steps_of_an_engine_verifying_ev
     accepted = 0
     for p, params in zip(PROMPTS, PARAMS):
         r = engine.generate([p], params)[0]
-        steps, _ = replay(model, head, proposers, p, r.token_ids, hidden_along(model, p + r.token_ids), tree)
-        assert steps == r.llm_steps
+        steps, tree_tokens = replay(model, head, proposers, p, r.token_ids, hidden_along(model, p + r.token_ids), tree)
+        assert (steps, tree_tokens) == (r.llm_steps, r.draft_tokens + r.llm_steps - 1)  # a root per verification
         accepted += r.accepted_draft_tokens
     assert accepted > 0  # the trees were accepted, so the replay followed them
 

@@ -282,10 +282,10 @@ class SpecInferEngine:
             self.prefill(new)
         active = [s for s in self.scheduler.running if not s.finished and s not in new]
         if active:
-            # a batch past the limit decodes plainly (nothing to price or learn); newcomers count, so that a
-            # filling batch does not speculate its first arrivals ahead of the rest (they would finish apart)
+            # a batch past the limit decodes plainly (nothing to price or learn); newcomers still running count,
+            # so that a filling batch does not speculate its first arrivals ahead of the rest (they would finish apart)
             limit = self.tree.max_speculative_batch
-            speculate = speculate and not 0 < limit < len(active) + len(new)
+            speculate = speculate and not 0 < limit < len(active) + sum(not s.finished for s in new)
             began, emitted = time.perf_counter(), sum(len(s.output) for s in active)
             batch, drafted = self.propose(active, speculate)
             logits, hidden = self.score(active, batch)
