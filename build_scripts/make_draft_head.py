@@ -2,18 +2,19 @@
 
 Stages, cached under engines/demo/build/head/ (git-ignored), fixed seeds throughout:
 1. ``data``: make_demo_models' train prompts (held-out topics, tasks and source files never used),
-   plus chat requests about train code windows (explain, comment, rewrite, review) and more chat
-   templates over the train topics; the LLM's greedy continuations (bfloat16, batched incremental
-   decoding) and its final hidden states along them (one prefill each).
+   plus chat requests about train code windows (explain, comment, rewrite, review, annotate, walk
+   through) and more chat templates over the train topics; the LLM's greedy continuations
+   (bfloat16, batched incremental decoding) and its final hidden states along them (one prefill each).
 2. ``train``: the head learns, from the hidden state at position t and the tokens after it, to
-   predict the LLM's tokens t+2 .. t+1+DEPTH (teacher-forced, unrolled DEPTH steps; cross-entropy
-   over the head's vocabulary, the tokens the continuations used).
+   predict the LLM's tokens t+2 .. t+1+DEPTH (teacher-forced, unrolled DEPTH steps), each drafted
+   state matched to the LLM's own at its position: the LLM's next-token distribution there over the
+   head's vocabulary (the tokens the continuations used) as soft targets, and the hidden state itself.
 3. ``report``: on the held-out prompts of engines/demo/prompts.json and workloads.json (never trained
    on), the head's top-1 agreement with the LLM per drafted depth, into engines/demo/head/config.json.
 
   python build_scripts/make_draft_head.py                 # every missing stage, for the demo LLM
   python build_scripts/make_draft_head.py --llm DIR --output HEAD --build CACHE   # another LLM's head
-  python build_scripts/make_draft_head.py --stage train --steps 1600
+  python build_scripts/make_draft_head.py --stage train --steps 1600   # the demo head: 1200
 """
 from __future__ import annotations
 
@@ -39,11 +40,16 @@ OUTPUT = demo.DEMO / "head"
 DEPTH = 3  # drafted tokens the training unrolls
 WIDTH = 2  # the MLP's inner width, in multiples of the LLM's hidden size
 MAX_VOCAB = 8192
+REGRESSION = 1.0  # weight of the drafted states' distance from the LLM's hidden states against the soft targets' loss
 NEW_TOKENS = 128
 CODE_REQUESTS = ["Explain what this code does:\n\n{}", "Add comments to this code and return it:\n\n{}",
-                 "Rewrite this code to be more readable:\n\n{}", "Is there a bug in this code?\n\n{}"]
+                 "Rewrite this code to be more readable:\n\n{}", "Is there a bug in this code?\n\n{}",
+                 "Add type annotations to this code and return all of it:\n\n{}",
+                 "Walk me through this code, quoting the lines you talk about:\n\n{}"]
 MORE_CHAT = ["List some tips for {}.", "How do I get started with {}?", "Tell me about the history of {}.",
-             "What should a beginner know about {}?"]
+             "What should a beginner know about {}?", "Write a bulleted list of facts about {}.",
+             "Compare {} with something similar.", "What questions do people often ask about {}?",
+             "Give a one-paragraph summary of {}."]
 
 
 def log(msg: str) -> None:
@@ -93,30 +99,41 @@ def stage_data(llm: Path, build: Path) -> None:
     torch.save({kind: continue_and_read(engine, ps) for kind, ps in held.items()}, build / "held_out.pt")
 
 
-def windows(data: dict, vocab_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every output position t: the hidden state there and the tokens t+1 .. t+1+DEPTH (-1 past the
-    end; targets outside the head's vocabulary are -1 as labels too, but still fed)."""
-    hs, xs = [], []
+def windows(data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every output position t: the index of the LLM's hidden state there in ``flat`` (all of
+    ``data``'s hidden states, concatenated), the tokens t+1 .. t+1+DEPTH (-1 past the end) and
+    ``flat`` itself; the states at t+1 .. t+DEPTH, which the head's unrolled states stand for, are
+    the next rows (valid where the token after them is)."""
+    index, xs, offset = [], [], 0
     for seq, first, h in zip(data["seqs"], data["starts"], data["hidden"]):
         s, n = torch.tensor(seq), len(seq)
         t = torch.arange(first, n - 2)
         if len(t):
             idx = t[:, None] + torch.arange(1, DEPTH + 2)
             xs.append(torch.where(idx < n, s[idx.clamp(max=n - 1)], -1))
-            hs.append(h[t])
-    return torch.cat(hs), torch.cat(xs)
+            index.append(offset + t)
+        offset += len(h)
+    return torch.cat(index), torch.cat(xs), torch.cat(data["hidden"])
 
 
 def unrolled(head: DraftHead, embed: torch.Tensor, output: torch.Tensor, vocab_index: torch.Tensor,
-             h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """Mean cross-entropy over the DEPTH drafted tokens, and top-1 agreement per depth."""
-    state, losses, agree = h.float(), [], []
+             flat: torch.Tensor, at: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """The loss over the DEPTH drafted tokens, and top-1 agreement per depth. Each drafted state
+    learns the LLM's next-token distribution at its position (soft targets: the LLM's output layer
+    over the head's vocabulary, read from the LLM's hidden state there; they rank the runner-up
+    tokens the tree's branches draft, which the greedy token alone does not) and that hidden state
+    itself (``REGRESSION`` x smooth L1: the next level starts from it)."""
+    state, losses, agree = flat[at].float(), [], []
     for j in range(DEPTH):
         state = head.step(state, embed[x[:, j].clamp(min=0)].float())
-        label = torch.where(x[:, j + 1] >= 0, vocab_index[x[:, j + 1].clamp(min=0)], -1)
-        logits = (state.to(output.dtype) @ output.T).float()
         seen = x[:, j + 1] >= 0
-        losses.append(F.cross_entropy(logits[label >= 0], label[label >= 0]))
+        label = torch.where(seen, vocab_index[x[:, j + 1].clamp(min=0)], -1)
+        logits = (state.to(output.dtype) @ output.T).float()
+        target = flat[(at + j + 1).clamp(max=len(flat) - 1)]
+        with torch.no_grad():
+            teacher = torch.softmax((target @ output.T).float(), dim=-1)
+        soft = -(teacher * torch.log_softmax(logits, dim=-1)).sum(-1)
+        losses.append(soft[seen].mean() + REGRESSION * F.smooth_l1_loss(state[seen], target[seen].float()))
         agree.append(float((logits.argmax(-1) == label)[seen].float().mean()))
     return torch.stack(losses).mean(), agree
 
@@ -132,20 +149,20 @@ def stage_train(llm: Path, build: Path, output: Path, steps: int, batch: int) ->
     vocab = torch.argsort(counts, descending=True, stable=True)[: min(MAX_VOCAB, int((counts > 0).sum()))]
     vocab_index = torch.full((embed.shape[0],), -1, dtype=torch.long)
     vocab_index[vocab] = torch.arange(len(vocab))
-    h, x = windows(data, vocab_index)
-    log(f"{len(h):,} positions, vocabulary of {len(vocab)} tokens")
+    at, x, flat = windows(data)
+    log(f"{len(at):,} positions, vocabulary of {len(vocab)} tokens")
     torch.manual_seed(0)
     head = DraftHead(embed.shape[1], WIDTH * embed.shape[1], vocab)
     torch.nn.init.zeros_(head.down.weight)  # starts as the LLM's own reading of the state
     torch.nn.init.zeros_(head.down.bias)
-    output = out_layer[vocab]
+    rows = out_layer[vocab]  # the output layer's rows the head reads
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.0)
     g, start = torch.Generator().manual_seed(0), time.monotonic()
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = 1e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        i = torch.randint(len(h), (batch,), generator=g)
-        loss, agree = unrolled(head, embed, output, vocab_index, h[i], x[i])
+        i = torch.randint(len(at), (batch,), generator=g)
+        loss, agree = unrolled(head, embed, rows, vocab_index, flat, at[i], x[i])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -154,11 +171,11 @@ def stage_train(llm: Path, build: Path, output: Path, steps: int, batch: int) ->
                 f"({time.monotonic() - start:.0f} s)")
     with torch.no_grad():
         held = torch.load(build / "held_out.pt")
-        report = {kind: [round(a, 3) for a in unrolled(head, embed, output, vocab_index, *windows(d, vocab_index))[1]]
+        report = {kind: [round(a, 3) for a in unrolled(head, embed, rows, vocab_index, windows(d)[2], *windows(d)[:2])[1]]
                   for kind, d in held.items()}
     log(f"held-out top-1 agreement per drafted depth: {report}")
     head.to(torch.bfloat16).save(output, train_steps=steps, train_rows=steps * batch,
-                                 train_seconds=round(time.monotonic() - start, 1), positions=len(h),
+                                 train_seconds=round(time.monotonic() - start, 1), positions=len(at),
                                  held_out_agreement_by_depth=report)
     log(f"saved {output}")
 
@@ -169,7 +186,7 @@ def main() -> None:
     ap.add_argument("--llm", type=Path, default=demo.DEMO / "llm", help="the LLM the head drafts for (a folder with tokenizer.json)")
     ap.add_argument("--output", type=Path, default=OUTPUT, help="the head's folder")
     ap.add_argument("--build", type=Path, default=BUILD, help="where the data stage caches its files (one per LLM)")
-    ap.add_argument("--steps", type=int, default=800, help="optimizer steps (the demo head's: 800)")
+    ap.add_argument("--steps", type=int, default=1200, help="optimizer steps (the demo head's: 1200)")
     ap.add_argument("--batch", type=int, default=2048, help="positions per optimizer step")
     ap.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
     args = ap.parse_args()

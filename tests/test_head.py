@@ -255,3 +255,29 @@ def test_configure_repository_refuses_what_the_head_cannot_serve(models, tmp_pat
     assert out.returncode != 0 and "not with --tensor-parallel or --cuda-graphs" in out.stderr
     out = run("--head", str(tmp_path / "missing"))
     assert out.returncode != 0 and "is not a draft head's folder" in out.stderr
+
+
+def test_make_draft_head_trains_on_its_cached_data_and_saves_the_head(models, tmp_path):
+    """make_draft_head's train stage: every drafted state's targets are the LLM's own hidden state
+    and greedy token one position on (its output layer reads that state's greedy token back), and the
+    stage trains (its zero-initialised ``down`` moves), reports and saves a head that loads (it once
+    failed saving, its output folder shadowed by the output layer's rows). What the demo head learns
+    is measured by its own report (``config.json``), not here."""
+    import make_draft_head as mdh
+
+    engine = SpecInferEngine.from_pretrained(models["llm"], max_batch_size=8)
+    data = mdh.continue_and_read(engine, PROMPTS)
+    at, x, flat = mdh.windows(data)
+    lm_head = engine.llm.model.lm_head.weight.detach().float()
+    for j in range(mdh.DEPTH):
+        seen = x[:, j + 1] >= 0
+        read = (flat[at[seen] + j + 1].float() @ lm_head.T).argmax(-1)
+        assert float((read == x[seen, j + 1]).float().mean()) > 0.95
+    torch.save(data, tmp_path / "train.pt")
+    torch.save({"open": data}, tmp_path / "held_out.pt")
+    mdh.stage_train(models["llm"], tmp_path, tmp_path / "head", steps=20, batch=128)
+    model = Transformer.from_pretrained(models["llm"])
+    head = DraftHead.from_pretrained(tmp_path / "head", model.args.hidden_size)
+    report = DraftHead.read_config(tmp_path / "head", model.args.hidden_size)["held_out_agreement_by_depth"]["open"]
+    assert len(report) == mdh.DEPTH and all(0 <= a <= 1 for a in report), report
+    assert float(head.down.weight.detach().abs().max()) > 0
