@@ -63,8 +63,8 @@ def train_prompts(tok) -> list[list[int]]:
     chat = lambda q: tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))  # noqa: E731
     prompts += [chat(t.format(topic)) for topic in demo.TOPICS if not demo.held_out(topic) for t in MORE_CHAT]
     train_files, _ = demo.stdlib_files()
-    windows = demo.code_windows(train_files, tok, 2 * len(CODE_REQUESTS) * 40, seed=3)
-    prompts += [chat(CODE_REQUESTS[i % len(CODE_REQUESTS)].format(tok.decode(ids))) for i, ids in enumerate(windows)]
+    code = demo.code_windows(train_files, tok, 2 * len(CODE_REQUESTS) * 40, seed=3)
+    prompts += [chat(CODE_REQUESTS[i % len(CODE_REQUESTS)].format(tok.decode(ids))) for i, ids in enumerate(code)]
     return prompts
 
 
@@ -116,7 +116,13 @@ def windows(data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.cat(index), torch.cat(xs), torch.cat(data["hidden"])
 
 
-def unrolled(head: DraftHead, embed: torch.Tensor, output: torch.Tensor, vocab_index: torch.Tensor,
+def target_states(flat: torch.Tensor, at: torch.Tensor, j: int) -> torch.Tensor:
+    """The LLM's hidden states that the head's states after ``j + 1`` drafted tokens from positions
+    ``at`` stand for: one position on per token (clamped at the end; ``windows``' -1 tokens mask those)."""
+    return flat[(at + j + 1).clamp(max=len(flat) - 1)]
+
+
+def unrolled(head: DraftHead, embed: torch.Tensor, rows: torch.Tensor, vocab_index: torch.Tensor,
              flat: torch.Tensor, at: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     """The loss over the DEPTH drafted tokens, and top-1 agreement per depth. Each drafted state
     learns the LLM's next-token distribution at its position (soft targets: the LLM's output layer
@@ -128,10 +134,10 @@ def unrolled(head: DraftHead, embed: torch.Tensor, output: torch.Tensor, vocab_i
         state = head.step(state, embed[x[:, j].clamp(min=0)].float())
         seen = x[:, j + 1] >= 0
         label = torch.where(seen, vocab_index[x[:, j + 1].clamp(min=0)], -1)
-        logits = (state.to(output.dtype) @ output.T).float()
-        target = flat[(at + j + 1).clamp(max=len(flat) - 1)]
+        logits = (state.to(rows.dtype) @ rows.T).float()
+        target = target_states(flat, at, j)
         with torch.no_grad():
-            teacher = torch.softmax((target @ output.T).float(), dim=-1)
+            teacher = torch.softmax((target @ rows.T).float(), dim=-1)
         soft = -(teacher * torch.log_softmax(logits, dim=-1)).sum(-1)
         losses.append(soft[seen].mean() + REGRESSION * F.smooth_l1_loss(state[seen], target[seen].float()))
         agree.append(float((logits.argmax(-1) == label)[seen].float().mean()))
@@ -171,8 +177,10 @@ def stage_train(llm: Path, build: Path, output: Path, steps: int, batch: int) ->
                 f"({time.monotonic() - start:.0f} s)")
     with torch.no_grad():
         held = torch.load(build / "held_out.pt")
-        report = {kind: [round(a, 3) for a in unrolled(head, embed, rows, vocab_index, windows(d)[2], *windows(d)[:2])[1]]
-                  for kind, d in held.items()}
+        report = {}
+        for kind, d in held.items():
+            at_held, x_held, flat_held = windows(d)
+            report[kind] = [round(a, 3) for a in unrolled(head, embed, rows, vocab_index, flat_held, at_held, x_held)[1]]
     log(f"held-out top-1 agreement per drafted depth: {report}")
     head.to(torch.bfloat16).save(output, train_steps=steps, train_rows=steps * batch,
                                  train_seconds=round(time.monotonic() - start, 1), positions=len(at),

@@ -258,8 +258,8 @@ def test_configure_repository_refuses_what_the_head_cannot_serve(models, tmp_pat
 
 
 def test_make_draft_head_trains_on_its_cached_data_and_saves_the_head(models, tmp_path):
-    """make_draft_head's train stage: every drafted state's targets are the LLM's own hidden state
-    and greedy token one position on (its output layer reads that state's greedy token back), and the
+    """make_draft_head's train stage: the target states its loss reads (``target_states``) are the
+    LLM's own hidden states one position on (its output layer reads each one's label back), and the
     stage trains (its zero-initialised ``down`` moves), reports and saves a head that loads (it once
     failed saving, its output folder shadowed by the output layer's rows). What the demo head learns
     is measured by its own report (``config.json``), not here."""
@@ -271,7 +271,7 @@ def test_make_draft_head_trains_on_its_cached_data_and_saves_the_head(models, tm
     lm_head = engine.llm.model.lm_head.weight.detach().float()
     for j in range(mdh.DEPTH):
         seen = x[:, j + 1] >= 0
-        read = (flat[at[seen] + j + 1].float() @ lm_head.T).argmax(-1)
+        read = (mdh.target_states(flat, at[seen], j).float() @ lm_head.T).argmax(-1)
         assert float((read == x[seen, j + 1]).float().mean()) > 0.95
     torch.save(data, tmp_path / "train.pt")
     torch.save({"open": data}, tmp_path / "held_out.pt")
