@@ -276,8 +276,8 @@ def test_make_draft_head_trains_on_its_cached_data_and_saves_the_head(models, tm
     torch.save(data, tmp_path / "train.pt")
     torch.save({"open": data}, tmp_path / "held_out.pt")
     mdh.stage_train(models["llm"], tmp_path, tmp_path / "head", steps=20, batch=128)
-    model = Transformer.from_pretrained(models["llm"])
-    head = DraftHead.from_pretrained(tmp_path / "head", model.args.hidden_size)
-    report = DraftHead.read_config(tmp_path / "head", model.args.hidden_size)["held_out_agreement_by_depth"]["open"]
+    hidden = engine.llm.model.args.hidden_size
+    head = DraftHead.from_pretrained(tmp_path / "head", hidden)
+    report = DraftHead.read_config(tmp_path / "head", hidden)["held_out_agreement_by_depth"]["open"]
     assert len(report) == mdh.DEPTH and all(0 <= a <= 1 for a in report), report
     assert float(head.down.weight.detach().abs().max()) > 0
