@@ -55,7 +55,7 @@ def main() -> None:
     for d, inv in configs:
         models[d].batch_invariant(inv)
         runners[d, inv] = ModelRunner(models[d], 1, args.prefix + 128, "sdpa", batch_invariant=inv)
-        runners[d, inv].forward([0], [0], chain_batch([prefix]))
+        runners[d, inv].forward([0], [0], chain_batch([prefix]), prompt=True)
     times: dict[tuple, list[float]] = {(c, t): [] for c in configs for t in SIZES}
     for rep in range(args.repeats + 1):
         for c in configs:

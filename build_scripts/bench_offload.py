@@ -84,7 +84,7 @@ def transfer(llm: Path, device: torch.device, dtype: torch.dtype, repeats: int) 
     for name, rows, tokens in (("verify_16x16", 16, 16), ("decode_1x1", 1, 1)):
         for kind, model in (("compute", resident), ("offload", offloaded)):
             runner = ModelRunner(model, rows, 128)
-            runner.forward(list(range(rows)), [0] * rows, chain_batch([torch.randint(3, vocab, (64,), generator=g).tolist()] * rows))
+            runner.forward(list(range(rows)), [0] * rows, chain_batch([torch.randint(3, vocab, (64,), generator=g).tolist()] * rows), prompt=True)
             nodes = chain_batch([torch.randint(3, vocab, (tokens,), generator=g).tolist()] * rows)
             out[f"{name}_{kind}_ms"] = 1e3 * timed(lambda: runner.forward(list(range(rows)), [64] * rows, nodes), device, repeats)
         if device.type == "cuda":  # on CPU the copies run on the calling thread, in turn with the compute

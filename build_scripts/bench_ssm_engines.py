@@ -48,7 +48,7 @@ def per_forward(ssm: Path, prefix: int, repeats: int) -> list[tuple[int, int, fl
         rows = list(range(batch))
         prompts = [torch.randint(3, vocab, (prefix,), generator=g).tolist() for _ in rows]
         for r in rs.values():
-            r.forward(rows, [0] * batch, chain_batch(prompts), output_index=torch.full((batch,), prefix - 1))
+            r.forward(rows, [0] * batch, chain_batch(prompts), output_index=torch.full((batch,), prefix - 1), prompt=True)
         for width in (1, 3):
             builders = [TreeBuilder(5) for _ in rows]
             levels = [[b.add(0, 7 + i) for i in range(width)] for b in builders]

@@ -278,7 +278,7 @@ def draft_ceiling(bench: "Bench", max_tokens: int) -> list[dict]:
         answers = []
         for p in sets[workload]:
             out = plain.generate([p], SamplingParams(max_tokens=max_tokens))[0].token_ids
-            _, hidden = plain.llm.forward([0], [0], chain_batch([p + out]), hidden=True, priced=False)
+            _, hidden = plain.llm.forward([0], [0], chain_batch([p + out]), hidden=True, priced=False, prompt=True)
             answers.append((p, out, hidden[0]))
         for kind in kinds:
             counted = [replay(bench.llm, bench.head, kind, p, out, hidden) for p, out, hidden in answers]

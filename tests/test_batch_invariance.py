@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import make_llama, prompts
 from specinfer import SamplingParams, SpecInferEngine, TreeConfig
 from specinfer.config import DTYPES, EngineConfig, resolve_dtype
+from specinfer.kernels.path_attention import available
 from specinfer.cost_model import FixedCosts
 from specinfer.model import Transformer, transformer
 from specinfer.model.batch_invariance import (KEY_BLOCK, KEY_WINDOW, MAX_TREE_TOKENS, SPLIT_PADDING, SplitKeys, VirtualKeys,
@@ -51,7 +52,7 @@ def token_views(model: Transformer, invariant: bool, prefix_len: int, seed: int)
     def run(chunks: list[list[int]], nodes_after) -> None:
         runner = ModelRunner(model, 4, 1100, ATTENTION[model.lm_head.weight.device.type], batch_invariant=invariant)
         rows = list(range(len(chunks)))
-        runner.forward(rows, [0] * len(rows), chain_batch(chunks))
+        runner.forward(rows, [0] * len(rows), chain_batch(chunks), prompt=True)
         logits = runner.forward(rows, [len(c) for c in chunks], nodes_after)
         kv = torch.stack([torch.stack([runner.cache.k[i][0, len(prefix)], runner.cache.v[i][0, len(prefix)]])
                           for i in range(len(runner.cache.k))])
@@ -91,10 +92,10 @@ def test_chain_nodes_equal_incremental_decoding(wide, dtype, device):
         prefix = torch.randint(0, VOCAB, (prefix_len,), generator=g).tolist()
         chain = torch.randint(0, VOCAB, (6,), generator=g).tolist()
         alone = ModelRunner(model, 2, 1100, attention)
-        alone.forward([0], [0], chain_batch([prefix]))
+        alone.forward([0], [0], chain_batch([prefix]), prompt=True)
         steps = [alone.forward([0], [prefix_len + i], chain_batch([[x]]))[0, 0] for i, x in enumerate(chain)]
         batched = ModelRunner(model, 2, 1100, attention)
-        batched.forward([0, 1], [0, 0], chain_batch([prefix, [9] * 450]))
+        batched.forward([0, 1], [0, 0], chain_batch([prefix, [9] * 450]), prompt=True)
         logits = batched.forward([0, 1], [prefix_len, 450], chain_batch([chain, [4, 5]]))[0]
         for i, step in enumerate(steps):
             assert torch.equal(logits[i], step), f"chain node {i}, prefix {prefix_len}"
@@ -106,20 +107,30 @@ def test_chain_nodes_equal_incremental_decoding(wide, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_tree_nodes_equal_incremental_decoding_of_their_paths(wide, dtype, device):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_tree_nodes_equal_incremental_decoding_of_their_paths(wide, dtype, device, kernel):
     """Every node of random trees (beside another request's tree, or beside lone roots, which attend
     apart past ``SPLIT_PADDING`` queries of padding: ``SplitKeys``) gives the logits that decoding its
     path one token at a time gives, though its ancestors are not next to each other in the tree region.
     On CUDA in float32 this failed twice on an H200 before RMSNorm's calls there got ``DEVICE_ROWS`` rows
-    and passed after it (2026-12-04)."""
+    and passed after it (2026-12-04). ``kernel``: generated tokens through the CPU's ``path_attention``
+    (the default where it compiles), or through the GEMM form (without a compiler, and off the CPU)."""
+    if kernel and not (device == "cpu" and available(DTYPES[dtype], 64, torch.device("cpu"))):
+        pytest.skip("the CPU kernel runs on the CPU, where a compiler built it")
     model = Transformer.from_pretrained(wide, dtype=DTYPES[dtype], device=device)
     attention = ATTENTION[device]
     g = torch.Generator().manual_seed(4)
 
+    def runner(rows: int) -> ModelRunner:
+        made = ModelRunner(model, rows, 1100, attention)
+        made.paths = made.paths and kernel
+        return made
+
     def decoded(prefix: list[int], tokens: list[int]) -> torch.Tensor:
-        alone = ModelRunner(model, 1, 1100, attention)
-        alone.forward([0], [0], chain_batch([prefix + tokens[:-1]]))
-        return alone.forward([0], [len(prefix) + len(tokens) - 1], chain_batch([tokens[-1:]]))[0, 0]
+        """The prompt, then the path's tokens one at a time (a chain: ``test_chain_nodes_...``)."""
+        alone = runner(1)
+        alone.forward([0], [0], chain_batch([prefix]), prompt=True)
+        return alone.forward([0], [len(prefix)], chain_batch([tokens]))[0, -1]
 
     for prefix_len, size, beside in [(37, 9, (5,)), (490, 14, (1, 1)), (700, 21, (1, 4)), (300, 24, (1, 1))]:
         shape = pad_trees([random_tree(n, g) for n in (size, *beside)])
@@ -131,9 +142,9 @@ def test_tree_nodes_equal_incremental_decoding_of_their_paths(wide, dtype, devic
         rows = list(range(len(trees)))
         nodes = NodeBatch(batch.tokens, torch.arange(size).expand(len(trees), size), batch.depths, batch.ancestors,
                           batch.valid)
-        runner = ModelRunner(model, 3, 1100, attention)
-        runner.forward(rows, [0] * len(rows), chain_batch(prefixes[: len(rows)]))
-        logits = runner.forward(rows, [len(p) for p in prefixes[: len(rows)]], nodes)
+        verifier = runner(3)
+        verifier.forward(rows, [0] * len(rows), chain_batch(prefixes[: len(rows)]), prompt=True)
+        logits = verifier.forward(rows, [len(p) for p in prefixes[: len(rows)]], nodes)
         for row, tree in enumerate(trees):
             parents = tree.parents.tolist()
             for node in range(tree.size):
@@ -361,7 +372,7 @@ def test_auto_dtype(monkeypatch):
 def kernel_views(device: str, dtype: torch.dtype, prefix: int, seed: int) -> list[torch.Tensor]:
     """The tree-attention kernel's output for one query (the root over ``prefix`` committed slots):
     alone, as the root of a tree, and beside requests with longer prefixes and larger trees."""
-    from specinfer.kernels import tree_attention
+    from specinfer.kernels.tree_attention import tree_attention
     from specinfer.runner import layout
 
     g = torch.Generator().manual_seed(seed)

@@ -25,10 +25,16 @@ PROMPTS = prompts(8, seed=43)
 PARAMS = [SamplingParams(max_tokens=10 + (i * 5) % 13, ignore_eos=True) for i in range(len(PROMPTS))]
 
 
-def hidden_along(model: Transformer, tokens: list[int]) -> torch.Tensor:
-    """The LLM's final hidden states at every position of ``tokens`` (one causal forward)."""
+def hidden_along(model: Transformer, tokens: list[int], prompt: int | None = None) -> torch.Tensor:
+    """The LLM's final hidden states at every position of ``tokens`` (one causal forward); with
+    ``prompt``, its first ``prompt`` tokens in the prompt's role and the rest as generated ones (a
+    chain: incremental decoding's bits), as the engine computes them."""
     runner = ModelRunner(model, 1, len(tokens) + 2, "sdpa", True)
-    return runner.forward([0], [0], chain_batch([tokens]), hidden=True)[1][0]
+    if prompt is None:
+        return runner.forward([0], [0], chain_batch([tokens]), hidden=True, prompt=True)[1][0]
+    first = runner.forward([0], [0], chain_batch([tokens[:prompt]]), hidden=True, prompt=True)[1][0]
+    rest = runner.forward([0], [prompt], chain_batch([tokens[prompt:]]), hidden=True)[1][0]
+    return torch.cat([first, rest])
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +151,7 @@ def check_states(models, head_folder) -> tuple[int, int, int]:
         engine.step()
         for seq in engine.scheduler.running:
             if not seq.finished:
-                expected = hidden_along(engine.llm.model, seq.tokens)[len(seq.tokens) - 2]
+                expected = hidden_along(engine.llm.model, seq.tokens, len(seq.prompt))[len(seq.tokens) - 2]
                 checks += 1
                 matches += torch.equal(engine.head.hidden[seq.row], expected)
                 after_acceptance += seq.accepted_draft_tokens > before[id(seq)]

@@ -102,7 +102,7 @@ def nodes_and_paths(device: str, dtype: torch.dtype, heads: tuple[int, int, int]
     """For every node of random trees over prefixes that end inside and at the edge of a key block: its
     kernel output in the tree's forward, and the output for its path committed (the ancestors' K/V
     moved right after the prefix, as ``commit`` does) and its token decoded alone."""
-    from specinfer.kernels import tree_attention
+    from specinfer.kernels.tree_attention import tree_attention
 
     g = torch.Generator().manual_seed(seed)
     n_heads, kv_heads, dim = heads

@@ -316,7 +316,8 @@ class SpecInferEngine:
         The SSMs see it only when they first draft for the request (``draft.catch_up``)."""
         rows, chunks = [s.row for s in seqs], chain_batch([s.prompt for s in seqs])
         last = torch.tensor([len(s.prompt) - 1 for s in seqs])
-        logits = self.llm.forward(rows, [0] * len(seqs), chunks, output_index=last, priced=False, hidden=self.head is not None)
+        logits = self.llm.forward(rows, [0] * len(seqs), chunks, output_index=last, priced=False, hidden=self.head is not None,
+                                  prompt=True)
         if self.head is not None:
             logits, hidden = logits
             self.head.remember(rows, hidden)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.path_attention import available
 from .model.attention import MASKS, Visibility
 from .model.batch_invariance import KEY_BLOCK, round_up
 from .cost_model import FixedCosts, ForwardCosts
@@ -51,21 +52,21 @@ def branches(nodes: NodeBatch) -> bool:
 
 
 def layout(lengths: torch.Tensor, nodes: NodeBatch, attention: str,
-           invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, Visibility]:
+           invariant: bool = False, paths: bool = False) -> tuple[torch.Tensor, torch.Tensor, Visibility]:
     """Positions, cache slots and visibility for ``nodes`` over prefixes of ``lengths [B]``.
 
     Node ``i`` of row ``b`` lives in slot ``lengths[b] + i`` at position ``lengths[b] + depth``;
     it sees the committed slots ``[0, lengths[b])`` and the region slots its ``attend`` row names,
     in the form the ``attention`` backend reads. Padding writes to the slot just past the region,
     which no real node uses. ``invariant``: the batch-invariant form of the attention
-    (``batch_invariance.py``).
+    (``batch_invariance.py``); ``paths``: its CPU kernel's (``kernels/path_attention.py``).
     """
     b, t, n = nodes.attend.shape
     scratch = (lengths + n)[:, None].expand(b, t)
     slots = torch.where(nodes.valid, lengths[:, None] + nodes.node_ids, scratch)
     positions = lengths[:, None] + nodes.depths
     region = nodes.attend & nodes.valid[:, :, None]
-    return positions, slots, MASKS[attention].build(lengths, region, nodes.valid, invariant)
+    return positions, slots, MASKS[attention].build(lengths, region, nodes.valid, invariant, paths)
 
 
 class ModelRunner:
@@ -84,15 +85,20 @@ class ModelRunner:
         self.packs = isinstance(model, Transformer)
         self.cache = model.new_cache(rows, round_up(slots, KEY_BLOCK) if batch_invariant else slots)
         self.device = self.cache.batch_index.device  # the model's (a compiled one has no torch weights)
+        layer = self.cache.k[0]
+        # generated tokens attend through the CPU kernel; prompts keep the GEMMs (``path_attention.py``)
+        self.paths = self.invariant and attention == "sdpa" and available(layer.dtype, layer.shape[-1], self.device)
         self.seconds = 0.0  # wall time spent in forwards, for the overhead figure of benchmarks
         self.costs: ForwardCosts | FixedCosts = ForwardCosts()  # what forwards cost here, by rows and tokens fed
 
     def forward(
         self, rows: list[int], lengths: list[int], nodes: NodeBatch, output_index: torch.Tensor | None = None,
-        priced: bool = True, hidden: bool = False,
+        priced: bool = True, hidden: bool = False, prompt: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits at every fed node (``[B, T, V]``), or at ``output_index [B]`` only (``[B, V]``);
         ``hidden``: and the LLM's final hidden states there (an eager ``Transformer`` only).
+        ``prompt``: the tokens are known text (prompts, catch-up), not generated ones: a role that
+        picks the batch-invariant attention's form, so that a token's bits never depend on its batch.
         ``priced``: a forward of the kinds adaptive trees price (decoding, verifying, drafting), whose
         time teaches the cost curve; prompts are not (one row of many tokens costs unlike many rows
         of a few, at the same count)."""
@@ -100,7 +106,7 @@ class ModelRunner:
         width = int(lens.max()) + nodes.attend.shape[-1] + 1  # the region and the padding's scratch slot
         if width > self.cache.slots:
             raise ValueError(f"batch needs {width} cache slots, the cache has {self.cache.slots}")
-        positions, slots, visibility = layout(lens, nodes, self.attention, self.invariant)
+        positions, slots, visibility = layout(lens, nodes, self.attention, self.invariant, self.paths and not prompt)
         dev = self.device
         start = time.perf_counter()
         inputs = (nodes.tokens.to(dev), positions.to(dev), self.cache, self.cache.rows_index(rows, dev),

@@ -1,4 +1,3 @@
-"""Custom kernels in OpenAI Triton (imported only when selected: ``attention="triton"``)."""
-from .tree_attention import tree_attention
-
-__all__ = ["tree_attention"]
+"""Custom kernels: ``tree_attention``, the tree-attention kernel in OpenAI Triton (imported only when
+selected: ``attention="triton"``), and ``path_attention``, the CPU's batch-invariant attention of
+generated tokens (C++, compiled on first use)."""

@@ -5,7 +5,9 @@ Both forms say the same thing: node ``t`` of request ``b`` sees the committed sl
 built once per forward (``runner.layout``) and read by every layer:
 
 - ``DenseMask`` (``attention="sdpa"``): a ``[B, T, S]`` boolean mask over the first ``S`` slots,
-  for ``torch.nn.functional.scaled_dot_product_attention``;
+  for ``torch.nn.functional.scaled_dot_product_attention``; batch-invariant, each query's keys in
+  incremental decoding's order instead: for ``batch_invariance.attention`` (prompts, and every token
+  off the CPU or without a compiler) or for the CPU kernel ``path_attention`` (generated tokens);
 - ``PackedTreeMask`` (``attention="triton"``): prefix lengths plus TensorRT-LLM's packed region bits
   (``ceil(N/32)`` int32 words per node), for the tree-attention kernel, which reads the prefix
   length on the device and never materialises a mask over the prefix.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels.path_attention import path_attention, path_keys
 from .batch_invariance import KEY_BLOCK, SplitKeys, VirtualKeys, attention, round_up
 from .kv_cache import KVCache, Rows
 
@@ -38,14 +41,15 @@ class DenseMask:
     keys: VirtualKeys | SplitKeys | None = None  # batch-invariant attention (``batch_invariance.attention``) instead of SDPA
     source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the keys' (lengths, region, valid), on
     # the host: what tensor-parallel workers rebuild them from
+    paths: tuple[torch.Tensor, ...] | None = None  # each query's keys for ``path_attention`` instead of ``keys``
 
     @classmethod
     def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor,
-              invariant: bool = False) -> "DenseMask":
+              invariant: bool = False, paths: bool = False) -> "DenseMask":
         """Padding (``valid`` false) sees only the slot just past the region, which no real node uses.
 
         ``invariant``: the key width is a multiple of ``KEY_BLOCK``, as the batch-invariant attention
-        needs."""
+        needs; ``paths`` (with it): generated tokens on the CPU, for the ``path_attention`` kernel."""
         b, t, n = region.shape
         width = round_up(int(lengths.max()) + n + 1, KEY_BLOCK if invariant else 1)
         mask = (torch.arange(width) < lengths[:, None])[:, None, :].expand(b, t, width).clone()
@@ -55,13 +59,19 @@ class DenseMask:
         mask[torch.arange(b)[:, None], torch.arange(t)[None, :], (lengths + n)[:, None]] |= ~valid
         if not invariant:
             return cls(mask)
+        if paths:
+            return cls(mask, None, (lengths, region, valid), path_keys(lengths, region, valid))
         return cls(mask, SplitKeys.build(lengths, region, width), (lengths, region, valid))
 
     def to(self, device: torch.device) -> "DenseMask":
-        return DenseMask(self.mask.to(device), None if self.keys is None else self.keys.to(device), self.source)
+        return DenseMask(self.mask.to(device), None if self.keys is None else self.keys.to(device), self.source,
+                         self.paths)  # the kernel's keys stay on the host, where it runs
 
     def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: Rows) -> torch.Tensor:
         """``[B, T, H, D]`` attention output of ``q [B, T, H, D]``."""
+        if self.paths is not None:
+            index = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+            return path_attention(q, cache.k[layer], cache.v[layer], index, self.paths)
         keys, values = cache.read(layer, rows, self.mask.shape[-1])
         if self.keys is not None:
             return attention(q, keys, values, self.keys)
@@ -81,11 +91,11 @@ class PackedTreeMask:
 
     @classmethod
     def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor,
-              invariant: bool = False) -> "PackedTreeMask":
-        """Padding sees no region slot (``region`` is false there); its output is never read. The
+              invariant: bool = False, paths: bool = False) -> "PackedTreeMask":
+        """``paths``: unused (the CPU kernel's form). Padding sees no region slot (``region`` is false there); its output is never read. The
         kernel blocks keys from each row's own start, so it needs no padding to be batch-invariant;
         its invariant form takes regions past ``PATH_REGION`` slots only as chains (prompts)."""
-        del valid
+        del valid, paths
         from ..kernels.tree_attention import PATH_REGION  # triton is imported only where this backend is chosen
 
         if invariant and region.shape[-1] > PATH_REGION and not bool((region[..., 1:] <= region[..., :-1]).all()):
@@ -97,7 +107,7 @@ class PackedTreeMask:
         return PackedTreeMask(self.lengths.to(device), self.bits.to(device), self.region, self.invariant)
 
     def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: Rows) -> torch.Tensor:
-        from ..kernels import tree_attention  # triton is imported only where this backend is chosen
+        from ..kernels.tree_attention import tree_attention  # triton is imported only where this backend is chosen
 
         if isinstance(rows, slice):
             rows = torch.arange(rows.start, rows.stop, device=q.device)

@@ -76,7 +76,7 @@ def forward_command(
         scalars = [1, 0, 0]
         tensors.append(rows)
     if isinstance(visibility, DenseMask) and visibility.source is not None:  # batch-invariant: the workers too
-        scalars += [2, 0]
+        scalars += [2 if visibility.paths is None else 4, 0]
         tensors += list(visibility.source)
     elif isinstance(visibility, DenseMask):
         scalars += [0, 0]
@@ -99,9 +99,9 @@ def forward_inputs(cmd: Command, device: torch.device) -> tuple:
     rows = slice(start, stop) if rows_kind == 0 else rest.pop(0)
     if vis_kind == 0:
         visibility: Visibility = DenseMask(rest.pop(0))
-    elif vis_kind == 2:  # the leader's invariant keys, rebuilt on the host as the leader built them
+    elif vis_kind in (2, 4):  # the leader's invariant keys (4: the CPU kernel's), rebuilt on the host as it built them
         lengths, region, valid = (rest.pop(0).cpu() for _ in range(3))
-        visibility = DenseMask.build(lengths, region, valid, invariant=True).to(device)
+        visibility = DenseMask.build(lengths, region, valid, invariant=True, paths=vis_kind == 4).to(device)
     else:  # 1, or 3: the kernel's batch-invariant form
         visibility = PackedTreeMask(rest.pop(0), rest.pop(0), region, vis_kind == 3)
     output_index = rest.pop(0) if has_index else None
