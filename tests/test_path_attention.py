@@ -119,3 +119,26 @@ def test_prompts_take_the_gemms_and_generated_tokens_the_kernel(models, monkeypa
     assert calls == {"gemm": layers, "kernel": 0}
     runner.forward([0, 1], [3, 2], chain_batch([[1, 2], [3]]))
     assert calls == {"gemm": layers, "kernel": layers}
+
+
+def test_without_a_compiler_every_token_takes_the_gemm_form(models, monkeypatch):
+    """No compiler (or ``SPECINFER_PATH_ATTENTION=0``): a warning, and runners attend through
+    ``batch_invariance.attention`` as before; the kernel comes back once a compiler is found."""
+    from specinfer.kernels import path_attention as kernel
+    from specinfer.model import Transformer
+
+    model = Transformer.from_pretrained(models["llm"], dtype=torch.bfloat16)
+    monkeypatch.setattr(kernel.shutil, "which", lambda name: None)
+    kernel.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+            assert kernel.library() is None
+        assert not ModelRunner(model, 1, 64).paths
+        monkeypatch.undo()
+        monkeypatch.setenv("SPECINFER_PATH_ATTENTION", "0")
+        kernel.library.cache_clear()
+        assert not ModelRunner(model, 1, 64).paths
+        monkeypatch.undo()
+    finally:
+        kernel.library.cache_clear()
+    assert ModelRunner(model, 1, 64).paths

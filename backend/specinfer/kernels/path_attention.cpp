@@ -108,6 +108,25 @@ static inline v16 dot16(const v16* q, const v16* k) {
          + __builtin_shufflevector(e[0], e[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
 
+// The first ``full`` keys' values weighted by M queries' rows of ``w`` (``width`` apart), added to
+// ``acc``: key by key, each query's sum in key order; the M x ND sums stay in registers.
+template <int ND, int M>
+static inline void weigh(const void* v, int bf16, int64_t base, int64_t slot_stride, int64_t full, const float* w,
+                         int64_t width, v16 (*acc)[ND]) {
+    v16 sum[M][ND], row[ND];
+    for (int i = 0; i < M; i++)
+        for (int c = 0; c < ND; c++) sum[i][c] = acc[i][c];
+    for (int64_t x = 0; x < full; x++) {
+        load_row<ND>(v, bf16, base + x * slot_stride, row);
+        for (int i = 0; i < M; i++) {
+            const v16 weight = splat(w[i * width + x]);
+            for (int c = 0; c < ND; c++) sum[i][c] = fma16(weight, row[c], sum[i][c]);
+        }
+    }
+    for (int i = 0; i < M; i++)
+        for (int c = 0; c < ND; c++) acc[i][c] = sum[i][c];
+}
+
 struct Args {
     const float* q; const void* k; const void* v; int bf16;
     const int64_t *rows, *prefix, *npath, *path;
@@ -187,14 +206,15 @@ static int attend_one(const Args& a, int64_t b, int64_t h) {
         const int64_t m = T - t0 < GROUP ? T - t0 : GROUP;
         bool together = true;
         for (int64_t i = 0; i < m; i++) together &= from(t0 + i) == full;
-        if (together)
-            for (int64_t x = 0; x < full; x++) {
-                load_row<ND>(a.v, a.bf16, base + x * slot_stride, row);
-                for (int64_t i = 0; i < m; i++) {
-                    const v16 w = splat(s[(t0 + i) * width + x]);
-                    for (int c = 0; c < ND; c++) acc[i][c] = fma16(w, row[c], acc[i][c]);
-                }
+        if (together) {
+            const float* w = s + t0 * width;
+            switch (m) {
+                case 1: weigh<ND, 1>(a.v, a.bf16, base, slot_stride, full, w, width, acc); break;
+                case 2: weigh<ND, 2>(a.v, a.bf16, base, slot_stride, full, w, width, acc); break;
+                case 3: weigh<ND, 3>(a.v, a.bf16, base, slot_stride, full, w, width, acc); break;
+                default: weigh<ND, GROUP>(a.v, a.bf16, base, slot_stride, full, w, width, acc);
             }
+        }
         for (int64_t i = 0; i < m; i++) {
             const int64_t t = t0 + i, n = prefix[t] + npath[t];
             for (int64_t x = together ? full : 0; x < n; x++) {
