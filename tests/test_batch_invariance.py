@@ -170,7 +170,7 @@ def test_skipping_padding_changes_no_real_token(wide, dtype):
     for packs in (True, False):
         runner = ModelRunner(model, 3, 200, "sdpa")
         runner.packs = packs
-        prompt = runner.forward([0, 1, 2], [0, 0, 0], chain_batch(chunks), output_index=torch.tensor([2, 39, 16]))
+        prompt = runner.forward([0, 1, 2], [0, 0, 0], chain_batch(chunks), output_index=torch.tensor([2, 39, 16]), prompt=True)
         logits = runner.forward([0, 1, 2], [3, 40, 17], nodes)
         results.append((prompt, logits, runner.cache))
     (prompt, logits, cache), (padded_prompt, padded, padded_cache) = results

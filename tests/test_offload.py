@@ -42,7 +42,7 @@ def reference(models) -> list[list[int]]:
 def streamed_forward(model: Transformer, chunks: list[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits of a prefill of ``chunks`` and every layer's K cache."""
     runner = ModelRunner(model, len(chunks), 64)
-    logits = runner.forward(list(range(len(chunks))), [0] * len(chunks), chain_batch(chunks))
+    logits = runner.forward(list(range(len(chunks))), [0] * len(chunks), chain_batch(chunks), prompt=True)
     return logits, runner.cache.k
 
 

@@ -57,8 +57,8 @@ def test_two_ranks_give_the_logits_of_one(tmp_path, variant, attention):
         rows = [4, 0, 2]  # scattered rows: an index tensor; [1, 2] below: a slice
         prefixes = [torch.randint(3, 90, (n,), generator=g).tolist() for n in (1, 17, 40)]
         last = torch.tensor([len(p) - 1 for p in prefixes])
-        same_on_both(one, two, rows, [0, 0, 0], chain_batch(prefixes))
-        same_on_both(one, two, [1, 2], [0, 0], chain_batch(prefixes[:2]), output_index=last[:2])
+        same_on_both(one, two, rows, [0, 0, 0], chain_batch(prefixes), prompt=True)
+        same_on_both(one, two, [1, 2], [0, 0], chain_batch(prefixes[:2]), output_index=last[:2], prompt=True)
         trees = [random_tree(n, g) for n in (12, 1, 7)]
         batch = pad_trees(trees)
         b, n = batch.tokens.shape
@@ -93,7 +93,7 @@ def test_two_ranks_give_a_token_the_same_logits_alone_and_in_a_tree(tmp_path, dt
         for shape in ("alone", "tree", "beside"):
             runner = ModelRunner(tp, rows=2, slots=512)
             chunks = [prefix] + ([other] if shape == "beside" else [])
-            runner.forward(list(range(len(chunks))), [0] * len(chunks), chain_batch(chunks))
+            runner.forward(list(range(len(chunks))), [0] * len(chunks), chain_batch(chunks), prompt=True)
             if shape == "tree":
                 tree = random_tree(13, g)
                 tree.tokens[0] = 11

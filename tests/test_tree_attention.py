@@ -30,7 +30,7 @@ def test_tree_logits_equal_incremental_decoding_of_each_path(models):
     runner = ModelRunner(Transformer.from_pretrained(models["llm"]), rows=6, slots=128)
     rows = [4, 0, 2, 5]  # rows need not be contiguous or ordered
     prefixes = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 9, 23, 40)]
-    runner.forward(rows, [0] * 4, chain_batch(prefixes))
+    runner.forward(rows, [0] * 4, chain_batch(prefixes), prompt=True)
     trees = [random_tree(n, g) for n in (30, 1, 12, 21)]
     batch = pad_trees(trees)
     b, n = batch.tokens.shape

@@ -38,7 +38,7 @@ def catch_up(runner: ModelRunner, seqs: list[Sequence], ssm: int) -> torch.Tenso
     for group in fitting_groups(starts, [len(c) for c in chunks], runner.cache.slots):
         logits = runner.forward(
             [seqs[i].row for i in group], [starts[i] for i in group], chain_batch([chunks[i] for i in group]),
-            output_index=torch.tensor([len(chunks[i]) - 1 for i in group]), prompt=True,
+            output_index=torch.tensor([len(chunks[i]) - 1 for i in group]),
         )
         parts.append((group, logits))
     for s in seqs:

@@ -20,6 +20,7 @@
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
 typedef uint16_t h16 __attribute__((vector_size(32)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
@@ -78,7 +79,7 @@ static inline void load_row(const void* base, int bf16, int64_t at, v16* out) {
         for (int c = 0; c < ND; c++) {
             h16 h;
             memcpy(&h, p + 16 * c, sizeof h);
-            out[c] = (v16)(__builtin_convertvector(h, i16) << 16);
+            out[c] = (v16)(__builtin_convertvector(h, u16) << 16);  // bfloat16 bits: float32's upper half
         }
     } else {
         memcpy(out, (const float*)base + at, sizeof(v16) * ND);

@@ -92,9 +92,10 @@ class PackedTreeMask:
     @classmethod
     def build(cls, lengths: torch.Tensor, region: torch.Tensor, valid: torch.Tensor,
               invariant: bool = False, paths: bool = False) -> "PackedTreeMask":
-        """``paths``: unused (the CPU kernel's form). Padding sees no region slot (``region`` is false there); its output is never read. The
+        """Padding sees no region slot (``region`` is false there); its output is never read. The
         kernel blocks keys from each row's own start, so it needs no padding to be batch-invariant;
-        its invariant form takes regions past ``PATH_REGION`` slots only as chains (prompts)."""
+        its invariant form takes regions past ``PATH_REGION`` slots only as chains (prompts).
+        ``paths`` (the CPU kernel's form) does not apply."""
         del valid, paths
         from ..kernels.tree_attention import PATH_REGION  # triton is imported only where this backend is chosen
 
