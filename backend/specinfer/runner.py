@@ -97,8 +97,8 @@ class ModelRunner:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits at every fed node (``[B, T, V]``), or at ``output_index [B]`` only (``[B, V]``);
         ``hidden``: and the LLM's final hidden states there (an eager ``Transformer`` only).
-        ``prompt``: the tokens are known text (prompts, catch-up), not generated ones: a role that
-        picks the batch-invariant attention's form, so that a token's bits never depend on its batch.
+        ``prompt``: the tokens are a prompt (the LLM's prefill), not generated ones: a role that picks
+        the batch-invariant attention's form, so that a token's bits never depend on its batch.
         ``priced``: a forward of the kinds adaptive trees price (decoding, verifying, drafting), whose
         time teaches the cost curve; prompts are not (one row of many tokens costs unlike many rows
         of a few, at the same count)."""

@@ -37,7 +37,7 @@ def packed_mask(anc: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DenseMask:
-    mask: torch.Tensor  # [B, T, S] bool
+    mask: torch.Tensor | None  # [B, T, S] bool; None in the kernel's form, which reads ``paths`` instead
     keys: VirtualKeys | SplitKeys | None = None  # batch-invariant attention (``batch_invariance.attention``) instead of SDPA
     source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the keys' (lengths, region, valid), on
     # the host: what tensor-parallel workers rebuild them from
@@ -49,7 +49,10 @@ class DenseMask:
         """Padding (``valid`` false) sees only the slot just past the region, which no real node uses.
 
         ``invariant``: the key width is a multiple of ``KEY_BLOCK``, as the batch-invariant attention
-        needs; ``paths`` (with it): generated tokens on the CPU, for the ``path_attention`` kernel."""
+        needs; ``paths`` (with it): generated tokens on the CPU, for the ``path_attention`` kernel,
+        which reads each query's keys and no mask."""
+        if invariant and paths:
+            return cls(None, None, (lengths, region, valid), path_keys(lengths, region, valid))
         b, t, n = region.shape
         width = round_up(int(lengths.max()) + n + 1, KEY_BLOCK if invariant else 1)
         mask = (torch.arange(width) < lengths[:, None])[:, None, :].expand(b, t, width).clone()
@@ -59,12 +62,11 @@ class DenseMask:
         mask[torch.arange(b)[:, None], torch.arange(t)[None, :], (lengths + n)[:, None]] |= ~valid
         if not invariant:
             return cls(mask)
-        if paths:
-            return cls(mask, None, (lengths, region, valid), path_keys(lengths, region, valid))
         return cls(mask, SplitKeys.build(lengths, region, width), (lengths, region, valid))
 
     def to(self, device: torch.device) -> "DenseMask":
-        return DenseMask(self.mask.to(device), None if self.keys is None else self.keys.to(device), self.source,
+        return DenseMask(None if self.mask is None else self.mask.to(device),
+                         None if self.keys is None else self.keys.to(device), self.source,
                          self.paths)  # the kernel's keys stay on the host, where it runs
 
     def attend(self, q: torch.Tensor, cache: KVCache, layer: int, rows: Rows) -> torch.Tensor:
