@@ -102,29 +102,31 @@ def test_matches_float64_attention(dtype):
 
 
 def test_prompts_take_the_gemms_and_generated_tokens_the_kernel(models, monkeypatch):
-    """The role picks the form: a prompt's chunk goes through ``batch_invariance.attention``, a tree
-    through the kernel, so a token's arithmetic never depends on what shares its forward."""
-    from specinfer.model import Transformer, attention as dense
+    """The role picks the form: a prompt's chunk goes through ``batch_invariance.attention`` and the
+    linear layers' GEMMs, a tree through the kernels (``path_attention``, ``rows_linear`` for every
+    linear layer and the LM head), so a token's arithmetic never depends on what shares its forward."""
+    from specinfer.model import Transformer, attention as dense, transformer
 
-    calls = {"gemm": 0, "kernel": 0}
-    gemm, kernel = dense.attention, dense.path_attention
+    calls = {"gemm": 0, "kernel": 0, "linear": 0}
+    gemm, kernel, linear = dense.attention, dense.path_attention, transformer.rows_linear
     monkeypatch.setattr(dense, "attention", lambda *a: calls.__setitem__("gemm", calls["gemm"] + 1) or gemm(*a))
     monkeypatch.setattr(dense, "path_attention", lambda *a: calls.__setitem__("kernel", calls["kernel"] + 1) or kernel(*a))
+    monkeypatch.setattr(transformer, "rows_linear", lambda *a: calls.__setitem__("linear", calls["linear"] + 1) or linear(*a))
     model = Transformer.from_pretrained(models["llm"], dtype=torch.bfloat16)
     runner = ModelRunner(model, 2, 256)
     assert runner.paths
     runner.forward([0, 1], [0, 0], chain_batch([[5, 6, 7], [8, 9]]), prompt=True)
     layers = len(runner.cache.k)
-    assert calls == {"gemm": layers, "kernel": 0}
+    assert calls == {"gemm": layers, "kernel": 0, "linear": 0}
     runner.forward([0, 1], [3, 2], chain_batch([[1, 2], [3]]))
-    assert calls == {"gemm": layers, "kernel": layers}
+    assert calls == {"gemm": layers, "kernel": layers, "linear": 4 * layers + 1}  # qkv, o, gate-up, down; head
 
 
 def test_without_a_compiler_every_token_takes_the_gemm_form(models, monkeypatch):
     """No compiler: a warning, and runners attend through ``batch_invariance.attention`` as before; so
-    with ``SPECINFER_PATH_ATTENTION=0`` (silently) and with an unwritable cache (a warning); the kernel
-    comes back once it can be built."""
-    from specinfer.kernels import path_attention as kernel
+    with ``SPECINFER_CPU_KERNELS=0`` (silently) and with an unwritable cache (a warning); the kernels
+    come back once they can be built."""
+    from specinfer.kernels import cpu_library as kernel
     from specinfer.model import Transformer
 
     model = Transformer.from_pretrained(models["llm"], dtype=torch.bfloat16)
@@ -135,13 +137,13 @@ def test_without_a_compiler_every_token_takes_the_gemm_form(models, monkeypatch)
             assert kernel.library() is None
         assert not ModelRunner(model, 1, 64).paths
         monkeypatch.undo()
-        monkeypatch.setenv("SPECINFER_PATH_ATTENTION", "0")
+        monkeypatch.setenv("SPECINFER_CPU_KERNELS", "0")
         kernel.library.cache_clear()
         assert not ModelRunner(model, 1, 64).paths
-        monkeypatch.setenv("SPECINFER_PATH_ATTENTION", "1")
+        monkeypatch.setenv("SPECINFER_CPU_KERNELS", "1")
         monkeypatch.setenv("SPECINFER_CACHE", "/proc/specinfer-cannot-write-here")
         kernel.library.cache_clear()
-        with pytest.warns(UserWarning, match="building path_attention.cpp failed"):
+        with pytest.warns(UserWarning, match="building the CPU kernels failed"):
             assert not ModelRunner(model, 1, 64).paths
         monkeypatch.undo()
     finally:

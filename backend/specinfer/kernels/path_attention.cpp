@@ -10,41 +10,7 @@
 // row that share a prefix share its K/V loads, which changes no query's arithmetic.
 //
 // Built with -ffp-contract=off: an FMA happens only where fma16 asks for one, everywhere alike.
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-
-#if defined(__AVX512F__) || defined(__FMA__)
-#include <immintrin.h>
-#endif
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-typedef uint32_t u16 __attribute__((vector_size(64)));
-typedef uint16_t h16 __attribute__((vector_size(32)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-static inline v16 fma16(v16 a, v16 b, v16 c) {
-#if defined(__AVX512F__)
-    return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-    union { v16 v; __m256 h[2]; } x{a}, y{b}, z{c}, r;
-    r.h[0] = _mm256_fmadd_ps(x.h[0], y.h[0], z.h[0]);
-    r.h[1] = _mm256_fmadd_ps(x.h[1], y.h[1], z.h[1]);
-    return r.v;
-#else
-    return a * b + c;
-#endif
-}
-
-static inline v16 splat(float x) { return v16{} + x; }
-
-static inline float hsum(v16 x) {
-    v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
+#include "cpu_vectors.h"
 
 static inline float hmax(v16 x) {
     float m = x[0];
@@ -76,11 +42,7 @@ template <int ND>
 static inline void load_row(const void* base, int bf16, int64_t at, v16* out) {
     if (bf16) {
         const uint16_t* p = (const uint16_t*)base + at;
-        for (int c = 0; c < ND; c++) {
-            h16 h;
-            memcpy(&h, p + 16 * c, sizeof h);
-            out[c] = (v16)(__builtin_convertvector(h, u16) << 16);  // bfloat16 bits: float32's upper half
-        }
+        for (int c = 0; c < ND; c++) out[c] = widen16(p + 16 * c);
     } else {
         memcpy(out, (const float*)base + at, sizeof(v16) * ND);
     }

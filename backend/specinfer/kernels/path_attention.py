@@ -8,78 +8,17 @@ arithmetic is its own (not the GEMMs'), so a token must take one of the two path
 prompts go through ``batch_invariance.attention`` (GEMMs pay over hundreds of queries), generated
 tokens through this kernel, in speculation and in incremental decoding alike.
 
-Compiled with the machine's C++ compiler (GCC 12 or newer, or Clang: vector shuffles) on first use
-(``-march=native``; about a second) into ``$SPECINFER_CACHE`` (default ``~/.cache/specinfer``), keyed
-by the source, the flags and the CPU's feature flags. Without a compiler, or where building or loading
-fails, every token takes ``batch_invariance.attention``, as before, and a warning says why;
-``SPECINFER_PATH_ATTENTION=0`` does the same on purpose, silently (A/B measurements).
+Built with ``rows_linear.cpp`` into one library (``cpu_library.py``): where it cannot be built, every
+token takes ``batch_invariance.attention``.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import warnings
-from functools import lru_cache
-from pathlib import Path
-
 import torch
 
-SOURCE = Path(__file__).with_name("path_attention.cpp")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
+from .cpu_library import library
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128)  # the head widths the kernel is built for
-
-
-def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-@lru_cache(maxsize=1)
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or ``None``: disabled, or no compiler, or building or loading it failed
-    (a warning says which)."""
-    if os.environ.get("SPECINFER_PATH_ATTENTION", "1") == "0":
-        return None
-    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if compiler is None:
-        warnings.warn("no C++ compiler: generated tokens take the slower batch-invariant GEMM attention")
-        return None
-    try:
-        return build(compiler)
-    except (OSError, RuntimeError) as exc:  # an unwritable cache, a noexec mount, a compiler that fails
-        warnings.warn(f"building {SOURCE.name} failed, generated tokens take the slower batch-invariant GEMM "
-                      f"attention: {exc}")
-        return None
-
-
-def build(compiler: str) -> ctypes.CDLL:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, cpu_flags()]).encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("SPECINFER_CACHE", Path.home() / ".cache" / "specinfer"))
-    target = folder / f"path_attention-{key}.so"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:  # another process may build the same file
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"{compiler} exited with {result.returncode}:\n{result.stderr[-2000:]}")
-            os.replace(built, target)
-    lib = ctypes.CDLL(str(target))
-    lib.path_attention.restype = ctypes.c_int
-    lib.path_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 5 \
-        + [ctypes.c_int64] * 7 + [ctypes.c_float]
-    return lib
 
 
 def available(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:

@@ -64,6 +64,11 @@ class DenseMask:
             return cls(mask)
         return cls(mask, SplitKeys.build(lengths, region, width), (lengths, region, valid))
 
+    @property
+    def cpu_kernels(self) -> bool:
+        """Generated tokens on the CPU: ``path_attention`` and ``rows_linear`` compute them, not the GEMMs."""
+        return self.paths is not None
+
     def to(self, device: torch.device) -> "DenseMask":
         return DenseMask(None if self.mask is None else self.mask.to(device),
                          None if self.keys is None else self.keys.to(device), self.source,
@@ -105,6 +110,8 @@ class PackedTreeMask:
             raise ValueError(f"a tree region of {region.shape[-1]} slots: the batch-invariant kernel finds "
                              f"ancestors in up to {PATH_REGION} (longer regions must be chains)")
         return cls(lengths.to(torch.int32), packed_mask(region), region.shape[-1], invariant)
+
+    cpu_kernels = False  # a device backend: the GEMMs compute every token
 
     def to(self, device: torch.device) -> "PackedTreeMask":
         return PackedTreeMask(self.lengths.to(device), self.bits.to(device), self.region, self.invariant)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.rows_linear import fits, rows_linear
 from .attention import Visibility
 from .batch_invariance import DEVICE_ROWS, in_pieces, padded_rows, row_limit
 from .checkpoint import ModelArgs, read_checkpoint
@@ -54,13 +55,17 @@ class Linear(nn.Linear):
 
     invariant = True  # Transformer.batch_invariant switches a model's layers off (to measure the cost, to trace)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(x, self.bias)
+    def forward(self, x: torch.Tensor, generated: bool = False) -> torch.Tensor:
+        return self.project(x, self.bias, generated)
 
-    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None, generated: bool = False) -> torch.Tensor:
+        """``generated``: the rows are generated tokens on the CPU kernels' form (``Visibility.cpu_kernels``),
+        which ``rows_linear`` computes where it fits the layer."""
         rows = x.numel() // x.shape[-1]
         if not self.invariant or rows == 0:
             return F.linear(x, self.weight, bias)
+        if generated and fits(self.weight, bias):
+            return rows_linear(x, self.weight, bias)
         device = x.device
         most = row_limit(self.out_features, self.in_features, x.dtype) if device.type == "cpu" else DEVICE_ROWS
         if rows <= most and padded_rows(rows, x.dtype, device) == rows:
@@ -142,7 +147,7 @@ class Attention(nn.Module):
         rows: Rows, slots: torch.Tensor, visibility: Visibility, packing: Packing,
     ) -> torch.Tensor:
         """``x``: ``[B, T, D]``, or ``[N, D]`` packed (``packing``), and so is the result."""
-        q, k, v = packing.unpack(self.qkv_proj(x)).split(self.split, dim=-1)
+        q, k, v = packing.unpack(self.qkv_proj(x, visibility.cpu_kernels)).split(self.split, dim=-1)
         b, t = q.shape[:2]
         q = q.view(b, t, self.heads, self.head_dim)
         k = k.view(b, t, self.kv_heads, self.head_dim)
@@ -151,7 +156,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         cache.write(self.layer, rows, slots, k, v)
         out = visibility.attend(q, cache, self.layer, rows)
-        return self.o_proj(packing.pack(out.reshape(b, t, -1)))
+        return self.o_proj(packing.pack(out.reshape(b, t, -1)), visibility.cpu_kernels)
 
 
 class MLP(nn.Module):
@@ -161,9 +166,9 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(h, 2 * i, bias=bias)  # gate and up fused (one matmul)
         self.down_proj = Linear(i, h, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, generated: bool = False) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, generated).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, generated)
 
 
 class DecoderLayer(nn.Module):
@@ -176,7 +181,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, cache, rows, slots, visibility, packing):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, slots, visibility, packing)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), visibility.cpu_kernels)
 
 
 class LlamaBody(nn.Module):
@@ -298,12 +303,12 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache, rows, slots, visibility, packing)
         if output_index is None:
             normed = self.model.norm(x)
-            logits = packing.unpack(self.lm_head(normed).float())
+            logits = packing.unpack(self.lm_head(normed, visibility.cpu_kernels).float())
             return (logits, packing.unpack(normed)) if hidden else logits
         if packing.index is None:
             batch = torch.arange(x.shape[0], device=x.device).view(-1, *[1] * (output_index.dim() - 1))
             normed = self.model.norm(x[batch, output_index])
         else:
             normed = self.model.norm(x[packing.position(output_index)])
-        logits = self.lm_head(normed).float()
+        logits = self.lm_head(normed, visibility.cpu_kernels).float()
         return (logits, normed) if hidden else logits

@@ -42,8 +42,8 @@ class RowParallelLinear(Linear):
         super().__init__(like.in_features, like.out_features, bias=like.bias is not None, device=like.weight.device)
         self.comm = comm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.comm.all_reduce(self.project(x, None))
+    def forward(self, x: torch.Tensor, generated: bool = False) -> torch.Tensor:
+        y = self.comm.all_reduce(self.project(x, None, generated))
         return y if self.bias is None else y + self.bias
 
 
@@ -68,8 +68,8 @@ class VocabParallelHead(Linear):
         super().__init__(like.in_features, like.out_features, bias=False, device=like.weight.device)
         self.comm, self.vocab = comm, vocab
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.gather_last_dim(self.project(x, None))[..., : self.vocab]
+    def forward(self, x: torch.Tensor, generated: bool = False) -> torch.Tensor:
+        return self.comm.gather_last_dim(self.project(x, None, generated))[..., : self.vocab]
 
 
 def parallelize(model: nn.Module, comm: Collectives, vocab: int) -> None:

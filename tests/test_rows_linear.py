@@ -1,0 +1,90 @@
+"""The CPU kernel for generated tokens' linear layers (``kernels/rows_linear``): a row's result is
+bit-identical whatever rows share its call (count, position, tile shapes), close to a float64
+reference, on the native build and on the portable one (no ``avx512_bf16``); the negative control
+(the same products summed in another order) is not bit-identical."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specinfer.kernels import cpu_library
+from specinfer.kernels.rows_linear import fits, rows_linear
+
+pytestmark = pytest.mark.skipif(cpu_library.library() is None, reason="no C++ compiler: generated tokens take the GEMMs")
+
+SHAPES = [(1, 32), (3, 64), (17, 576), (100, 96), (960, 576), (576, 1536), (4099, 576)]  # (out, in)
+
+
+def layer(out_features: int, in_features: int, seed: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out_features, in_features, generator=g) / in_features ** 0.5).bfloat16()
+    return w, (torch.randn(out_features, generator=g).bfloat16() if bias else None)
+
+
+def alone(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, linear=rows_linear) -> torch.Tensor:
+    return torch.cat([linear(row[None], w, b) for row in x])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_row_gets_its_bits_whatever_shares_the_call(shape, bias):
+    """Every row count from 1 to 37 (the memory-bound tiles up to 4 rows, the 4 x 4 tiles and their
+    remainders past it), rows in another order, against each row computed alone."""
+    w, b = layer(*shape, seed=shape[0], bias=bias)
+    x = torch.randn(37, shape[1], generator=torch.Generator().manual_seed(1)).bfloat16()
+    want = alone(x, w, b)
+    for m in range(2, 38):
+        assert torch.equal(rows_linear(x[:m], w, b), want[:m]), m
+    order = torch.randperm(37, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(rows_linear(x[order], w, b), want[order])
+    assert torch.equal(rows_linear(x.view(37, 1, -1), w, b), want.view(37, 1, -1))  # any leading shape
+    reference = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert torch.allclose(want.double(), reference, rtol=2 ** -7, atol=1e-3)  # bfloat16's rounding of the sum
+
+
+def test_the_negative_control_sums_in_another_order():
+    """The same products summed in another order (the input width permuted in both operands) round
+    apart somewhere: bit-equality above is a property of the kernel's order, not of the data (float32
+    sums in another order flip a bfloat16 result about 3 times in 100,000: ~15 expected here)."""
+    w, b = layer(8192, 576, seed=3, bias=False)
+    x = torch.randn(64, 576, generator=torch.Generator().manual_seed(4)).bfloat16()
+    perm = torch.randperm(576, generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(rows_linear(x, w, b), rows_linear(x[:, perm].contiguous(), w[:, perm].contiguous(), b))
+
+
+def test_the_portable_build_is_batch_invariant_too(tmp_path, monkeypatch):
+    """Built without ``avx512_bf16`` (two FMAs of widened halves per chunk): the same property, on
+    the same shapes, on a CPU that lacks the instruction."""
+    monkeypatch.setenv("SPECINFER_CACHE", str(tmp_path))
+    compiler = shutil.which("c++") or shutil.which("g++")
+    portable = cpu_library.build(compiler, ("-mno-avx512bf16",))
+
+    def linear(x, w, b):
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+        assert portable.rows_linear(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(),
+                                    x.shape[0], x.shape[1], w.shape[0]) == 0
+        return out
+
+    for shape in SHAPES[2:5]:
+        w, b = layer(*shape, seed=6, bias=True)
+        x = torch.randn(13, shape[1], generator=torch.Generator().manual_seed(7)).bfloat16()
+        want = alone(x, w, b, linear)
+        for m in (2, 4, 5, 9, 13):
+            assert torch.equal(linear(x[:m].contiguous(), w, b), want[:m]), (shape, m)
+        reference = F.linear(x.double(), w.double(), b.double())
+        assert torch.allclose(want.double(), reference, rtol=2 ** -7, atol=1e-3)
+
+
+def test_layers_the_kernel_does_not_fit_keep_the_gemms():
+    """float32 layers, input widths off the 32-value chunk and non-contiguous weights keep ``F.linear``;
+    calling the kernel on them is an error, not a silent wrong answer."""
+    w, _ = layer(8, 576, seed=8, bias=False)
+    assert fits(w, None)
+    assert not fits(w.float(), None)
+    assert not fits(layer(8, 48, seed=8, bias=False)[0], None)
+    assert not fits(layer(576, 8, seed=8, bias=False)[0].t(), None)
+    with pytest.raises(ValueError, match="bfloat16"):
+        rows_linear(torch.zeros(1, 48, dtype=torch.bfloat16), layer(8, 48, seed=8, bias=False)[0])
