@@ -92,8 +92,8 @@ class RepositoryOptions:
     adaptive: bool = True  # the expansion is the largest tree; each step verifies what pays off here
     proposers: tuple[str, ...] = ("suffix", "head")  # where draft nodes come from (TreeConfig.proposers)
     suffix_global_tokens: int = SuffixConfig.global_tokens  # earlier outputs the suffix proposer keeps for every request
-    max_speculative_batch: int = 4  # larger steps decode plainly: on the 2-core CPU with the draft head, Triton at concurrency
-    # 2 / 4 / 8 with a limit of 8 gave 1.45x / 1.19x / 0.98x, and with 4, 1.26x at 4; without a head 2-4 lost (README)
+    max_speculative_batch: int = 2  # larger steps decode plainly: on the 2-core CPU with the CPU kernels (tenth session)
+    # a step's tree tokens cost arithmetic, and speculating at 4 lost (Triton 0.88x, closed batch 0.86x) where 2 gained 1.37x (README)
     attention: str | None = EngineConfig.attention  # "sdpa" | "triton"; None: the engine's default for the device
     cuda_graphs: bool | None = EngineConfig.cuda_graphs  # None: on with CUDA (and triton attention)
     tensor_parallel_size: int = EngineConfig.tensor_parallel_size  # processes each decoding model's LLM is sharded
