@@ -70,9 +70,9 @@ def test_the_portable_build_is_batch_invariant_too(tmp_path, monkeypatch):
 
     for shape in SHAPES[2:5]:
         w, b = layer(*shape, seed=6, bias=True)
-        x = torch.randn(13, shape[1], generator=torch.Generator().manual_seed(7)).bfloat16()
+        x = torch.randn(22, shape[1], generator=torch.Generator().manual_seed(7)).bfloat16()
         want = alone(x, w, b, linear)
-        for m in (2, 4, 5, 9, 13):
+        for m in (2, 3, 4, 5, 9, 13, 17, 22):  # every tiling: streamed 1-4 and 5-16 rows, 4 x 4 tiles past
             assert torch.equal(linear(x[:m].contiguous(), w, b), want[:m]), (shape, m)
         reference = F.linear(x.double(), w.double(), b.double())
         assert torch.allclose(want.double(), reference, rtol=2 ** -7, atol=1e-3)
@@ -86,5 +86,26 @@ def test_layers_the_kernel_does_not_fit_keep_the_gemms():
     assert not fits(w.float(), None)
     assert not fits(layer(8, 48, seed=8, bias=False)[0], None)
     assert not fits(layer(576, 8, seed=8, bias=False)[0].t(), None)
+    assert not fits(w, torch.zeros(7, dtype=torch.bfloat16))  # a bias of another length
+    assert not fits(w, torch.zeros(8))  # a float32 bias
     with pytest.raises(ValueError, match="bfloat16"):
         rows_linear(torch.zeros(1, 48, dtype=torch.bfloat16), layer(8, 48, seed=8, bias=False)[0])
+
+
+def test_a_model_layer_the_kernel_does_not_fit_takes_the_gemms_in_the_generated_role(monkeypatch):
+    """``Linear`` in the generated role: a bfloat16 layer that fits takes the kernel; a width off 32
+    and a float32 layer take ``F.linear`` as in the prompt role, bit for bit."""
+    from specinfer.model import Linear, transformer
+
+    calls = []
+    monkeypatch.setattr(transformer, "rows_linear", lambda *a: calls.append(1) or rows_linear(*a))
+    g = torch.Generator().manual_seed(9)
+    unfit = [(Linear(48, 8, bias=False).bfloat16(), torch.randn(3, 48, generator=g).bfloat16()),
+             (Linear(64, 8), torch.randn(3, 64, generator=g))]
+    for layer, x in unfit:
+        assert torch.equal(layer(x, generated=True), layer(x))
+    assert not calls
+    fitting = Linear(64, 8).bfloat16()
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    assert torch.equal(fitting(x, generated=True), rows_linear(x, fitting.weight, fitting.bias))
+    assert calls == [1]

@@ -1,8 +1,9 @@
 """The CPU kernels' one shared library (``path_attention.cpp``, ``rows_linear.cpp``), compiled on first use.
 
-Generated tokens take both kernels or neither: their arithmetic is one form, decided once per process
-(``runner.ModelRunner.paths``; tensor-parallel workers get it from their leader), so the two must load
-together. Compiled with the machine's C++ compiler (GCC 12 or newer, or Clang: vector shuffles)
+The two load together or not at all, so the form of generated tokens is one decision per process
+(``runner.ModelRunner.paths``; tensor-parallel workers get it from their leader); within it each layer
+takes the kernel that fits it (``rows_linear.fits``: bfloat16 layers; float32 models attend through
+``path_attention`` and keep the GEMMs for their linear layers). Compiled with the machine's C++ compiler (GCC 12 or newer, or Clang: vector shuffles)
 (``-march=native``; a few seconds) into ``$SPECINFER_CACHE`` (default ``~/.cache/specinfer``), keyed
 by the sources, the flags and the CPU's feature flags. Without a compiler, or where building or loading
 fails, generated tokens take the GEMM form (``batch_invariance.py``), as prompts do, and a warning says

@@ -17,9 +17,12 @@ WIDTH_MULTIPLE = 32  # input widths the kernel takes (one vdpbf16ps chunk)
 
 def fits(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the kernel computes a layer of this weight (``[out, in]``) and bias: bfloat16 on the CPU,
-    contiguous, input width a multiple of ``WIDTH_MULTIPLE``. Others keep the GEMM form."""
+    contiguous, input width a multiple of ``WIDTH_MULTIPLE``, a bias of one value per output. Others keep
+    the GEMM form."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.is_contiguous()
-            and weight.shape[1] % WIDTH_MULTIPLE == 0 and (bias is None or bias.dtype == torch.bfloat16))
+            and weight.shape[1] % WIDTH_MULTIPLE == 0
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu"
+                                  and tuple(bias.shape) == weight.shape[:1])))
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
