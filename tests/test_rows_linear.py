@@ -55,6 +55,8 @@ def test_the_negative_control_sums_in_another_order():
     assert not torch.equal(rows_linear(x, w, b), rows_linear(x[:, perm].contiguous(), w[:, perm].contiguous(), b))
 
 
+@pytest.mark.skipif("avx512_bf16" not in cpu_library.cpu_flags(),
+                    reason="the native build is the portable one already (no avx512_bf16)")
 def test_the_portable_build_is_batch_invariant_too(tmp_path, monkeypatch):
     """Built without ``avx512_bf16`` (two FMAs of widened halves per chunk): the same property, on
     the same shapes, on a CPU that lacks the instruction."""
