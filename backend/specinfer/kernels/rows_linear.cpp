@@ -27,26 +27,6 @@ static inline v16 step(v16 acc, const uint16_t* x, const uint16_t* w) {
 #endif
 }
 
-#define ORDER 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15  // where each accumulator's sum lands
-
-// The lane sums of 16 accumulators at once: lane l of the result is hsum(acc[l]), by the same
-// additions in the same association (x[i] + x[i+8], then + 4 apart, then (0 + 2) + (1 + 3)).
-static inline v16 reduce16(const v16* acc) {
-    v16 a[8], b[4], c[2];
-    for (int p = 0; p < 8; p++)  // lanes 0-7: acc[2p]'s halves summed, 8-15: acc[2p+1]'s
-        a[p] = __builtin_shufflevector(acc[2 * p], acc[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-             + __builtin_shufflevector(acc[2 * p], acc[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int p = 0; p < 4; p++)  // 4-lane groups: acc 4p, 4p+2, 4p+1, 4p+3
-        b[p] = __builtin_shufflevector(a[2 * p], a[2 * p + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
-             + __builtin_shufflevector(a[2 * p], a[2 * p + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-    for (int p = 0; p < 2; p++)  // lane pairs: (0 + 2, 1 + 3) of each group
-        c[p] = __builtin_shufflevector(b[2 * p], b[2 * p + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
-             + __builtin_shufflevector(b[2 * p], b[2 * p + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    v16 d = __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
-          + __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-    return __builtin_shufflevector(d, d, ORDER);
-}
-
 static inline h16 to_bf16(v16 x) {  // round to nearest even, NaN kept quiet (no DAZ/FTZ)
     u16 u = (u16)x;
     u16 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
