@@ -1,7 +1,8 @@
 """The CPU kernel for generated tokens' linear layers (``kernels/rows_linear``): a row's result is
 bit-identical whatever rows share its call (count, position, tile shapes), close to a float64
 reference, on the native build and on the portable one (no ``avx512_bf16``); the negative control
-(the same products summed in another order) is not bit-identical."""
+(the same products summed in another order) is not bit-identical; a model layer's packed copy of
+its weight follows the weight."""
 from __future__ import annotations
 
 import shutil
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from specinfer.kernels import cpu_library
-from specinfer.kernels.rows_linear import fits, rows_linear
+from specinfer.kernels.rows_linear import fits, pack, rows_linear
 
 pytestmark = pytest.mark.skipif(cpu_library.library() is None, reason="no C++ compiler: generated tokens take the GEMMs")
 
@@ -24,23 +25,29 @@ def layer(out_features: int, in_features: int, seed: int, bias: bool) -> tuple[t
     return w, (torch.randn(out_features, generator=g).bfloat16() if bias else None)
 
 
-def alone(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, linear=rows_linear) -> torch.Tensor:
+def kernel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return rows_linear(x, w, pack(w), b)
+
+
+def alone(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, linear=kernel) -> torch.Tensor:
     return torch.cat([linear(row[None], w, b) for row in x])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_a_row_gets_its_bits_whatever_shares_the_call(shape, bias):
-    """Every row count from 1 to 37 (the memory-bound tiles up to 4 rows, the 4 x 4 tiles and their
-    remainders past it), rows in another order, against each row computed alone."""
+    """Every row count from 1 to 37 (the row-major weight's tiles at 1-2 rows, the packed blocks in
+    groups of 4 rows up to 8 and past it with shared fetching, and their remainders; output counts
+    off the 4-row block), rows in another order, against each row computed alone."""
     w, b = layer(*shape, seed=shape[0], bias=bias)
+    packed = pack(w)
     x = torch.randn(37, shape[1], generator=torch.Generator().manual_seed(1)).bfloat16()
     want = alone(x, w, b)
     for m in range(2, 38):
-        assert torch.equal(rows_linear(x[:m], w, b), want[:m]), m
+        assert torch.equal(rows_linear(x[:m], w, packed, b), want[:m]), m
     order = torch.randperm(37, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(rows_linear(x[order], w, b), want[order])
-    assert torch.equal(rows_linear(x.view(37, 1, -1), w, b), want.view(37, 1, -1))  # any leading shape
+    assert torch.equal(rows_linear(x[order], w, packed, b), want[order])
+    assert torch.equal(rows_linear(x.view(37, 1, -1), w, packed, b), want.view(37, 1, -1))  # any leading shape
     reference = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert torch.allclose(want.double(), reference, rtol=2 ** -7, atol=1e-3)  # bfloat16's rounding of the sum
 
@@ -52,7 +59,7 @@ def test_the_negative_control_sums_in_another_order():
     w, b = layer(8192, 576, seed=3, bias=False)
     x = torch.randn(64, 576, generator=torch.Generator().manual_seed(4)).bfloat16()
     perm = torch.randperm(576, generator=torch.Generator().manual_seed(5))
-    assert not torch.equal(rows_linear(x, w, b), rows_linear(x[:, perm].contiguous(), w[:, perm].contiguous(), b))
+    assert not torch.equal(kernel(x, w, b), kernel(x[:, perm].contiguous(), w[:, perm].contiguous(), b))
 
 
 @pytest.mark.skipif("avx512_bf16" not in cpu_library.cpu_flags(),
@@ -66,15 +73,15 @@ def test_the_portable_build_is_batch_invariant_too(tmp_path, monkeypatch):
 
     def linear(x, w, b):
         out = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
-        assert portable.rows_linear(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(),
+        assert portable.rows_linear(x.data_ptr(), w.data_ptr(), pack(w).data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(),
                                     x.shape[0], x.shape[1], w.shape[0]) == 0
         return out
 
-    for shape in SHAPES[2:5]:
+    for shape in SHAPES[1:5]:
         w, b = layer(*shape, seed=6, bias=True)
         x = torch.randn(22, shape[1], generator=torch.Generator().manual_seed(7)).bfloat16()
         want = alone(x, w, b, linear)
-        for m in (2, 3, 4, 5, 9, 13, 17, 22):  # every tiling: streamed 1-4 and 5-16 rows, 4 x 4 tiles past
+        for m in (2, 3, 4, 5, 8, 9, 13, 22):  # every tiling: 2 rows, groups of 4 up to 8 rows and past it
             assert torch.equal(linear(x[:m].contiguous(), w, b), want[:m]), (shape, m)
         reference = F.linear(x.double(), w.double(), b.double())
         assert torch.allclose(want.double(), reference, rtol=2 ** -7, atol=1e-3)
@@ -82,7 +89,8 @@ def test_the_portable_build_is_batch_invariant_too(tmp_path, monkeypatch):
 
 def test_layers_the_kernel_does_not_fit_keep_the_gemms():
     """float32 layers, input widths off the 32-value chunk and non-contiguous weights keep ``F.linear``;
-    calling the kernel on them is an error, not a silent wrong answer."""
+    packing or calling the kernel on them is an error, not a silent wrong answer, and so is a packed
+    weight of another layout."""
     w, _ = layer(8, 576, seed=8, bias=False)
     assert fits(w, None)
     assert not fits(w.float(), None)
@@ -91,7 +99,11 @@ def test_layers_the_kernel_does_not_fit_keep_the_gemms():
     assert not fits(w, torch.zeros(7, dtype=torch.bfloat16))  # a bias of another length
     assert not fits(w, torch.zeros(8))  # a float32 bias
     with pytest.raises(ValueError, match="bfloat16"):
-        rows_linear(torch.zeros(1, 48, dtype=torch.bfloat16), layer(8, 48, seed=8, bias=False)[0])
+        pack(layer(8, 48, seed=8, bias=False)[0])
+    with pytest.raises(ValueError, match="width"):  # inputs of another width than the weight's
+        rows_linear(torch.zeros(1, 64, dtype=torch.bfloat16), w, pack(w))
+    with pytest.raises(ValueError, match="layout"):  # a packed weight that is not this weight's
+        rows_linear(torch.zeros(1, 576, dtype=torch.bfloat16), w, w)
 
 
 def test_a_model_layer_the_kernel_does_not_fit_takes_the_gemms_in_the_generated_role(monkeypatch):
@@ -109,5 +121,34 @@ def test_a_model_layer_the_kernel_does_not_fit_takes_the_gemms_in_the_generated_
     assert not calls
     fitting = Linear(64, 8).bfloat16()
     x = torch.randn(3, 64, generator=g).bfloat16()
-    assert torch.equal(fitting(x, generated=True), rows_linear(x, fitting.weight, fitting.bias))
+    assert torch.equal(fitting(x, generated=True), kernel(x, fitting.weight, fitting.bias))
     assert calls == [1]
+
+
+def test_a_layers_packed_copy_follows_its_weight():
+    """``Linear.packed``: made once and reused while the weight stands; made again after the weight
+    changed in place (``copy_``, as loading and offloading write, under inference mode too) or was
+    replaced (``.data`` assigned, as sharding does), so the generated role always reads the weight's
+    current values."""
+    from specinfer.model import Linear
+
+    g = torch.Generator().manual_seed(10)
+    lin = Linear(64, 12).bfloat16()
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    first = lin.packed()
+    assert lin.packed() is first
+    assert torch.equal(lin(x, generated=True), kernel(x, lin.weight, lin.bias))
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(12, 64, generator=g).bfloat16())
+    assert lin.packed() is not first
+    assert torch.equal(lin(x, generated=True), kernel(x, lin.weight, lin.bias))
+    second = lin.packed()
+    with torch.inference_mode():
+        lin.weight.mul_(2)
+    assert lin.packed() is not second
+    assert torch.equal(lin(x, generated=True), kernel(x, lin.weight, lin.bias))
+    lin.weight.data = torch.randn(12, 64, generator=g).bfloat16()
+    assert torch.equal(lin(x, generated=True), kernel(x, lin.weight, lin.bias))
+    lin.weight.data = torch.randn(8, 64, generator=g).bfloat16()  # a shard: fewer rows
+    lin.bias.data = lin.bias.data[:8]
+    assert torch.equal(lin(x, generated=True), kernel(x, lin.weight, lin.bias))

@@ -75,5 +75,5 @@ def build(compiler: str, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.path_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 5 \
         + [ctypes.c_int64] * 7 + [ctypes.c_float]
     lib.rows_linear.restype = ctypes.c_int
-    lib.rows_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.rows_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
     return lib

@@ -5,15 +5,26 @@
 // avx512_bf16 one vdpbf16ps per chunk; without it, two FMAs of the chunk's widened halves), then the
 // fixed lane-sum tree, then the bias, then one rounding to bfloat16: the same instructions for an
 // output whatever rows share the call. The call's row count only chooses how outputs are tiled
-// (weight rows and input rows per tile), which no output's arithmetic sees. Each weight row comes
-// from memory once for all the call's rows, so a tree's tokens stream the weights once, as one
-// token does; past a few rows the arithmetic costs more than the memory (the demo LLM's linear
-// layers on 2 Zen 4 cores: 9.0 ms for 1 row, 15.2 for 10, 21.3 for 16).
+// (weight rows and input rows per tile), which no output's arithmetic sees.
+//
+// The weight comes twice: row-major (the layer's own, which prompts' GEMMs read) and packed
+// (rows_linear.py's pack: [ceil(n / 4)][k / 32][4][32], four output rows interleaved chunk by chunk,
+// rows past n zero). 1 and 2 rows stream the row-major weight, 16 outputs' chains per tile, bound
+// by memory. From 3 rows a tile of 4 outputs x up to 4 rows (16 chains, 8 loads per 16 products)
+// reads one packed block, one contiguous stream that the prefetcher keeps ahead of the arithmetic;
+// 4 separate row streams would not be (the demo LLM's linear layers alone on 2 Zen 4 cores, the
+// row-major tiles of fa9c62b against packed blocks: 11.0 / 8.5 ms at 4 rows, 13.5 / 11.2 at 8,
+// 21.5 / 16.5 at 16, 34.0 / 28.3 at 32; 8.5 ms at 1 row).
+// Each block comes from memory once for all the call's rows: a tree's tokens stream the weights
+// once, as one token does.
 //
 // Built with -ffp-contract=off: an FMA happens only where fma16 (or vdpbf16ps) asks for one.
 #include "cpu_vectors.h"
 
-static constexpr int PREFETCH = 4096;  // bytes ahead in each weight row's stream (2-core EPYC, measured)
+#include <vector>
+
+static constexpr int PREFETCH = 4096;  // bytes ahead in the packed weight's stream (2-core EPYC, measured)
+static constexpr int BLOCK = 4;        // weight rows per packed block
 
 static inline v16 step(v16 acc, const uint16_t* x, const uint16_t* w) {
 #if defined(__AVX512BF16__)
@@ -47,97 +58,126 @@ static inline void finish(const v16* acc, const uint16_t* bias, uint16_t* out, i
     for (int r = 0; r < MG; r++) memcpy(out + (m0 + r) * n + j0, (const uint16_t*)&rounded + r * NB, NB * sizeof(uint16_t));
 }
 
-// Outputs j0 .. j0+NB-1 of rows m0 .. m0+MG-1 (NB * MG <= 16), all chains advancing chunk by chunk
-// together: up to 16 independent chains, for calls bound by arithmetic (over 16 rows). The first row
-// group fetches the weights ahead; the later ones find them in cache.
-template <int NB, int MG, bool FETCH>
-static inline void tile(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out,
-                        int64_t k, int64_t n, int64_t m0, int64_t j0) {
-    v16 acc[16] = {};
-    for (int64_t c = 0; c < k; c += 32) {
-        if (FETCH)
-            for (int i = 0; i < NB; i++) __builtin_prefetch((const char*)(w + (j0 + i) * k + c) + PREFETCH, 0, 3);
-        for (int r = 0; r < MG; r++)
-            for (int i = 0; i < NB; i++) acc[r * NB + i] = step(acc[r * NB + i], x + (m0 + r) * k + c, w + (j0 + i) * k + c);
-    }
-    finish<NB, MG>(acc, bias, out, n, m0, j0);
-}
-
-// The same tile with one output's chains run over the whole input width before the next output's
-// start: the weights stream in memory order while the arithmetic runs on them (up to 16 rows).
+// Outputs j0 .. j0+NB-1 of rows 0 .. MG-1 from the row-major weight, one output's chains over the
+// whole input width before the next output's start: the weights stream in memory order.
 template <int NB, int MG>
 static inline void stream(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out,
-                          int64_t k, int64_t n, int64_t m0, int64_t j0) {
+                          int64_t k, int64_t n, int64_t j0) {
     v16 acc[16] = {};
     for (int i = 0; i < NB; i++) {
         const uint16_t* wi = w + (j0 + i) * k;
         for (int64_t c = 0; c < k; c += 32) {
             __builtin_prefetch((const char*)(wi + c) + PREFETCH, 0, 3);
-            for (int r = 0; r < MG; r++) acc[r * NB + i] = step(acc[r * NB + i], x + (m0 + r) * k + c, wi + c);
+            for (int r = 0; r < MG; r++) acc[r * NB + i] = step(acc[r * NB + i], x + r * k + c, wi + c);
         }
     }
-    finish<NB, MG>(acc, bias, out, n, m0, j0);
+    finish<NB, MG>(acc, bias, out, n, 0, j0);
 }
 
-// Rows m0 .. m0+count-1 (count <= MG) of output j, streamed.
-template <int MG>
-static inline void rows_of(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t k,
-                           int64_t n, int64_t m0, int64_t count, int64_t j) {
-    if constexpr (MG > 1) {
-        if (count < MG) return rows_of<MG - 1>(x, w, bias, out, k, n, m0, count, j);
-    }
-    stream<1, MG>(x, w, bias, out, k, n, m0, j);
-}
-
-// Up to 4 rows: tiles of 16 / MG outputs, streamed (memory-bound: fewer, larger stores).
+// 1 or 2 rows (MG), bound by memory: tiles of 16 / MG outputs of the row-major weight.
 template <int MG>
 static void few_rows(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t k, int64_t n) {
-    constexpr int NB = MG == 1 ? 16 : MG == 2 ? 8 : 4;
-    int64_t blocks = n / NB;
+    constexpr int NB = 16 / MG;
+    const int64_t tiles = n / NB;
     #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) stream<NB, MG>(x, w, bias, out, k, n, 0, b * NB);
-    for (int64_t j = blocks * NB; j < n; j++) stream<1, MG>(x, w, bias, out, k, n, 0, j);
+    for (int64_t t = 0; t < tiles; t++) stream<NB, MG>(x, w, bias, out, k, n, t * NB);
+    for (int64_t j = tiles * NB; j < n; j++) stream<1, MG>(x, w, bias, out, k, n, j);
 }
 
-// Every row of outputs j0 .. j0+3 in 4 x 4 tiles (the remainder's rows in a narrower one).
+static inline void fetch(const uint16_t* chunk) {  // one chunk of a block: 4 cache lines, PREFETCH ahead
+    for (int l = 0; l < BLOCK; l++) __builtin_prefetch((const char*)chunk + PREFETCH + 64 * l, 0, 3);
+}
+
+// Block b (outputs 4 b .. 4 b + 3) of rows m0 .. m0+MG-1 (up to 16 chains): one stream, prefetched
+// ahead where `fetching` (the first row group of a block; the others find it in cache).
 template <int MG>
-static inline void rest(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out,
-                        int64_t k, int64_t n, int64_t m0, int64_t j0) {
-    if (m0 == 0) tile<4, MG, true>(x, w, bias, out, k, n, m0, j0);
-    else tile<4, MG, false>(x, w, bias, out, k, n, m0, j0);
+static inline void tile(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out,
+                        int64_t k, int64_t n, int64_t m0, int64_t b, bool fetching) {
+    v16 acc[16] = {};
+    const uint16_t* block = w + b * BLOCK * k;
+    for (int64_t c = 0; c < k; c += 32) {
+        const uint16_t* chunk = block + c * BLOCK;
+        if (fetching) fetch(chunk);
+        for (int r = 0; r < MG; r++)
+            for (int i = 0; i < BLOCK; i++) acc[r * BLOCK + i] = step(acc[r * BLOCK + i], x + (m0 + r) * k + c, chunk + i * 32);
+    }
+    finish<BLOCK, MG>(acc, bias, out, n, m0, b * BLOCK);
 }
 
-// x [m, k], w [n, k], bias [n] or null, out [m, n]: contiguous bfloat16. Returns 2 where k is not a
-// multiple of 32. The row count picks the tiling, never an output's arithmetic: up to 16 rows one
-// streamed pass over the weights (memory and arithmetic overlap); past that 4 x 4 tiles, whose 16
-// chains per 8 loads suit a call bound by arithmetic.
-extern "C" int rows_linear(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out,
-                           int64_t m, int64_t k, int64_t n) {
-    if (k % 32) return 2;
-    switch (m) {
-        case 0: return 0;
-        case 1: few_rows<1>(x, w, bias, out, k, n); return 0;
-        case 2: few_rows<2>(x, w, bias, out, k, n); return 0;
-        case 3: few_rows<3>(x, w, bias, out, k, n); return 0;
-        case 4: few_rows<4>(x, w, bias, out, k, n); return 0;
+// One block's tile for a call of many row groups, which share the fetching: group g of G prefetches
+// every G-th chunk from the g-th, so the stream runs through all the groups' arithmetic (one group
+// fetching it all leaves memory idle while the others compute: 16 rows 17.2 against 21.0 ms).
+template <int MG>
+static inline void shared_tile(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out,
+                               int64_t k, int64_t n, int64_t m0, int64_t b, int g, int G) {
+    v16 acc[16] = {};
+    const uint16_t* block = w + b * BLOCK * k;
+    int phase = g;
+    for (int64_t c = 0; c < k; c += 32) {
+        const uint16_t* chunk = block + c * BLOCK;
+        if (phase == 0) fetch(chunk);
+        if (++phase == G) phase = 0;
+        for (int r = 0; r < MG; r++)
+            for (int i = 0; i < BLOCK; i++) acc[r * BLOCK + i] = step(acc[r * BLOCK + i], x + (m0 + r) * k + c, chunk + i * 32);
     }
-    if (m <= 16) {
-        #pragma omp parallel for schedule(static)
-        for (int64_t j = 0; j < n; j++) rows_of<16>(x, w, bias, out, k, n, 0, m, j);
+    finish<BLOCK, MG>(acc, bias, out, n, m0, b * BLOCK);
+}
+
+// Rows m0 .. m0+rows-1 (at most 4) of block b, group g of the call's G.
+template <bool SHARED>
+static inline void group(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t k,
+                         int64_t n, int64_t m0, int64_t rows, int64_t b, int g, int G) {
+    switch (rows) {
+        case 1: if constexpr (SHARED) shared_tile<1>(x, w, bias, out, k, n, m0, b, g, G); else tile<1>(x, w, bias, out, k, n, m0, b, g == 0); break;
+        case 2: if constexpr (SHARED) shared_tile<2>(x, w, bias, out, k, n, m0, b, g, G); else tile<2>(x, w, bias, out, k, n, m0, b, g == 0); break;
+        case 3: if constexpr (SHARED) shared_tile<3>(x, w, bias, out, k, n, m0, b, g, G); else tile<3>(x, w, bias, out, k, n, m0, b, g == 0); break;
+        default: if constexpr (SHARED) shared_tile<4>(x, w, bias, out, k, n, m0, b, g, G); else tile<4>(x, w, bias, out, k, n, m0, b, g == 0); break;
+    }
+}
+
+// Every block, in groups of 4 rows (SHARED: the groups share the fetching).
+template <bool SHARED>
+static void groups(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t m, int64_t k,
+                   int64_t n, int64_t count) {
+    const int G = (int)((m + 3) / 4);
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < count; b++) {
+        int g = 0;
+        for (; 4 * g + 4 <= m; g++) group<SHARED>(x, w, bias, out, k, n, 4 * g, 4, b, g, G);
+        if (m > 4 * g) group<SHARED>(x, w, bias, out, k, n, 4 * g, m - 4 * g, b, g, G);
+    }
+}
+
+// The first `count` blocks (outputs 0 .. 4 count - 1) of every row, in groups of 4 rows (the block
+// stays in cache for the later groups).
+static void blocks(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t m, int64_t k,
+                   int64_t n, int64_t count) {
+    if (m <= 8) groups<false>(x, w, bias, out, m, k, n, count);
+    else groups<true>(x, w, bias, out, m, k, n, count);
+}
+
+// x [m, k], w [n, k] row-major and packed ([ceil(n / 4)][k / 32][4][32]), bias [n] or null, out
+// [m, n]: contiguous bfloat16. Returns 2 where k is not a multiple of 32. The row count picks the
+// tiling, never an output's arithmetic. 1 and 2 rows stream the row-major weight (in a whole forward
+// on 2 Zen 4 cores about 1 ms faster than the packed blocks at 1 row, 0.5 at 2); more rows read the
+// packed blocks, outputs past the last whole block through a 4-wide scratch.
+extern "C" int rows_linear(const uint16_t* x, const uint16_t* w, const uint16_t* packed, const uint16_t* bias,
+                           uint16_t* out, int64_t m, int64_t k, int64_t n) {
+    if (k % 32) return 2;
+    if (m == 0) return 0;
+    if (m <= 2) {
+        if (m == 1) few_rows<1>(x, w, bias, out, k, n);
+        else few_rows<2>(x, w, bias, out, k, n);
         return 0;
     }
-    int64_t blocks = n / 4;
-    #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t m0 = 0;
-        for (; m0 + 4 <= m; m0 += 4) rest<4>(x, w, bias, out, k, n, m0, b * 4);
-        switch (m - m0) {
-            case 3: rest<3>(x, w, bias, out, k, n, m0, b * 4); break;
-            case 2: rest<2>(x, w, bias, out, k, n, m0, b * 4); break;
-            case 1: rest<1>(x, w, bias, out, k, n, m0, b * 4); break;
-        }
+    const int64_t whole = n / BLOCK, tail = n % BLOCK;
+    blocks(x, packed, bias, out, m, k, n, whole);
+    if (tail) {
+        uint16_t lanes[BLOCK] = {};
+        if (bias) memcpy(lanes, bias + whole * BLOCK, tail * sizeof(uint16_t));
+        std::vector<uint16_t> scratch(m * BLOCK);
+        blocks(x, packed + whole * BLOCK * k, bias ? lanes : nullptr, scratch.data(), m, k, BLOCK, 1);
+        for (int64_t r = 0; r < m; r++) memcpy(out + r * n + whole * BLOCK, scratch.data() + r * BLOCK, tail * sizeof(uint16_t));
     }
-    for (int64_t j = blocks * 4; j < n; j++)
-        for (int64_t m0 = 0; m0 < m; m0 += 16) rows_of<16>(x, w, bias, out, k, n, m0, m - m0 < 16 ? m - m0 : 16, j);
     return 0;
 }

@@ -9,27 +9,45 @@ token costs in a decoder that is bound by streaming its weights. Generated token
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .cpu_library import library
 
 WIDTH_MULTIPLE = 32  # input widths the kernel takes (one vdpbf16ps chunk)
+BLOCK = 4  # weight rows interleaved per packed block (rows_linear.cpp)
 
 
 def fits(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the kernel computes a layer of this weight (``[out, in]``) and bias: bfloat16 on the CPU,
-    contiguous, input width a multiple of ``WIDTH_MULTIPLE``, a bias of one value per output. Others keep
-    the GEMM form."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.is_contiguous()
-            and weight.shape[1] % WIDTH_MULTIPLE == 0
+    contiguous, input width a multiple of ``WIDTH_MULTIPLE``, a bias of one value per output. Others
+    keep the GEMM form."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and weight.is_contiguous() and weight.shape[1] % WIDTH_MULTIPLE == 0
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu"
                                   and tuple(bias.shape) == weight.shape[:1])))
 
 
-def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` in the kernel's arithmetic, for ``x [..., in]`` bfloat16 (``fits``)."""
-    if x.dtype != torch.bfloat16 or not fits(weight, bias):
-        raise ValueError(f"rows_linear: takes bfloat16 inputs and CPU layers that ``fits``, got {x.dtype} "
-                         f"and a {weight.dtype} weight {tuple(weight.shape)}")
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [out, in]`` as the kernel reads it from 3 rows on: ``[ceil(out / 4), in / 32, 4, 32]``,
+    four rows interleaved chunk by chunk (one contiguous stream per tile of 4 outputs), rows past
+    ``out`` zero. A copy, beside the row-major weight that 1 and 2 rows and prompts' GEMMs read."""
+    if not fits(weight, None):
+        raise ValueError(f"rows_linear: packs contiguous bfloat16 CPU weights of an input width that is a "
+                         f"multiple of {WIDTH_MULTIPLE}, got a {weight.dtype} weight {tuple(weight.shape)} on {weight.device}")
+    n, k = weight.shape
+    padded = F.pad(weight.detach(), (0, 0, 0, -n % BLOCK))
+    return padded.view(-1, BLOCK, k // WIDTH_MULTIPLE, WIDTH_MULTIPLE).transpose(1, 2).contiguous()
+
+
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` in the kernel's arithmetic, for ``x [..., in]`` bfloat16, a weight
+    that ``fits`` and ``packed = pack(weight)``."""
+    if (x.dtype != torch.bfloat16 or not fits(weight, bias) or x.shape[-1] != weight.shape[1]
+            or packed.dtype != torch.bfloat16 or not packed.is_contiguous()
+            or tuple(packed.shape) != (-(-weight.shape[0] // BLOCK), weight.shape[1] // WIDTH_MULTIPLE, BLOCK, WIDTH_MULTIPLE)):
+        raise ValueError(f"rows_linear: takes bfloat16 inputs of the weight's width, a weight that ``fits`` and "
+                         f"``pack``'s layout of it, got {x.dtype} inputs {tuple(x.shape)}, a {weight.dtype} weight "
+                         f"{tuple(weight.shape)} and a {packed.dtype} packed weight {tuple(packed.shape)}")
     lib = library()
     if lib is None:  # a tensor-parallel worker whose leader loaded the kernels
         raise RuntimeError("rows_linear: this process cannot build or load the CPU kernels (see the warning "
@@ -38,7 +56,6 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     flat = x.reshape(-1, k).contiguous()
     b = None if bias is None else bias.contiguous()
     out = torch.empty(flat.shape[0], n, dtype=torch.bfloat16)
-    if lib.rows_linear(flat.data_ptr(), weight.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(),
-                       flat.shape[0], k, n):
-        raise ValueError(f"rows_linear: input width {k} is not a multiple of {WIDTH_MULTIPLE}")
+    lib.rows_linear(flat.data_ptr(), weight.data_ptr(), packed.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(),
+                    flat.shape[0], k, n)
     return out.reshape(*x.shape[:-1], n)
