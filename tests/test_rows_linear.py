@@ -104,6 +104,10 @@ def test_layers_the_kernel_does_not_fit_keep_the_gemms():
         rows_linear(torch.zeros(1, 64, dtype=torch.bfloat16), w, pack(w))
     with pytest.raises(ValueError, match="layout"):  # a packed weight that is not this weight's
         rows_linear(torch.zeros(1, 576, dtype=torch.bfloat16), w, w)
+    with pytest.raises(ValueError, match="no packed weight"):  # 3 rows read the packed blocks
+        rows_linear(torch.zeros(3, 576, dtype=torch.bfloat16), w, None)
+    assert torch.equal(rows_linear(torch.ones(2, 576, dtype=torch.bfloat16), w, None),
+                       kernel(torch.ones(2, 576, dtype=torch.bfloat16), w, None))
 
 
 def test_a_model_layer_the_kernel_does_not_fit_takes_the_gemms_in_the_generated_role(monkeypatch):
@@ -126,7 +130,7 @@ def test_a_model_layer_the_kernel_does_not_fit_takes_the_gemms_in_the_generated_
 
 
 def test_a_layers_packed_copy_follows_its_weight():
-    """``Linear.packed``: made once and reused while the weight stands; made again after the weight
+    """``Linear.packed``: made on the first generated call of 3 rows or more, then reused while the weight stands; made again after the weight
     changed in place (``copy_``, as loading and offloading write, under inference mode too) or was
     replaced (``.data`` assigned, as sharding does), so the generated role always reads the weight's
     current values."""
@@ -134,7 +138,12 @@ def test_a_layers_packed_copy_follows_its_weight():
 
     g = torch.Generator().manual_seed(10)
     lin = Linear(64, 12).bfloat16()
-    x = torch.randn(3, 64, generator=g).bfloat16()
+    for rows in (1, 2):  # the row-major weight's tiles: no copy yet
+        one = torch.randn(rows, 64, generator=g).bfloat16()
+        assert torch.equal(lin(one, generated=True), kernel(one, lin.weight, lin.bias))
+    assert "_packed" not in lin.__dict__
+    x = torch.randn(3, 64, generator=g).bfloat16()  # 3 rows: the packed blocks
+    assert torch.equal(lin(x, generated=True), kernel(x, lin.weight, lin.bias))
     first = lin.packed()
     assert lin.packed() is first
     assert torch.equal(lin(x, generated=True), kernel(x, lin.weight, lin.bias))

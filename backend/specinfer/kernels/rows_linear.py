@@ -15,6 +15,7 @@ from .cpu_library import library
 
 WIDTH_MULTIPLE = 32  # input widths the kernel takes (one vdpbf16ps chunk)
 BLOCK = 4  # weight rows interleaved per packed block (rows_linear.cpp)
+PACKED_FROM = 3  # rows from which the kernel reads the packed weight (1 and 2 read the row-major one)
 
 
 def fits(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -39,15 +40,19 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, BLOCK, k // WIDTH_MULTIPLE, WIDTH_MULTIPLE).transpose(1, 2).contiguous()
 
 
-def rows_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` in the kernel's arithmetic, for ``x [..., in]`` bfloat16, a weight
-    that ``fits`` and ``packed = pack(weight)``."""
+    that ``fits`` and ``packed = pack(weight)`` (``None`` will do below ``PACKED_FROM`` rows)."""
+    rows = x.numel() // max(x.shape[-1], 1)
     if (x.dtype != torch.bfloat16 or not fits(weight, bias) or x.shape[-1] != weight.shape[1]
-            or packed.dtype != torch.bfloat16 or not packed.is_contiguous()
-            or tuple(packed.shape) != (-(-weight.shape[0] // BLOCK), weight.shape[1] // WIDTH_MULTIPLE, BLOCK, WIDTH_MULTIPLE)):
-        raise ValueError(f"rows_linear: takes bfloat16 inputs of the weight's width, a weight that ``fits`` and "
-                         f"``pack``'s layout of it, got {x.dtype} inputs {tuple(x.shape)}, a {weight.dtype} weight "
-                         f"{tuple(weight.shape)} and a {packed.dtype} packed weight {tuple(packed.shape)}")
+            or (packed is None and rows >= PACKED_FROM)
+            or (packed is not None and (packed.dtype != torch.bfloat16 or not packed.is_contiguous() or tuple(packed.shape)
+                                        != (-(-weight.shape[0] // BLOCK), weight.shape[1] // WIDTH_MULTIPLE, BLOCK, WIDTH_MULTIPLE)))):
+        raise ValueError(f"rows_linear: takes bfloat16 inputs of the weight's width, a weight that ``fits`` and, from "
+                         f"{PACKED_FROM} rows, ``pack``'s layout of it, got {x.dtype} inputs {tuple(x.shape)}, a "
+                         f"{weight.dtype} weight {tuple(weight.shape)} and "
+                         f"{'no packed weight' if packed is None else f'a {packed.dtype} packed weight {tuple(packed.shape)}'}")
     lib = library()
     if lib is None:  # a tensor-parallel worker whose leader loaded the kernels
         raise RuntimeError("rows_linear: this process cannot build or load the CPU kernels (see the warning "
@@ -56,6 +61,6 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bia
     flat = x.reshape(-1, k).contiguous()
     b = None if bias is None else bias.contiguous()
     out = torch.empty(flat.shape[0], n, dtype=torch.bfloat16)
-    lib.rows_linear(flat.data_ptr(), weight.data_ptr(), packed.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(),
+    lib.rows_linear(flat.data_ptr(), weight.data_ptr(), 0 if packed is None else packed.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(),
                     flat.shape[0], k, n)
     return out.reshape(*x.shape[:-1], n)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.rows_linear import fits, pack, rows_linear
+from ..kernels.rows_linear import PACKED_FROM, fits, pack, rows_linear
 from .attention import Visibility
 from .batch_invariance import DEVICE_ROWS, in_pieces, padded_rows, row_limit
 from .checkpoint import ModelArgs, read_checkpoint
@@ -65,7 +65,7 @@ class Linear(nn.Linear):
         if not self.invariant or rows == 0:
             return F.linear(x, self.weight, bias)
         if generated and fits(self.weight, bias):
-            return rows_linear(x, self.weight, self.packed(), bias)
+            return rows_linear(x, self.weight, self.packed() if rows >= PACKED_FROM else None, bias)
         device = x.device
         most = row_limit(self.out_features, self.in_features, x.dtype) if device.type == "cpu" else DEVICE_ROWS
         if rows <= most and padded_rows(rows, x.dtype, device) == rows:
@@ -73,9 +73,10 @@ class Linear(nn.Linear):
         return in_pieces(lambda p: F.linear(p, self.weight, bias), x, most)
 
     def packed(self) -> torch.Tensor:
-        """The weight in ``rows_linear``'s layout: a copy made on the first generated call and made again
-        once the weight changed (loaded in place, replaced, sharded, streamed in by offloading). The
-        copy holds a view of the weight it was made from, so that weight's memory is not reused by
+        """The weight in ``rows_linear``'s layout: a copy made on the first generated call of
+        ``PACKED_FROM`` rows or more (a model that only decodes one token at a time holds none), made
+        again once the weight changed (loaded in place, replaced, sharded, streamed in by offloading).
+        The copy holds a view of the weight it was made from, so that weight's memory is not reused by
         another while the copy stands, and that view's version counter is the weight's."""
         source, version, packed = self.__dict__.get("_packed", (None, -1, None))
         w = self.weight
