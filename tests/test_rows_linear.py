@@ -16,7 +16,7 @@ from specinfer.kernels.rows_linear import fits, pack, rows_linear
 
 pytestmark = pytest.mark.skipif(cpu_library.library() is None, reason="no C++ compiler: generated tokens take the GEMMs")
 
-SHAPES = [(1, 32), (3, 64), (17, 576), (100, 96), (960, 576), (576, 1536), (4099, 576)]  # (out, in)
+SHAPES = [(1, 32), (3, 64), (17, 576), (102, 96), (960, 576), (576, 1536), (4099, 576)]  # (out, in): tails of 0-3
 
 
 def layer(out_features: int, in_features: int, seed: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -104,6 +104,8 @@ def test_layers_the_kernel_does_not_fit_keep_the_gemms():
         rows_linear(torch.zeros(1, 64, dtype=torch.bfloat16), w, pack(w))
     with pytest.raises(ValueError, match="layout"):  # a packed weight that is not this weight's
         rows_linear(torch.zeros(1, 576, dtype=torch.bfloat16), w, w)
+    with pytest.raises(ValueError, match="on meta"):  # a packed weight off the CPU
+        rows_linear(torch.zeros(3, 576, dtype=torch.bfloat16), w, torch.empty(2, 18, 4, 32, dtype=torch.bfloat16, device="meta"))
     with pytest.raises(ValueError, match="no packed weight"):  # 3 rows read the packed blocks
         rows_linear(torch.zeros(3, 576, dtype=torch.bfloat16), w, None)
     assert torch.equal(rows_linear(torch.ones(2, 576, dtype=torch.bfloat16), w, None),
@@ -161,3 +163,30 @@ def test_a_layers_packed_copy_follows_its_weight():
     lin.weight.data = torch.randn(8, 64, generator=g).bfloat16()  # a shard: fewer rows
     lin.bias.data = lin.bias.data[:8]
     assert torch.equal(lin(x, generated=True), kernel(x, lin.weight, lin.bias))
+
+
+def test_a_copied_layer_and_a_layer_made_under_inference_mode_read_their_own_weights():
+    """A deep copy (offloading's buffers are made so) packs its own weight, and writing it leaves the
+    original's results alone; weights made under ``torch.inference_mode`` count no writes, so their
+    layer packs on every call of 3 rows or more (a warning says so) and sees every write."""
+    import copy
+
+    from specinfer.model import Linear
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 64, generator=g).bfloat16()
+    lin = Linear(64, 6).bfloat16()
+    want = lin(x, generated=True)
+    twin = copy.deepcopy(lin)
+    with torch.no_grad():
+        twin.weight.mul_(3)
+    assert torch.equal(twin(x, generated=True), kernel(x, twin.weight, twin.bias))
+    assert torch.equal(lin(x, generated=True), want)
+    with torch.inference_mode():
+        frozen = Linear(64, 6).bfloat16()
+        assert frozen.weight.is_inference()
+        with pytest.warns(UserWarning, match="inference_mode"):
+            assert torch.equal(frozen(x, generated=True), kernel(x, frozen.weight, frozen.bias))
+        frozen.weight.mul_(2)
+        with pytest.warns(UserWarning, match="inference_mode"):
+            assert torch.equal(frozen(x, generated=True), kernel(x, frozen.weight, frozen.bias))

@@ -23,7 +23,7 @@ def fits(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     contiguous, input width a multiple of ``WIDTH_MULTIPLE``, a bias of one value per output. Others
     keep the GEMM form."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and weight.is_contiguous() and weight.shape[1] % WIDTH_MULTIPLE == 0
+            and weight.is_contiguous() and weight.shape[1] > 0 and weight.shape[1] % WIDTH_MULTIPLE == 0
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu"
                                   and tuple(bias.shape) == weight.shape[:1])))
 
@@ -36,7 +36,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"rows_linear: packs contiguous bfloat16 CPU weights of an input width that is a "
                          f"multiple of {WIDTH_MULTIPLE}, got a {weight.dtype} weight {tuple(weight.shape)} on {weight.device}")
     n, k = weight.shape
-    padded = F.pad(weight.detach(), (0, 0, 0, -n % BLOCK))
+    padded = weight.detach() if n % BLOCK == 0 else F.pad(weight.detach(), (0, 0, 0, -n % BLOCK))
     return padded.view(-1, BLOCK, k // WIDTH_MULTIPLE, WIDTH_MULTIPLE).transpose(1, 2).contiguous()
 
 
@@ -45,14 +45,16 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | No
     """``F.linear(x, weight, bias)`` in the kernel's arithmetic, for ``x [..., in]`` bfloat16, a weight
     that ``fits`` and ``packed = pack(weight)`` (``None`` will do below ``PACKED_FROM`` rows)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if (x.dtype != torch.bfloat16 or not fits(weight, bias) or x.shape[-1] != weight.shape[1]
+    layout = (-(-weight.shape[0] // BLOCK), weight.shape[1] // WIDTH_MULTIPLE, BLOCK, WIDTH_MULTIPLE)
+    if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or not fits(weight, bias) or x.shape[-1] != weight.shape[1]
             or (packed is None and rows >= PACKED_FROM)
-            or (packed is not None and (packed.dtype != torch.bfloat16 or not packed.is_contiguous() or tuple(packed.shape)
-                                        != (-(-weight.shape[0] // BLOCK), weight.shape[1] // WIDTH_MULTIPLE, BLOCK, WIDTH_MULTIPLE)))):
-        raise ValueError(f"rows_linear: takes bfloat16 inputs of the weight's width, a weight that ``fits`` and, from "
-                         f"{PACKED_FROM} rows, ``pack``'s layout of it, got {x.dtype} inputs {tuple(x.shape)}, a "
-                         f"{weight.dtype} weight {tuple(weight.shape)} and "
-                         f"{'no packed weight' if packed is None else f'a {packed.dtype} packed weight {tuple(packed.shape)}'}")
+            or (packed is not None and (packed.dtype != torch.bfloat16 or packed.device.type != "cpu"
+                                        or not packed.is_contiguous() or tuple(packed.shape) != layout))):
+        raise ValueError(f"rows_linear: takes bfloat16 CPU inputs of the weight's width, a weight that ``fits`` and, "
+                         f"from {PACKED_FROM} rows, ``pack``'s layout of it, got {x.dtype} inputs {tuple(x.shape)} on "
+                         f"{x.device}, a {weight.dtype} weight {tuple(weight.shape)} and "
+                         + ("no packed weight" if packed is None
+                            else f"a {packed.dtype} packed weight {tuple(packed.shape)} on {packed.device}"))
     lib = library()
     if lib is None:  # a tensor-parallel worker whose leader loaded the kernels
         raise RuntimeError("rows_linear: this process cannot build or load the CPU kernels (see the warning "
@@ -61,6 +63,7 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | No
     flat = x.reshape(-1, k).contiguous()
     b = None if bias is None else bias.contiguous()
     out = torch.empty(flat.shape[0], n, dtype=torch.bfloat16)
-    lib.rows_linear(flat.data_ptr(), weight.data_ptr(), 0 if packed is None else packed.data_ptr(), 0 if b is None else b.data_ptr(), out.data_ptr(),
-                    flat.shape[0], k, n)
+    if lib.rows_linear(flat.data_ptr(), weight.data_ptr(), 0 if packed is None else packed.data_ptr(),
+                       0 if b is None else b.data_ptr(), out.data_ptr(), flat.shape[0], k, n):
+        raise ValueError(f"rows_linear: input width {k} is not a multiple of {WIDTH_MULTIPLE}")
     return out.reshape(*x.shape[:-1], n)

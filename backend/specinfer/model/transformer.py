@@ -7,6 +7,7 @@ Hugging Face's ``LlamaForCausalLM`` so checkpoints load without renaming.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,12 +75,20 @@ class Linear(nn.Linear):
 
     def packed(self) -> torch.Tensor:
         """The weight in ``rows_linear``'s layout: a copy made on the first generated call of
-        ``PACKED_FROM`` rows or more (a model that only decodes one token at a time holds none), made
-        again once the weight changed (loaded in place, replaced, sharded, streamed in by offloading).
-        The copy holds a view of the weight it was made from, so that weight's memory is not reused by
-        another while the copy stands, and that view's version counter is the weight's."""
-        source, version, packed = self.__dict__.get("_packed", (None, -1, None))
+        ``PACKED_FROM`` rows or more (a model that never runs that many generated tokens in one
+        forward holds none), made again once the weight changed: replaced, sharded or moved (another
+        storage) or written in place (its version counter: loading, offloading's copies; writes
+        through ``.data``, which PyTorch does not count, are not seen). The copy holds a view of the
+        weight it was made from, so that memory is not reused by another weight while the copy
+        stands. A weight made under ``torch.inference_mode`` counts no writes at all: its copy is made
+        on every call (correct, slower; a warning says so)."""
         w = self.weight
+        if w.is_inference():  # Python shows a warning once per place by default
+            warnings.warn("the model's weights were made under torch.inference_mode, which does not count their "
+                          "in-place writes: generated calls of 3 rows or more repack them every time (load the "
+                          "model outside inference mode to keep one packed copy)")
+            return pack(w)
+        source, version, packed = self.__dict__.get("_packed", (None, -1, None))
         if source is None or source.data_ptr() != w.data_ptr() or source._version != version or source.shape != w.shape:
             source = w.detach()
             packed = pack(source)
