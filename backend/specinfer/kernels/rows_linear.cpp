@@ -88,36 +88,27 @@ static inline void fetch(const uint16_t* chunk) {  // one chunk of a block: 4 ca
     for (int l = 0; l < BLOCK; l++) __builtin_prefetch((const char*)chunk + PREFETCH + 64 * l, 0, 3);
 }
 
-// Block b (outputs 4 b .. 4 b + 3) of rows m0 .. m0+MG-1 (up to 16 chains): one stream, prefetched
-// ahead where `fetching` (the first row group of a block; the others find it in cache).
-template <int MG>
+// Block b (outputs 4 b .. 4 b + 3) of rows m0 .. m0+MG-1 (up to 16 chains), row group g of the
+// call's G: one stream, prefetched ahead. Alone (SHARED false, up to 8 rows) the first group fetches
+// every chunk and the others find the block in cache. SHARED, each group prefetches every G-th
+// chunk, group g from chunk (G - g) % G, so every chunk is fetched once and the stream runs through
+// all the groups' arithmetic (one group fetching it all leaves memory idle while the others
+// compute: 16 rows 17.2 against 21.0 ms).
+template <int MG, bool SHARED>
 static inline void tile(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out,
-                        int64_t k, int64_t n, int64_t m0, int64_t b, bool fetching) {
+                        int64_t k, int64_t n, int64_t m0, int64_t b, int g, int G) {
     v16 acc[16] = {};
     const uint16_t* block = w + b * BLOCK * k;
-    for (int64_t c = 0; c < k; c += 32) {
-        const uint16_t* chunk = block + c * BLOCK;
-        if (fetching) fetch(chunk);
-        for (int r = 0; r < MG; r++)
-            for (int i = 0; i < BLOCK; i++) acc[r * BLOCK + i] = step(acc[r * BLOCK + i], x + (m0 + r) * k + c, chunk + i * 32);
-    }
-    finish<BLOCK, MG>(acc, bias, out, n, m0, b * BLOCK);
-}
-
-// One block's tile for a call of many row groups, which share the fetching: each of the G groups
-// prefetches every G-th chunk, group g from chunk (G - g) % G, so every chunk is fetched once and
-// the stream runs through all the groups' arithmetic (one group fetching it all leaves memory idle
-// while the others compute: 16 rows 17.2 against 21.0 ms).
-template <int MG>
-static inline void shared_tile(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out,
-                               int64_t k, int64_t n, int64_t m0, int64_t b, int g, int G) {
-    v16 acc[16] = {};
-    const uint16_t* block = w + b * BLOCK * k;
+    const bool fetching = g == 0;
     int phase = g;
     for (int64_t c = 0; c < k; c += 32) {
         const uint16_t* chunk = block + c * BLOCK;
-        if (phase == 0) fetch(chunk);
-        if (++phase == G) phase = 0;
+        if constexpr (SHARED) {
+            if (phase == 0) fetch(chunk);
+            if (++phase == G) phase = 0;
+        } else if (fetching) {
+            fetch(chunk);
+        }
         for (int r = 0; r < MG; r++)
             for (int i = 0; i < BLOCK; i++) acc[r * BLOCK + i] = step(acc[r * BLOCK + i], x + (m0 + r) * k + c, chunk + i * 32);
     }
@@ -129,10 +120,10 @@ template <bool SHARED>
 static inline void group(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* out, int64_t k,
                          int64_t n, int64_t m0, int64_t rows, int64_t b, int g, int G) {
     switch (rows) {
-        case 1: if constexpr (SHARED) shared_tile<1>(x, w, bias, out, k, n, m0, b, g, G); else tile<1>(x, w, bias, out, k, n, m0, b, g == 0); break;
-        case 2: if constexpr (SHARED) shared_tile<2>(x, w, bias, out, k, n, m0, b, g, G); else tile<2>(x, w, bias, out, k, n, m0, b, g == 0); break;
-        case 3: if constexpr (SHARED) shared_tile<3>(x, w, bias, out, k, n, m0, b, g, G); else tile<3>(x, w, bias, out, k, n, m0, b, g == 0); break;
-        default: if constexpr (SHARED) shared_tile<4>(x, w, bias, out, k, n, m0, b, g, G); else tile<4>(x, w, bias, out, k, n, m0, b, g == 0); break;
+        case 1: tile<1, SHARED>(x, w, bias, out, k, n, m0, b, g, G); break;
+        case 2: tile<2, SHARED>(x, w, bias, out, k, n, m0, b, g, G); break;
+        case 3: tile<3, SHARED>(x, w, bias, out, k, n, m0, b, g, G); break;
+        default: tile<4, SHARED>(x, w, bias, out, k, n, m0, b, g, G); break;
     }
 }
 
